@@ -1,9 +1,52 @@
-"""Amazon-MRHP data layer: release reader, region features, GloVe, batching, built-in sample.
+"""Amazon-MRHP data layer: release reader, labels, region features, GloVe, batching.
 
-(Stub: the full reader is being written. The tokenizer below is final: probe_mask.py aligns to it.)
+Read top to bottom:
+  1. where the data is (`resolve_data`): the real release, else the built-in sample
+  2. the release's three JSON tables per split, joined into products with reviews
+  3. votes -> helpfulness scores 0..4
+  4. Faster R-CNN region features per product / review id
+  5. GloVe vectors for the data's vocabulary, cached
+  6. one encoded `Split` per split: token tensors built once, batches sliced from them
+  7. `python data.py --stats` / `--write-sample DIR`
+
+Facts about the release format are in ../shared/SPEC.md §2. The built-in sample is written
+by sample.py in exactly the release layout, so every line below runs on it too.
 """
+import argparse
+import hashlib
+import json
+import math
+import os
 import re
+import sys
+from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CATEGORIES = {  # CLI name -> the release's folder and file prefix
+    "home_kitchen": "Home_and_Kitchen",
+    "electronics": "Electronics",
+    "clothing": "Clothing_Shoes_and_Jewelry",
+}
+SPLITS = ("train", "dev", "test")
+DEFAULT_DATA_DIR = Path("data")
+SAMPLE_DIR = DEFAULT_DATA_DIR / "sample"
+
+MAX_PRODUCT_TOKENS = 128  # product name + description, truncated
+MAX_REVIEW_TOKENS = 128  # review text, truncated
+MAX_REGIONS_PER_IMAGE = 32  # SPEC §2 (reference limits)
+MAX_REGIONS_PER_ITEM = 128
+REGION_DIM = 2048  # bottom-up-attention Faster R-CNN (ResNet-101) features
+EMBED_DIM = 300  # GloVe 300-d
+TOKENIZER_VERSION = 1  # bump when TOKEN_RE changes: probe-mask caches record it
+
+
+class DataError(Exception):
+    """A problem with the user's data: the message names the file, the record and the fix."""
+
 
 # --- tokenisation: one tokeniser for product and review text -----------------------
 # A token is a run of word characters (with an optional "'s"/"n't"-style tail) or one
@@ -22,6 +65,66 @@ def tokenize(text):
     return [m.group() for m in TOKEN_RE.finditer(text)]
 
 
+# --- 1. where the data is ----------------------------------------------------------
+@dataclass
+class DataSource:
+    root: Path  # folder holding {prefix}.prd.train etc.
+    prefix: str  # e.g. "Home_and_Kitchen"
+    is_sample: bool
+    glove: Path  # GloVe text file
+    features: Path  # folder with one sub-folder of region features per product/review id
+
+    def table(self, kind, split):
+        return self.root / f"{self.prefix}.{kind}.{split}"
+
+
+def _prefix_in(folder):
+    """The category prefix of a release-layout folder, from its *.prd.train file."""
+    for path in sorted(folder.glob("*.prd.train")):
+        return path.name[: -len(".prd.train")]
+    return None
+
+
+def resolve_data(name=None, data_dir=None, glove=None, features=None, quiet=False):
+    """Find the data for `--data NAME` / `--data-dir DIR`.
+
+    - `--data-dir DIR` must hold a release-layout folder: missing or malformed is an error.
+    - else `data/{Prefix}/` is used when it holds the release,
+    - else the built-in sample for that category (written on first use), said loudly.
+    """
+    if data_dir is not None:
+        root = Path(data_dir)
+        if not root.is_dir():
+            raise DataError(f"--data-dir {root}: no such folder. Point it at the folder that holds "
+                            f"{{Category}}.prd.train, .rvw.train, .rel.train, ... (see README, 'Real data').")
+        prefix = CATEGORIES[name] if name else _prefix_in(root)
+        if prefix is None or not (root / f"{prefix}.prd.train").exists():
+            want = f"{prefix}.prd.train" if prefix else "*.prd.train"
+            raise DataError(f"--data-dir {root}: no {want} in it. Expected the Amazon-MRHP layout "
+                            f"{{Category}}.{{prd,rvw,rel}}.{{train,dev,test}} (see README, 'Real data').")
+        is_sample = (root / "SAMPLE").exists()
+    else:
+        if name is None:
+            raise DataError("say which data: --data {home_kitchen,electronics,clothing} or --data-dir DIR")
+        prefix = CATEGORIES[name]
+        root = DEFAULT_DATA_DIR / prefix
+        is_sample = not (root / f"{prefix}.prd.train").exists()
+        if is_sample:
+            import sample  # the generator lives in its own file: it is not part of the paper
+
+            root = SAMPLE_DIR / prefix
+            sample.ensure_sample(root, name)
+            if not quiet:
+                print(f"!!! no Amazon-MRHP release in {DEFAULT_DATA_DIR / prefix}/: using the BUILT-IN SYNTHETIC "
+                      f"SAMPLE in {root}/ (numbers on it are not the paper's; README 'Real data' says how "
+                      f"to get the release)", file=sys.stderr)
+    if glove is None:
+        glove = root / "glove.sample.300d.txt" if is_sample else DEFAULT_DATA_DIR / "glove.840B.300d.txt"
+    features = Path(features) if features else root / "features"
+    return DataSource(root=root, prefix=prefix, is_sample=is_sample, glove=Path(glove), features=features)
+
+
+# --- 2. the release's JSON tables, joined ------------------------------------------
 @dataclass
 class Review:
     review_id: str
@@ -40,3 +143,419 @@ class Product:
     def text(self):
         """Product text fed to the model = name + " " + description (SPEC §2)."""
         return f"{self.name} {self.description}"
+
+
+@dataclass
+class SplitReport:
+    """What reading a split did, so that nothing is dropped silently (`--stats` prints it)."""
+    label_rule: str = ""
+    empty_reviews: int = 0  # reviews with empty text: skipped
+    products_without_reviews: int = 0  # nothing to rank: skipped
+    zero_vote_reviews: int = 0  # scored 0 by the paper's rule (the reference drops them)
+
+
+def read_table(path, columns):
+    """Rows (dicts) of one JSON table: a list of records, a dict of columns, or JSON lines."""
+    if not path.exists():
+        raise DataError(f"{path}: file missing. Every split needs its .prd, .rvw and .rel table.")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as first_error:
+        try:  # JSON lines: one record per line
+            data = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError:
+            raise DataError(f"{path}: not valid JSON ({first_error}); the file may be truncated: "
+                            f"download or copy it again.") from None
+    if isinstance(data, dict):  # columns: {"col": [..]} or pandas' {"col": {"0": ..}}
+        cols = {k: list(v.values()) if isinstance(v, dict) else v for k, v in data.items()}
+        lengths = {len(v) for v in cols.values()}
+        if len(lengths) != 1:
+            raise DataError(f"{path}: columns of different lengths {sorted(lengths)}; the file is damaged.")
+        data = [dict(zip(cols, values)) for values in zip(*cols.values())]
+    for i, row in enumerate(data):
+        missing = [c for c in columns if not isinstance(row, dict) or c not in row]
+        if missing:
+            raise DataError(f"{path}: record {i} lacks {missing} (has {row if not isinstance(row, dict) else list(row)}); "
+                            f"expected columns {columns}.")
+    return data
+
+
+def votes_to_scores(votes):
+    """Helpfulness score per review and the rule used (SPEC §2).
+
+    The paper: score = floor(log2(votes)) clipped to [0, 4] (0 and 1 vote -> 0). When every
+    value is already an integer in 0..4 the release is taken as binned and kept as is.
+    """
+    if all(float(v).is_integer() and 0 <= v <= 4 for v in votes):
+        return [int(v) for v in votes], "upvotes already binned to 0..4: kept as scores"
+    scores = [min(4, max(0, math.floor(math.log2(v)))) if v > 0 else 0 for v in votes]
+    return scores, "score = floor(log2(upvotes)) clipped to [0, 4] (the paper's rule)"
+
+
+def read_split(source, split, report=None):
+    """Products of one split, each with its reviews (text and score), in release order."""
+    report = report if report is not None else SplitReport()
+    prd_path, rvw_path, rel_path = (source.table(k, split) for k in ("prd", "rvw", "rel"))
+    products = {}
+    for row in read_table(prd_path, ["product_id", "name", "description"]):
+        pid = str(row["product_id"])
+        products[pid] = Product(pid, str(row["name"] or ""), str(row["description"] or ""))
+    texts = {str(row["review_id"]): str(row["content"] or "") for row in
+             read_table(rvw_path, ["review_id", "content"])}
+    rel = read_table(rel_path, ["product_id", "review_id", "upvotes"])
+    for i, row in enumerate(rel):
+        pid, rid, votes = str(row["product_id"]), str(row["review_id"]), row["upvotes"]
+        where = f"{rel_path}: record {i} (product {pid}, review {rid})"
+        if pid not in products:
+            raise DataError(f"{where}: product not in {prd_path.name}. The tables are from different "
+                            f"releases or truncated: copy the split's three files again.")
+        if rid not in texts:
+            raise DataError(f"{where}: review not in {rvw_path.name}. The tables are from different "
+                            f"releases or truncated: copy the split's three files again.")
+        if not isinstance(votes, (int, float)) or isinstance(votes, bool) or votes < 0 or votes != votes:
+            raise DataError(f"{where}: upvotes {votes!r} is not a non-negative number; fix or remove the row.")
+    scores, report.label_rule = votes_to_scores([row["upvotes"] for row in rel])
+    for row, score in zip(rel, scores):
+        rid = str(row["review_id"])
+        if not texts[rid].strip():
+            report.empty_reviews += 1
+            continue
+        report.zero_vote_reviews += row["upvotes"] == 0
+        products[str(row["product_id"])].reviews.append(Review(rid, texts[rid], score))
+    kept = [p for p in products.values() if p.reviews]
+    report.products_without_reviews = len(products) - len(kept)
+    return kept
+
+
+# --- 4. region features --------------------------------------------------------------
+# One folder per product/review id under `features/`. Each image is either an `.npz` with an
+# array `x` of shape (n_boxes, 2048), or the folder holds `{id}.pth`, a pickled list of such
+# dicts. Pickles can run code, so .pth is read with torch.load(weights_only=True) and an
+# allow-list of the few numpy types an array needs. An item without images gets ONE zero
+# region, marked as real: the image encoder turns it into a learned "no image" vector
+# (the reference uses a fixed block of zero regions for the same purpose).
+_NUMPY_ALLOWED = [np._core.multiarray._reconstruct, np.ndarray, np.dtype] + [
+    type(np.dtype(t)) for t in (np.float16, np.float32, np.float64, np.int32, np.int64)]
+
+
+def _check_regions(x, path):
+    x = np.asarray(x)
+    if x.ndim != 2 or x.shape[1] != REGION_DIM:
+        raise DataError(f"{path}: region features of shape {x.shape}, expected (n_boxes, {REGION_DIM}). "
+                        f"Re-extract this image with the bottom-up-attention Faster R-CNN (ResNet-101).")
+    return x[:MAX_REGIONS_PER_IMAGE].astype(np.float32)
+
+
+def read_regions(folder):
+    """Regions of one item as (n, 2048) float32, capped per image and per item; None without images."""
+    if not folder.is_dir():
+        return None
+    images = []
+    for path in sorted(folder.glob("*.npz")):
+        try:
+            with np.load(path) as npz:
+                images.append(_check_regions(npz["x"], path))
+        except (OSError, ValueError, KeyError) as error:
+            raise DataError(f"{path}: unreadable region file ({error}); re-extract it or delete it.") from None
+    for path in sorted(folder.glob("*.pth")):
+        try:
+            with torch.serialization.safe_globals(_NUMPY_ALLOWED):
+                packed = torch.load(path, weights_only=True)
+        except Exception as error:
+            raise DataError(f"{path}: cannot be read as a list of {{'x': array}} without running pickled "
+                            f"code ({str(error).splitlines()[0]}); use the per-image .npz files instead.") from None
+        images += [_check_regions(image["x"], path) for image in packed]
+    images = [x for x in images if len(x)]
+    return np.concatenate(images)[:MAX_REGIONS_PER_ITEM] if images else None
+
+
+class RegionStore:
+    """Region features by item id, read from disk on first use and kept (the sample is small;
+    pass keep=False for the full release, whose features do not fit in memory)."""
+
+    def __init__(self, folder, keep=True):
+        self.folder, self.keep, self.cache = Path(folder), keep, {}
+        self.items_without_images = 0
+
+    def get(self, item_id):
+        if item_id in self.cache:
+            return self.cache[item_id]
+        x = read_regions(self.folder / item_id)
+        if x is None:
+            self.items_without_images += 1
+            x = np.zeros((1, REGION_DIM), np.float32)
+        if self.keep:
+            self.cache[item_id] = x
+        return x
+
+    def batch(self, item_ids):
+        """(B, N, 2048) padded features and (B, N) mask of real regions."""
+        arrays = [self.get(i) for i in item_ids]
+        n = max(len(a) for a in arrays)
+        regions = torch.zeros(len(arrays), n, REGION_DIM)
+        mask = torch.zeros(len(arrays), n, dtype=torch.bool)
+        for row, a in enumerate(arrays):
+            regions[row, : len(a)] = torch.from_numpy(a)
+            mask[row, : len(a)] = True
+        return regions, mask
+
+
+# --- 5. GloVe --------------------------------------------------------------------------
+def read_glove(path, words):
+    """Vectors of `words` found in a GloVe text file: {word: np.array(300)}.
+
+    glove.840B.300d has tokens that contain spaces ("at name@domain.com"), so each line
+    is split from the right: the last 300 fields are the vector, the rest is the word.
+    """
+    wanted, found = set(words), {}
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line_no, line in enumerate(f, 1):
+            parts = line.rstrip("\n").rsplit(" ", EMBED_DIM)
+            if len(parts) != EMBED_DIM + 1:
+                raise DataError(f"{path}: line {line_no} has {len(parts) - 1} numbers, expected {EMBED_DIM}. "
+                                f"Use a 300-d GloVe text file (glove.840B.300d.txt).")
+            if parts[0] in wanted and parts[0] not in found:
+                found[parts[0]] = np.asarray(parts[1:], dtype=np.float32)
+    return found
+
+
+def glove_matrix(source, vocab, seed=0):
+    """(V, 300) embedding matrix for `vocab` (index 0 = padding: zeros) and the OOV count.
+
+    A token is looked up as is (840B is cased), then lower-cased. Words not in GloVe get a
+    random vector N(0, 0.3^2) from a fixed seed, so that different unknown words stay
+    distinguishable to the frozen embedding layer. The lookup is cached next to the data,
+    keyed by the GloVe file and the vocabulary, so the 5 GB file is scanned once.
+    """
+    if not source.glove.exists():
+        raise DataError(f"GloVe file {source.glove} not found. Download glove.840B.300d.zip from the "
+                        f"Stanford NLP site, unzip it to {source.glove}, or pass --glove PATH.")
+    stat = source.glove.stat()
+    key = hashlib.sha1(json.dumps([str(source.glove.resolve()), stat.st_size, vocab]).encode()).hexdigest()[:12]
+    cache = source.root / f"glove_cache.{key}.npz"
+    if cache.exists():
+        with np.load(cache) as saved:
+            matrix, found = saved["matrix"], saved["found"]
+    else:
+        vectors = read_glove(source.glove, set(vocab) | {w.lower() for w in vocab})
+        rng = np.random.default_rng(seed)
+        matrix = np.zeros((len(vocab), EMBED_DIM), np.float32)
+        found = np.zeros(len(vocab), bool)
+        matrix[1] = rng.normal(0, 0.3, EMBED_DIM)
+        for i, word in enumerate(vocab[2:], 2):  # 0 = <pad> (zeros), 1 = <unk> (random)
+            vector = vectors.get(word, vectors.get(word.lower()))
+            found[i] = vector is not None
+            matrix[i] = vector if found[i] else rng.normal(0, 0.3, EMBED_DIM)
+        tmp = cache.with_name(cache.name + ".tmp.npz")
+        np.savez(tmp, matrix=matrix, found=found)
+        os.replace(tmp, cache)
+    return torch.from_numpy(matrix), int(len(vocab) - 2 - found[2:].sum())
+
+
+# --- 6. encoded splits and batches ------------------------------------------------------
+PAD, UNK = 0, 1
+
+
+def build_vocab(splits):
+    """Every token of the data (all splits: embeddings are frozen GloVe, so test words need
+    their vectors too; no label is read). Sorted by frequency, then alphabetically."""
+    counts = Counter()
+    for products in splits:
+        for p in products:
+            counts.update(tokenize(p.text)[:MAX_PRODUCT_TOKENS])
+            for r in p.reviews:
+                counts.update(tokenize(r.text)[:MAX_REVIEW_TOKENS])
+    return ["<pad>", "<unk>"] + sorted(counts, key=lambda w: (-counts[w], w))
+
+
+def encode(texts, max_len, index):
+    """(B, max_len) token ids (0 = padding) and (B,) lengths; an empty text becomes one <unk>."""
+    ids = torch.zeros(len(texts), max_len, dtype=torch.long)
+    lengths = torch.ones(len(texts), dtype=torch.long)
+    for row, text in enumerate(texts):
+        tokens = [index.get(t, UNK) for t in tokenize(text)[:max_len]] or [UNK]
+        ids[row, : len(tokens)] = torch.tensor(tokens)
+        lengths[row] = len(tokens)
+    return ids, lengths
+
+
+class Split:
+    """One split, encoded once into tensors; batches are slices of them.
+
+    Reviews are stored product after product, so the reviews of product p are the rows
+    review_start[p] .. review_start[p + 1] - 1.
+    """
+
+    def __init__(self, name, products, index, masks=None, regions=None):
+        self.name, self.products, self.regions = name, products, regions
+        reviews = [r for p in products for r in p.reviews]
+        self.product_ids = [p.product_id for p in products]
+        self.review_ids = [r.review_id for r in reviews]
+        self.product_tokens, self.product_lengths = encode([p.text for p in products], MAX_PRODUCT_TOKENS, index)
+        self.review_tokens, self.review_lengths = encode([r.text for r in reviews], MAX_REVIEW_TOKENS, index)
+        counts = torch.tensor([len(p.reviews) for p in products])
+        self.review_product = torch.repeat_interleave(torch.arange(len(products)), counts)  # (R,)
+        self.review_start = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+        self.labels = torch.tensor([r.score for r in reviews])  # (R,)
+        self.probe_mask = torch.zeros(len(reviews), MAX_REVIEW_TOKENS)  # (R, Lr): Algorithm 1's M
+        for row, (p, r) in enumerate((p, r) for p in products for r in p.reviews):
+            for start, end in (masks or {}).get((p.product_id, r.review_id), ()):
+                self.probe_mask[row, start:end] = 1.0
+        self.probe_mask *= torch.arange(MAX_REVIEW_TOKENS) < self.review_lengths[:, None]
+
+    def batch(self, review_rows, pairs=None):
+        """The model's input dict for the given review rows (and their products)."""
+        review_rows = torch.as_tensor(review_rows, dtype=torch.long)
+        product_rows, review_product = torch.unique(self.review_product[review_rows], return_inverse=True)
+        lp = int(self.product_lengths[product_rows].max())  # trim padding to this batch's longest text
+        lr = int(self.review_lengths[review_rows].max())
+        batch = {
+            "product_tokens": self.product_tokens[product_rows, :lp],  # (P, Lp)
+            "product_lengths": self.product_lengths[product_rows],  # (P,)
+            "review_tokens": self.review_tokens[review_rows, :lr],  # (R, Lr)
+            "review_lengths": self.review_lengths[review_rows],  # (R,)
+            "probe_mask": self.probe_mask[review_rows, :lr],  # (R, Lr)
+            "review_product": review_product,  # (R,) index into the batch's products
+            "labels": self.labels[review_rows],  # (R,)
+            "pairs": torch.as_tensor(pairs if pairs is not None else [], dtype=torch.long).reshape(-1, 2),
+            "review_rows": review_rows,  # (R,) rows of this split, to put scores back in place
+            "product_regions": None, "product_region_mask": None,
+            "review_regions": None, "review_region_mask": None,
+        }
+        if self.regions is not None:
+            batch["product_regions"], batch["product_region_mask"] = self.regions.batch(
+                [self.product_ids[i] for i in product_rows])  # (P, Np, 2048), (P, Np)
+            batch["review_regions"], batch["review_region_mask"] = self.regions.batch(
+                [self.review_ids[i] for i in review_rows])  # (R, Nr, 2048), (R, Nr)
+        return batch
+
+    def groups(self, rng, negatives=7):
+        """Training groups (SPEC §5): each review that has lower-scored reviews in its product,
+        with up to `negatives` of them drawn at random: [positive, negative, ...] rows."""
+        groups = []
+        for p in range(len(self.products)):
+            start, end = int(self.review_start[p]), int(self.review_start[p + 1])
+            labels = self.labels[start:end].numpy()
+            for i in range(end - start):
+                lower = np.flatnonzero(labels < labels[i]) + start
+                if len(lower):
+                    drawn = rng.choice(lower, min(negatives, len(lower)), replace=False)
+                    groups.append([start + i] + drawn.tolist())
+        return groups
+
+    def train_batches(self, batch_size, rng, negatives=7):
+        """Batches of `batch_size` groups in random order; each review is encoded once per
+        batch even when it sits in several groups, and "pairs" holds (positive, negative)."""
+        groups = self.groups(rng, negatives)
+        order = rng.permutation(len(groups))
+        for start in range(0, len(order), batch_size):
+            chosen = [groups[g] for g in order[start:start + batch_size]]
+            rows = sorted({row for group in chosen for row in group})
+            local = {row: i for i, row in enumerate(rows)}
+            pairs = [(local[g[0]], local[neg]) for g in chosen for neg in g[1:]]
+            yield self.batch(rows, pairs)
+
+    def eval_batches(self, max_reviews=256):
+        """All reviews of all products, whole products per batch, in split order."""
+        p = 0
+        while p < len(self.products):
+            q = p + 1
+            while q < len(self.products) and self.review_start[q + 1] - self.review_start[p] <= max_reviews:
+                q += 1
+            yield self.batch(torch.arange(int(self.review_start[p]), int(self.review_start[q])))
+            p = q
+
+
+def load_masks(source, split, products, compute=False):
+    """Probe masks of a split from probe_mask.py's cache; computed now for the sample (seconds)
+    or with compute=True, otherwise an error that says how to precompute them."""
+    import probe_mask
+
+    path = probe_mask.cache_path(source.root, source.prefix, split)
+    if path.exists():
+        return probe_mask.load_cache(path)[0]
+    if not (source.is_sample or compute):
+        raise DataError(f"probe masks for {split} not found ({path}). Precompute them once with "
+                        f"`python probe_mask.py --data-dir {source.root}` (minutes; resumable), or pass "
+                        f"--compute-masks to compute them in this run, or run with --no-probe-mask.")
+    print(f"computing probe masks for {split} (cached in {path}) ...", file=sys.stderr)
+    items = [(p.product_id, r.review_id, p.name, r.text) for p in products for r in p.reviews]
+    masks = probe_mask.compute_masks(items)
+    probe_mask.write_cache(path, masks, {"split": split})
+    return masks
+
+
+def load_data(source, vocab=None, with_images=True, with_masks=True, compute_masks=False):
+    """Every split of `source`, encoded: ({split: Split}, vocab, embeddings (V, 300), info)."""
+    raw, reports = {}, {}
+    for split in SPLITS:
+        reports[split] = SplitReport()
+        raw[split] = read_split(source, split, reports[split])
+    embeddings, oov = None, None
+    if vocab is None:  # a new run; a saved run brings its vocabulary and embeddings along
+        vocab = build_vocab(raw.values())
+        embeddings, oov = glove_matrix(source, vocab)
+    index = {w: i for i, w in enumerate(vocab)}
+    regions = RegionStore(source.features, keep=source.is_sample) if with_images else None
+    splits = {name: Split(name, products, index,
+                          load_masks(source, name, products, compute_masks) if with_masks else None, regions)
+              for name, products in raw.items()}
+    return splits, vocab, embeddings, {"reports": reports, "oov": oov}
+
+
+# --- 7. command line: stats and the sample ------------------------------------------------
+def print_stats(source):
+    """A Table-4-style summary of a release-layout folder."""
+    print(f"data: {source.root}{'  (BUILT-IN SYNTHETIC SAMPLE)' if source.is_sample else ''}")
+    splits, vocab, _, info = load_data(source, with_images=False, with_masks=False)
+    print(f"{'split':6} {'products':>9} {'reviews':>9} {'rev/prod min/mean/max':>22}  "
+          f"scores 0/1/2/3/4 (%)            with images: products / reviews")
+    for name, split in splits.items():
+        per_product = split.review_start.diff().float()
+        hist = torch.bincount(split.labels, minlength=5).float() / max(1, len(split.labels)) * 100
+        with_images = [sum((source.features / i).is_dir() for i in ids) / max(1, len(ids)) * 100
+                       for ids in (split.product_ids, split.review_ids)]
+        print(f"{name:6} {len(split.products):9d} {len(split.labels):9d} "
+              f"{int(per_product.min()):>8d} / {per_product.mean():5.1f} / {int(per_product.max()):<4d}  "
+              f"{' / '.join(f'{h:4.1f}' for h in hist.tolist())}   {with_images[0]:5.1f}% / {with_images[1]:5.1f}%")
+    for name, report in info["reports"].items():
+        print(f"{name:6} labels: {report.label_rule}; skipped: {report.empty_reviews} empty reviews, "
+              f"{report.products_without_reviews} products without reviews; "
+              f"{report.zero_vote_reviews} zero-vote reviews scored 0")
+    print(f"vocabulary {len(vocab) - 2} words, not in GloVe ({source.glove.name}): {info['oov']} "
+          f"({info['oov'] / max(1, len(vocab) - 2) * 100:.1f}%), given random vectors")
+    print("items without image features get one zero region (see RegionStore)")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Read Amazon-MRHP (or the built-in sample) and summarise it.")
+    parser.add_argument("--data", choices=sorted(CATEGORIES), help="category; the built-in sample when "
+                        "data/{Category}/ does not hold the release")
+    parser.add_argument("--data-dir", help="a release-layout folder ({Category}.prd.train, ...) to read instead")
+    parser.add_argument("--glove", help="GloVe 300-d text file (default data/glove.840B.300d.txt; the sample "
+                        "ships its own)")
+    parser.add_argument("--features", help="folder of region features, one sub-folder per product/review id "
+                        "(default: {data folder}/features)")
+    parser.add_argument("--stats", action="store_true", help="print a Table-4-style summary")
+    parser.add_argument("--write-sample", metavar="DIR", help="write the built-in sample for --data "
+                        "(default home_kitchen) to DIR and exit")
+    args = parser.parse_args(argv)
+    try:
+        if args.write_sample:
+            import sample
+
+            sample.write_sample(Path(args.write_sample), args.data or "home_kitchen")
+            print(f"wrote the built-in {args.data or 'home_kitchen'} sample to {args.write_sample}")
+            return 0
+        if not args.stats:
+            parser.error("nothing to do: pass --stats or --write-sample DIR")
+        print_stats(resolve_data(args.data, args.data_dir, args.glove, args.features))
+    except DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
