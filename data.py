@@ -486,21 +486,25 @@ def load_masks(source, split, products, compute=False):
     return masks
 
 
-def load_data(source, vocab=None, with_images=True, with_masks=True, compute_masks=False):
-    """Every split of `source`, encoded: ({split: Split}, vocab, embeddings (V, 300), info)."""
-    raw, reports = {}, {}
-    for split in SPLITS:
-        reports[split] = SplitReport()
-        raw[split] = read_split(source, split, reports[split])
+def load_data(source, vocab=None, with_images=True, with_masks=True, compute_masks=False,
+              split_names=SPLITS, with_embeddings=True):
+    """Splits of `source`, encoded: ({split: Split}, vocab, embeddings (V, 300) or None, info).
+
+    A new run builds its vocabulary from every split and reads GloVe; a saved run passes its
+    own vocabulary (its embeddings are in its checkpoint), so only `split_names` are read."""
+    names = split_names if vocab is not None else SPLITS
+    reports = {split: SplitReport() for split in names}
+    raw = {split: read_split(source, split, reports[split]) for split in names}
     embeddings, oov = None, None
-    if vocab is None:  # a new run; a saved run brings its vocabulary and embeddings along
+    if vocab is None:
         vocab = build_vocab(raw.values())
-        embeddings, oov = glove_matrix(source, vocab)
+        if with_embeddings:
+            embeddings, oov = glove_matrix(source, vocab)
     index = {w: i for i, w in enumerate(vocab)}
     regions = RegionStore(source.features, keep=source.is_sample) if with_images else None
-    splits = {name: Split(name, products, index,
-                          load_masks(source, name, products, compute_masks) if with_masks else None, regions)
-              for name, products in raw.items()}
+    splits = {name: Split(name, raw[name], index,
+                          load_masks(source, name, raw[name], compute_masks) if with_masks else None, regions)
+              for name in split_names}
     return splits, vocab, embeddings, {"reports": reports, "oov": oov}
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-SAMPLE_VERSION = 1
+SAMPLE_VERSION = 2
 SPLIT_PRODUCTS = {"train": 200, "dev": 50, "test": 50}
 REVIEWS_PER_PRODUCT = (5, 30)
 
@@ -63,12 +63,13 @@ OTHER_SENTENCES = [  # about some other product: unhelpful reviews drift there
     "My old {noun} had a {quality} {a} and {b} .",
     "I wish I had bought a {noun} with better {a} instead .",
 ]
-FILLER = [  # never mentions the product: no it/they/this, no topic word
-    "Shipping took {n} days .", "I bought a gift for my {relative} .", "The seller sent a thank you note .",
-    "My {relative} asked me to write a review .", "I will update my review later .",
-    "The box arrived on a rainy {day} .", "Customer service answered my email quickly .",
-    "I ordered two during the holiday sale .", "Five stars from me .", "We moved house last {day} .",
-    "I was in a hurry when ordering .", "The price was fine for me .",
+FILLER = [  # never mentions the product: no it/they/this, no topic word; as long as the above
+    "Shipping took {n} days but the box was fine .", "I bought a gift for my {relative} last month .",
+    "The seller sent a thank you note with my order .", "My {relative} asked me to write a review here .",
+    "I will update my review later when I have time .", "The box arrived on a rainy {day} afternoon .",
+    "Customer service answered my email very quickly .", "I ordered two during the holiday sale last year .",
+    "Five stars from me and from my {relative} .", "We moved house last {day} so I needed things .",
+    "I was in a hurry when ordering on my phone .", "The price was fine for me at the time .",
 ]
 RELATIVES = "sister brother mother father friend neighbour cousin".split()
 DAYS = "monday tuesday wednesday thursday friday saturday sunday".split()

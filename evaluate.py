@@ -1,0 +1,184 @@
+"""Ranking metrics (MAP, NDCG@3, NDCG@5), checkpoint evaluation, baselines and prediction.
+
+    python evaluate.py --checkpoint runs/home_kitchen/best.pt [--split test]
+    python evaluate.py --data home_kitchen --baselines
+    python evaluate.py --checkpoint runs/home_kitchen/best.pt --predict my_product.json
+
+The metrics follow the definitions of the dataset's authors (../shared/SPEC.md §7): each
+product is one query; its reviews are sorted by predicted score, ties kept in input order.
+"""
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import data
+
+
+# --- the metrics, written out ------------------------------------------------------------
+def average_precision(ranked_labels, threshold=1):
+    """AP of one product: mean over relevant ranks i (1-based) of (#relevant in top i) / i.
+    Relevant = label > threshold. No relevant review -> 0 (and the product still counts)."""
+    hits, precisions = 0, []
+    for i, label in enumerate(ranked_labels, 1):
+        if label > threshold:
+            hits += 1
+            precisions.append(hits / i)
+    return sum(precisions) / len(precisions) if precisions else 0.0
+
+
+def dcg_at(ranked_labels, k, threshold=1):
+    """DCG@k = sum over the top k ranks i = 0..k-1 with label > threshold of (2^label - 1) / log(2 + i)."""
+    return sum((2 ** label - 1) / math.log(2 + i)
+               for i, label in enumerate(ranked_labels[:k]) if label > threshold)
+
+
+def ndcg_at(ranked_labels, k, threshold=1):
+    """NDCG@k = DCG@k of the predicted order / DCG@k of the ideal order; 0 when the ideal is 0."""
+    ideal = dcg_at(sorted(ranked_labels, reverse=True), k, threshold)
+    return dcg_at(ranked_labels, k, threshold) / ideal if ideal > 0 else 0.0
+
+
+def ranking_metrics(product_ids, labels, scores, threshold=1):
+    """MAP, N@3, N@5 (x100, as in Table 1) over products; inputs are parallel per review."""
+    by_product = {}
+    for pid, label, score in zip(product_ids, np.asarray(labels).tolist(), np.asarray(scores).tolist()):
+        by_product.setdefault(pid, []).append((label, score))
+    totals = {"MAP": 0.0, "N@3": 0.0, "N@5": 0.0}
+    for reviews in by_product.values():
+        order = sorted(range(len(reviews)), key=lambda i: -reviews[i][1])  # stable: ties keep input order
+        ranked = [reviews[i][0] for i in order]
+        totals["MAP"] += average_precision(ranked, threshold)
+        totals["N@3"] += ndcg_at(ranked, 3, threshold)
+        totals["N@5"] += ndcg_at(ranked, 5, threshold)
+    return {name: 100 * total / max(1, len(by_product)) for name, total in totals.items()}
+
+
+def format_metrics(prefix, metrics):
+    """One line in the form of Table 1: `test  MAP 57.12  N@3 44.80  N@5 48.91`."""
+    return f"{prefix}  MAP {metrics['MAP']:.2f}  N@3 {metrics['N@3']:.2f}  N@5 {metrics['N@5']:.2f}"
+
+
+# plumbing: scoring a whole split with a model
+def to_device(batch, device):
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def predict_scores(model, split, device):
+    """xi for every review of `split`, in split order (R,)."""
+    model.eval()
+    scores = torch.zeros(len(split.labels))
+    for batch in split.eval_batches():
+        scores[batch["review_rows"]] = model(to_device(batch, device))["score"].float().cpu()
+    return scores
+
+
+def evaluate_split(model, split, device, threshold=1):
+    scores = predict_scores(model, split, device)
+    review_products = [split.product_ids[p] for p in split.review_product.tolist()]
+    return ranking_metrics(review_products, split.labels, scores, threshold)
+
+
+# --- reference rankers: what "better than trivial" means ----------------------------------
+def baseline_scores(split, seed=0):
+    """random: a seeded shuffle; length: longer reviews first (token count of the full text)."""
+    lengths = [len(data.tokenize(r.text)) for p in split.products for r in p.reviews]
+    return {"random": np.random.default_rng(seed).random(len(lengths)), "length": np.asarray(lengths, float)}
+
+
+# plumbing: saved runs
+def load_run(checkpoint_path, data_dir=None, split_names=data.SPLITS, device="cpu"):
+    """The model of a saved run and its data, encoded with the run's own vocabulary."""
+    import sancl
+    from train import load_checkpoint
+
+    checkpoint = load_checkpoint(checkpoint_path)
+    args, config = checkpoint["args"], sancl.SANCLConfig(**checkpoint["config"])
+    model = sancl.SANCL(config, None)
+    model.load_state_dict(checkpoint["model"])
+    model.to(device)
+    splits = None
+    if split_names:
+        source = data.resolve_data(args["data"], data_dir or args["data_dir"], args["glove"], args["features"])
+        splits, _, _, _ = data.load_data(source, vocab=checkpoint["vocab"], with_images=not config.text_only,
+                                         with_masks=not config.no_probe_mask, split_names=split_names)
+    return model, checkpoint, splits
+
+
+def predict_file(model, checkpoint, path, device):
+    """Score the reviews of one product given as JSON and print them, best first.
+
+    {"name": "...", "description": "...", "features": "folder (optional)",
+     "reviews": [{"text": "...", "features": "folder (optional)"}, ...]}
+    Feature folders hold .npz files (key x, shape (n, 2048)) as in the release, relative to the JSON file.
+    """
+    try:
+        spec = json.loads(Path(path).read_text())
+        product = data.Product(spec.get("features", "no-image-product"), spec["name"], spec.get("description", ""))
+        product.reviews = [data.Review(r.get("features", f"no-image-review-{i}"), r["text"], 0)
+                           for i, r in enumerate(spec["reviews"]) if r["text"].strip()]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise data.DataError(f"{path}: cannot read it ({error!r}); expected "
+                             '{"name": "...", "description": "...", "reviews": [{"text": "..."}, ...]}') from None
+    if not product.reviews:
+        raise data.DataError(f"{path}: no review with text to rank.")
+    masks = None
+    if not model.config.no_probe_mask:
+        import probe_mask
+
+        masks = probe_mask.compute_masks([(product.product_id, r.review_id, product.name, r.text)
+                                          for r in product.reviews], progress=False)
+    regions = None if model.config.text_only else data.RegionStore(Path(path).parent)
+    split = data.Split("predict", [product], {w: i for i, w in enumerate(checkpoint["vocab"])}, masks, regions)
+    scores = predict_scores(model, split, device)
+    print(f"{product.name}: {len(product.reviews)} reviews, most helpful first")
+    for rank, i in enumerate(torch.argsort(-scores, stable=True).tolist(), 1):
+        text = product.reviews[i].text.replace("\n", " ")
+        print(f"{rank:3d}  {scores[i]:+.3f}  {text[:100]}{'...' if len(text) > 100 else ''}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Evaluate a saved SANCL run, rank new reviews, or score baselines.")
+    p.add_argument("--checkpoint", help="a run's best.pt (or last.pt), written by train.py")
+    p.add_argument("--split", default="test", choices=data.SPLITS, help="split to evaluate (default test)")
+    p.add_argument("--data", choices=sorted(data.CATEGORIES), help="category, for --baselines")
+    p.add_argument("--data-dir", help="release-layout folder (default: the run's, or data/{Category}/)")
+    p.add_argument("--threshold", type=int, default=1, help="relevance threshold: a review is relevant when "
+                   "its label is above it (1 on Amazon, as in the reference configs)")
+    p.add_argument("--baselines", action="store_true", help="print the metrics of the random and length rankers")
+    p.add_argument("--predict", metavar="FILE.json", help="rank the reviews of a product described in FILE.json")
+    p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, ...")
+    args = p.parse_args(argv)
+    from train import pick_device
+
+    device = pick_device(args.device)
+    try:
+        if args.baselines:
+            source = data.resolve_data(args.data, args.data_dir)
+            split = data.load_data(source, with_images=False, with_masks=False, split_names=(args.split,),
+                                   with_embeddings=False)[0][args.split]
+            review_products = [split.product_ids[p] for p in split.review_product.tolist()]
+            for name, scores in baseline_scores(split).items():
+                print(format_metrics(f"{name:7}", ranking_metrics(review_products, split.labels, scores,
+                                                                  args.threshold)))
+        elif args.checkpoint and args.predict:
+            model, checkpoint, _ = load_run(args.checkpoint, split_names=(), device=device)
+            predict_file(model, checkpoint, args.predict, device)
+        elif args.checkpoint:
+            model, _, splits = load_run(args.checkpoint, args.data_dir, (args.split,), device)
+            print(format_metrics(args.split, evaluate_split(model, splits[args.split], device, args.threshold)))
+        else:
+            p.error("pass --checkpoint PATH, or --data NAME --baselines")
+    except data.DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
