@@ -467,7 +467,7 @@ class Split:
             p = q
 
 
-def load_masks(source, split, products, compute=False):
+def load_masks(source, split, compute=False):
     """Probe masks of a split from probe_mask.py's cache; computed now for the sample (seconds)
     or with compute=True, otherwise an error that says how to precompute them."""
     import probe_mask
@@ -480,10 +480,7 @@ def load_masks(source, split, products, compute=False):
                         f"`python probe_mask.py --data-dir {source.root}` (minutes; resumable), or pass "
                         f"--compute-masks to compute them in this run, or run with --no-probe-mask.")
     print(f"computing probe masks for {split} (cached in {path}) ...", file=sys.stderr)
-    items = [(p.product_id, r.review_id, p.name, r.text) for p in products for r in p.reviews]
-    masks = probe_mask.compute_masks(items)
-    probe_mask.write_cache(path, masks, {"split": split})
-    return masks
+    return probe_mask.precompute_split(source, split, probe_mask.load_spacy())[0]
 
 
 def load_data(source, vocab=None, with_images=True, with_masks=True, compute_masks=False,
@@ -503,7 +500,7 @@ def load_data(source, vocab=None, with_images=True, with_masks=True, compute_mas
     index = {w: i for i, w in enumerate(vocab)}
     regions = RegionStore(source.features, keep=source.is_sample) if with_images else None
     splits = {name: Split(name, raw[name], index,
-                          load_masks(source, name, raw[name], compute_masks) if with_masks else None, regions)
+                          load_masks(source, name, compute_masks) if with_masks else None, regions)
               for name in split_names}
     return splits, vocab, embeddings, {"reports": reports, "oov": oov}
 

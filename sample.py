@@ -8,14 +8,15 @@ The signal, one line per SANCL mechanism (README "The built-in sample" says the 
 - helpfulness q in 0..4 is the number of sentences that talk about THIS product ("It ...",
   "The kettle ..."); the others are filler that never mention it (shipping, gifts, feelings).
   Reviews have 3-7 sentences whatever q is, so length alone predicts little. The filler
-  never uses it/they/this, so the probe mask (Algorithm 1) marks exactly the product
-  sentences: selective attention has something to select.
+  never uses it/they/this, so where the product is mentioned twice or more (a coreference
+  cluster, q >= 2) the probe mask (Algorithm 1) marks exactly the product sentences:
+  selective attention has something to select.
 - unhelpful reviews often talk about ANOTHER product ("My old blender ..."): word counting
   is not enough, a review must match its product's description (cross-field attention, cpc_pr).
 - product sentences use the topic's words, whose sample GloVe vectors share a direction,
   and review images of helpful reviews show the product's topic (regions near the topic's
   visual prototype): text and image agree (cpc_ii) and match the product images (cpc_pr).
-- noise: 20% of labels move by one; half of the reviews have no image.
+- noise: 40% of labels move by one; half of the reviews have no image.
 """
 import json
 import os
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-SAMPLE_VERSION = 2
+SAMPLE_VERSION = 3
 SPLIT_PRODUCTS = {"train": 200, "dev": 50, "test": 50}
 REVIEWS_PER_PRODUCT = (5, 30)
 
@@ -88,7 +89,7 @@ def _review(rng, q, noun, words, other_noun, other_words):
     n_sentences = int(rng.integers(3, 8))
     about = [_fill(rng.choice(PRODUCT_SENTENCES), rng, noun, words) for _ in range(min(q, n_sentences))]
     other = []
-    if q <= 1 and rng.random() < 0.5:
+    if q <= 2 and rng.random() < 0.6:
         other = [_fill(rng.choice(OTHER_SENTENCES), rng, other_noun, other_words)
                  for _ in range(int(rng.integers(1, 3)))]
     filler = [_fill(rng.choice(FILLER), rng, noun, words)
@@ -150,7 +151,7 @@ def write_sample(root, category="home_kitchen", split_products=None, seed=0):
                 q = 4 if p == r == 0 else int(rng.choice(5, p=[0.3, 0.25, 0.2, 0.15, 0.1]))
                 other_noun = nouns[(nouns.index(noun) + int(rng.integers(1, len(nouns)))) % len(nouns)]
                 text, drifted = _review(rng, q, noun, words, other_noun, topics[other_noun].split())
-                score = int(np.clip(q + rng.choice([-1, 0, 1], p=[0.1, 0.8, 0.1]), 0, 4))
+                score = int(np.clip(q + rng.choice([-1, 0, 1], p=[0.2, 0.6, 0.2]), 0, 4))
                 score = 4 if p == r == 0 else score  # one 16+ vote review per split: votes are not 0..4 only
                 votes = int(rng.integers(0, 2)) if score == 0 else int(rng.integers(2 ** score, 2 ** (score + 1)))
                 rid = f"{pid}R{r:02d}"

@@ -4,9 +4,10 @@ Sections: data (data.py, sample.py), metrics (evaluate.py), model (sancl.py), pr
 (probe_mask.py), training (train.py, evaluate.py end to end on a tiny built-in sample).
 """
 import hashlib
+import importlib.util
 import json
 import math
-from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ import torch
 
 import data
 import evaluate
+import probe_mask as pm
 import sample
 
 TINY = {"train": 12, "dev": 4, "test": 4}
@@ -210,3 +212,310 @@ def test_ranking_metrics_ties_are_stable_and_empty_products_count():
     perfect = evaluate.ranking_metrics(ids, labels, [0, 2, 1, 1, 0])
     assert perfect["MAP"] == pytest.approx(50.0) and perfect["N@5"] == pytest.approx(50.0)
     assert evaluate.ranking_metrics(ids, labels, [0, 2, 1, 1, 0], threshold=0)["MAP"] == pytest.approx(100.0)
+
+
+# --- probe masks (probe_mask.py, Algorithm 1) -------------------------------------------
+KETTLE = "Hamilton Beach 1.7 Liter Electric Kettle"
+
+
+@pytest.fixture(scope="module")
+def nlp():
+    return pm.load_spacy()
+
+
+def expected_mask(flagged_sentences):
+    """The mask of " ".join(sentences) when each (flag, sentence) is one spaCy sentence."""
+    return [flag for flag, sentence in flagged_sentences for _ in data.tokenize(sentence)]
+
+
+def check(nlp, product, flagged_sentences, **kwargs):
+    text = " ".join(sentence for _, sentence in flagged_sentences)
+    assert pm.probe_mask(nlp, product, text, **kwargs) == expected_mask(flagged_sentences)
+
+
+# --- core words (Algorithm 1, lines 1-3) -------------------------------------------
+@pytest.mark.parametrize("name, must_have", [
+    (KETTLE, {"kettle"}),
+    ("Euro Ceramica Inc. Dinnerware Set, 16 Piece", {"set", "dinnerware"}),
+    ("Twisty Pins for Upholstery, Slipcovers, and Bedskirts 50/pkg", {"pins"}),
+    ("Sony WH-1000XM3 Wireless Noise Cancelling Headphones, Black", {"headphones"}),
+    ("Levi's Men's 505 Regular Fit Jeans", {"jean"}),
+])
+def test_core_words_of_real_looking_names(nlp, name, must_have):
+    words = pm.core_words(nlp, name)
+    assert must_have <= words
+    assert all(word == word.lower() and any(c.isalpha() for c in word) for word in words)
+    assert not words & {"16", "1.7", "50", ",", "the", "for", "and"}  # numbers, punctuation, function words
+    assert pm.core_words(nlp(name)) == words  # a parsed name works too
+
+
+def test_core_words_of_a_name_without_content_words(nlp):
+    assert pm.core_words(nlp, "16 / 32") == set()
+
+
+# --- the three branches of Algorithm 1 ------------------------------------------------
+def test_gold_cluster_is_the_one_with_a_core_word(nlp):
+    # clusters: [They, They] (first, no core word), [The kettle, It] (core word "kettle")
+    sentences = [(0, "They were friendly on the phone."), (0, "They sent a new box."),
+                 (1, "The kettle boils water quickly."), (1, "It is quiet.")]
+    check(nlp, KETTLE, sentences)
+    result = pm.explain(nlp, KETTLE, " ".join(s for _, s in sentences))
+    assert result["clusters"] == [["They", "They"], ["The kettle", "It"]] and result["gold"] == 1
+
+
+def test_without_a_core_word_the_first_cluster_is_gold(nlp):
+    # clusters: [They, they] then [it, it]; neither holds "kettle" -> the first one
+    sentences = [(1, "They were rude and they never answered."), (0, "The shipping was slow."),
+                 (0, "I like it and it works.")]
+    check(nlp, KETTLE, sentences)
+    assert pm.explain(nlp, KETTLE, " ".join(s for _, s in sentences))["gold"] == 0
+
+
+def test_without_clusters_the_mask_is_all_zeros(nlp):
+    check(nlp, KETTLE, [(0, "Great value."), (0, "Shipping was fast.")])
+    check(nlp, KETTLE, [(0, "It works."), (0, "Shipping was fast.")])  # one mention is no cluster
+    assert pm.probe_mask(nlp, KETTLE, "") == []
+
+
+def test_root_sentences_option_adds_the_reference_rule(nlp):
+    product = "Stainless Steel Electric Kettle"  # root "Kettle"; no cluster in the review
+    check(nlp, product, [(0, "Fast shipping."), (0, "The kettle boils well.")])
+    check(nlp, product, [(0, "Fast shipping."), (1, "The kettle boils well.")], root_sentences=True)
+
+
+def test_figure_2_example(nlp):
+    review = ("I have read some of the other reviews. It was poor quality and they broke. "
+              "I returned them. This set is bad.")
+    result = pm.explain(nlp, "Euro Ceramica Inc. Dinnerware Set, 16 Piece", review)
+    assert result["clusters"] == [["It", "This set"], ["they", "them"]] and result["gold"] == 0
+    assert [flag for flag, _ in result["sentences"]] == [0, 1, 0, 1]
+
+
+# --- alignment with data.py's tokens ----------------------------------------------------
+def test_alignment_with_emoji_urls_spaces_and_newlines(nlp):
+    text = ("Bad seller!!!  😡\n\nThe kettle is great.   It boils fast 👍 see "
+            "https://x.com/k?id=1 for more.\nShipping was slow...but ok.")
+    mask, tokens = pm.probe_mask(nlp, KETTLE, text), data.tokenize(text)
+    assert len(mask) == len(tokens)
+    marked = {token for token, flag in zip(tokens, mask) if flag}
+    assert {"kettle", "boils", "👍", "https", "id", "more"} <= marked
+    assert not marked & {"Bad", "seller", "😡", "Shipping", "slow", "ok"}
+    # a token takes the flag of the spaCy sentence its first character falls in
+    sentences, flags = list(nlp(text).sents), [f for f, _ in pm.explain(nlp, KETTLE, text)["sentences"]]
+    for (_, start, _), flag in zip(data.token_spans(text), mask):
+        assert flag == next(f for s, f in zip(sentences, flags) if s.start_char <= start < s.end_char)
+
+
+def test_alignment_on_a_very_long_review(nlp):
+    filler = [(0, f"Shipping was slow on day {i}.") for i in range(300)]
+    sentences = [(1, "The kettle is great.")] + filler + [(1, "It broke after a month.")]
+    check(nlp, KETTLE, sentences)
+
+
+# --- spans, batch precompute, cache -----------------------------------------------------
+def test_spans_round_trip():
+    mask = [0, 1, 1, 0, 1, 0, 0, 1]
+    assert pm.mask_to_spans(mask) == [(1, 3), (4, 5), (7, 8)]
+    assert pm.spans_to_mask(pm.mask_to_spans(mask), len(mask)) == mask
+    assert pm.mask_to_spans([]) == [] and pm.spans_to_mask([], 3) == [0, 0, 0]
+
+
+ITEMS = [("p1", "r1", KETTLE, "They were friendly. They sent a box. The kettle boils. It is quiet."),
+         ("p1", "r2", KETTLE, "Great value. Shipping was fast."),
+         ("p2", "r3", "Twisty Pins for Upholstery", "These pins hold well. I like them!  😀 Cheap though."),
+         ("p2", "r4", "Twisty Pins for Upholstery", "")]
+
+
+def test_compute_masks_equals_probe_mask_per_item(nlp):
+    masks = pm.compute_masks(ITEMS, nlp, batch_size=2, progress=False)
+    assert list(masks) == [(pid, rid) for pid, rid, _, _ in ITEMS]
+    for pid, rid, name, text in ITEMS:
+        assert pm.spans_to_mask(masks[pid, rid], len(data.tokenize(text))) == pm.probe_mask(nlp, name, text)
+    assert any(masks.values())
+
+
+def test_cache_round_trip_atomic_write_and_corrupt_file(tmp_path, monkeypatch):
+    path = pm.cache_path(tmp_path, "Home_and_Kitchen", "dev")
+    assert path == tmp_path / "Home_and_Kitchen.probe.dev.json"
+    masks = {("p1", "r1"): [(0, 4), (9, 12)], ("p1", "r2"): []}
+    pm.write_cache(path, masks, {"backend": "rules"})
+    loaded, meta = pm.load_cache(path)
+    assert loaded == masks and meta["backend"] == "rules" and meta["tokenizer"] == data.TOKENIZER_VERSION
+
+    def dump_half_then_fail(record, file, **kwargs):
+        file.write('{"meta": {')
+        raise OSError("disk full")
+    monkeypatch.setattr(pm.json, "dump", dump_half_then_fail)
+    with pytest.raises(OSError):
+        pm.write_cache(path, {("p9", "r9"): [(0, 1)]}, {"backend": "rules"})
+    monkeypatch.undo()
+    assert pm.load_cache(path)[0] == masks  # the old cache is intact
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left
+
+    path.write_text(path.read_text()[:30])  # truncated
+    with pytest.raises(pm.ProbeMaskError, match=r"Home_and_Kitchen\.probe\.dev\.json.*delete it and rerun"):
+        pm.load_cache(path)
+    path.write_text(json.dumps({"meta": {"tokenizer": -1}, "masks": []}))
+    with pytest.raises(pm.ProbeMaskError, match="tokenizer version"):
+        pm.load_cache(path)
+
+
+# --- coreference backends ---------------------------------------------------------------
+def test_neuralcoref_adapter_with_a_stand_in_provider(nlp):
+    text = "Shipping was fast. The kettle is loud. I use it daily."
+    doc = nlp(text)
+
+    class Cluster:  # neuralcoref's Cluster has .mentions, a list of Spans
+        def __init__(self, mentions):
+            self.mentions = mentions
+
+    def provider(d):  # "The kettle" + "it", and a later cluster given as token pairs
+        return [Cluster([d[11:12], d[4:6]]), [(7, 8), (9, 10)]]
+
+    clusters = pm.coref_clusters(doc, set(), backend=provider)
+    assert [[m.text for m in c] for c in clusters] == [["The kettle", "it"], ["loud", "I"]]
+    assert pm.probe_mask(nlp, KETTLE, text, backend=provider) == expected_mask(
+        [(0, "Shipping was fast."), (1, "The kettle is loud."), (1, "I use it daily.")])
+    assert pm.probe_mask(nlp, KETTLE, text, backend=lambda d: None) == [0] * len(data.tokenize(text))
+
+
+def test_neuralcoref_backend_says_what_is_missing(nlp):
+    if importlib.util.find_spec("neuralcoref"):
+        pytest.skip("neuralcoref is installed here")
+    with pytest.raises(pm.ProbeMaskError, match="neuralcoref"):
+        pm.probe_mask(nlp, KETTLE, "It works. It is good.", backend="neuralcoref")
+    with pytest.raises(pm.ProbeMaskError, match="unknown coreference backend"):
+        pm.probe_mask(nlp, KETTLE, "It works.", backend="magic")
+
+
+# --- command line -----------------------------------------------------------------------
+def test_cli_inspects_one_review(nlp, monkeypatch, capsys):
+    monkeypatch.setattr(pm, "load_spacy", lambda backend="rules": nlp)
+    review = "They were friendly on the phone.\nThe kettle boils water quickly. It is quiet."
+    assert pm.main(["--product", KETTLE, "--review", review]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:3] == ["0 They were friendly on the phone.", "1 The kettle boils water quickly.",
+                         "1 It is quiet."]
+    assert lines[3] == "core words: beach, hamilton, kettle" and "The kettle | It" in lines[-1]
+
+
+@pytest.fixture
+def stand_in_data(tmp_path, monkeypatch, nlp):
+    """data.resolve_data / data.read_split replaced by two tiny splits in tmp_path."""
+    def reviews(split):
+        return [data.Review(f"{split}-r{i}", text, 1) for i, (_, _, _, text) in enumerate(ITEMS)]
+    splits = {split: [data.Product(f"{split}-p", KETTLE, "A kettle.", reviews(split))]
+              for split in ("train", "dev")}
+    source = SimpleNamespace(root=tmp_path, prefix="Home_and_Kitchen", is_sample=True)
+    monkeypatch.setattr(data, "SPLITS", ("train", "dev"))
+    monkeypatch.setattr(data, "resolve_data", lambda name=None, data_dir=None: source)
+    monkeypatch.setattr(data, "read_split", lambda src, split: splits[split])
+    monkeypatch.setattr(pm, "load_spacy", lambda backend="rules": nlp)
+    return source, splits
+
+
+def test_cli_precomputes_every_split_and_resumes(stand_in_data, nlp, capsys):
+    source, splits = stand_in_data
+    partial = source.root / "Home_and_Kitchen.probe.dev.json.partial"
+    pm.write_cache(partial, {("dev-p", "dev-r1"): [(0, 99)]}, pm.cache_meta(nlp))  # an interrupted run
+    assert pm.main(["--data", "home_kitchen"]) == 0
+    out = capsys.readouterr().out
+    assert "train: 4 reviews" in out and "docs/s" in out
+    for split, products in splits.items():
+        masks, meta = pm.load_cache(pm.cache_path(source.root, source.prefix, split))
+        items = [(p.product_id, r.review_id, p.name, r.text) for p in products for r in p.reviews]
+        fresh = pm.compute_masks(items, nlp, progress=False)
+        if split == "dev":
+            assert masks.pop(("dev-p", "dev-r1")) == [(0, 99)]  # kept from the partial file
+            fresh.pop(("dev-p", "dev-r1"))
+        assert masks == fresh and meta["backend"] == "rules"
+    assert not partial.exists()
+    assert pm.main(["--data", "home_kitchen"]) == 0 and "exists" in capsys.readouterr().out
+
+
+def test_cli_user_errors_are_one_line_and_exit_2(stand_in_data, monkeypatch, capsys):
+    monkeypatch.setattr(data, "DataError", type("DataError", (Exception,), {}), raising=False)
+
+    def fail(name=None, data_dir=None):
+        raise data.DataError("--data-dir /nowhere: no such folder.")
+    monkeypatch.setattr(data, "resolve_data", fail)
+    assert pm.main(["--data-dir", "/nowhere"]) == 2
+    assert capsys.readouterr().err == "probe_mask.py: error: --data-dir /nowhere: no such folder.\n"
+    with pytest.raises(SystemExit) as exit_info:
+        pm.main(["--product", KETTLE])  # --review missing
+    assert exit_info.value.code == 2
+
+
+def test_an_interrupted_precompute_leaves_only_a_partial_file(stand_in_data, nlp, monkeypatch):
+    source, _ = stand_in_data
+    real_iter_masks = pm.iter_masks
+
+    def crash_after_three(*args, **kwargs):
+        for count, pair in enumerate(real_iter_masks(*args, **kwargs)):
+            if count == 3:
+                raise KeyboardInterrupt
+            yield pair
+    monkeypatch.setattr(pm, "CHECKPOINT_EVERY", 2)
+    monkeypatch.setattr(pm, "iter_masks", crash_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        pm.precompute_split(source, "train", nlp, progress=False)
+    path = pm.cache_path(source.root, source.prefix, "train")
+    assert not path.exists()
+    assert len(pm.load_cache(path.with_name(path.name + ".partial"))[0]) == 2  # the checkpoint after 2
+    monkeypatch.setattr(pm, "iter_masks", real_iter_masks)
+    masks, summary = pm.precompute_split(source, "train", nlp, progress=False)
+    assert summary["computed"] == 2 and len(masks) == 4 and pm.load_cache(path)[0] == masks
+
+
+# --- training and evaluation end to end (train.py, evaluate.py) on the tiny sample ----------
+import train  # noqa: E402  (after the data tests, which need no model)
+
+
+def run_train(tiny_root, out, *flags):
+    return train.train(train.parse_args(["--data-dir", str(tiny_root), "--out", str(out), "--epochs", "1",
+                                         "--batch-size", "8", *flags]))
+
+
+@pytest.mark.parametrize("switch", [[], ["--text-only"], ["--fixed-beta"], ["--no-probe-mask"],
+                                    ["--no-cpc-ii"], ["--no-cpc-pr"], ["--no-cpc-ii", "--no-cpc-pr"]])
+def test_one_epoch_smoke_run_of_every_switch(tiny_root, tmp_path, switch, capsys):
+    test = run_train(tiny_root, tmp_path, *switch)
+    assert set(test) == {"MAP", "N@3", "N@5"} and all(0 <= v <= 100 for v in test.values())
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1].startswith("test  MAP ") and lines[-1] == evaluate.format_metrics("test", test)
+    assert (tmp_path / "best.pt").exists() and (tmp_path / "config.json").exists()
+
+
+def test_resume_continues_exactly(tiny_root, tmp_path):
+    straight = run_train(tiny_root, tmp_path / "a", "--epochs", "2", "--patience", "9")
+    run_train(tiny_root, tmp_path / "b", "--epochs", "1")
+    resumed = train.train(train.parse_args(["--resume", str(tmp_path / "b"), "--epochs", "2"]))
+    assert straight == resumed
+    a, b = (train.load_checkpoint(tmp_path / run / "last.pt") for run in "ab")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["state"]["history"] == b["state"]["history"]
+
+
+def test_same_seed_same_numbers(tiny_root, tmp_path):
+    assert run_train(tiny_root, tmp_path / "a") == run_train(tiny_root, tmp_path / "b")
+
+
+def test_evaluate_checkpoint_predict_and_baselines(tiny_root, tmp_path, capsys):
+    test = run_train(tiny_root, tmp_path / "run")
+    capsys.readouterr()
+    assert evaluate.main(["--checkpoint", str(tmp_path / "run" / "best.pt")]) == 0
+    assert capsys.readouterr().out.strip() == evaluate.format_metrics("test", test)
+    (tmp_path / "img").mkdir()
+    np.savez(tmp_path / "img" / "0.npz", x=np.ones((3, 2048), np.float32))
+    product = {"name": "Nordvik Classic Kettle", "description": "This kettle boils water.", "features": "img",
+               "reviews": [{"text": "Shipping took 3 days ."}, {"text": "It boils water fast . The lid is solid .",
+                                                                 "features": "img"}]}
+    (tmp_path / "p.json").write_text(json.dumps(product))
+    assert evaluate.main(["--checkpoint", str(tmp_path / "run" / "best.pt"), "--predict", str(tmp_path / "p.json")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("Nordvik Classic Kettle: 2 reviews") and len(out) == 3
+    (tmp_path / "bad.json").write_text("{}")
+    assert evaluate.main(["--checkpoint", str(tmp_path / "run" / "best.pt"), "--predict", str(tmp_path / "bad.json")]) == 2
+    assert evaluate.main(["--data-dir", str(tiny_root), "--baselines"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == ["random", "length"]

@@ -153,7 +153,7 @@ def train(args):
             losses["total"].backward()
             optimizer.step()
             for k in sums:
-                sums[k] += float(losses[k])
+                sums[k] += losses[k].item()
             steps, reviews = steps + 1, reviews + len(batch["labels"])
             if steps % 20 == 0 and sys.stderr.isatty():
                 print(f"\r  epoch {epoch} step {steps}  loss {sums['task'] / steps:.4f}  "
