@@ -17,6 +17,8 @@ import data
 import evaluate
 import probe_mask as pm
 import sample
+import sancl
+import train
 
 TINY = {"train": 12, "dev": 4, "test": 4}
 
@@ -212,6 +214,280 @@ def test_ranking_metrics_ties_are_stable_and_empty_products_count():
     perfect = evaluate.ranking_metrics(ids, labels, [0, 2, 1, 1, 0])
     assert perfect["MAP"] == pytest.approx(50.0) and perfect["N@5"] == pytest.approx(50.0)
     assert evaluate.ranking_metrics(ids, labels, [0, 2, 1, 1, 0], threshold=0)["MAP"] == pytest.approx(100.0)
+
+
+# --- model (sancl.py): each equation against a naive computation, switches, padding, seeds ---
+def tiny_config(**overrides):
+    sizes = dict(vocab_size=50, embed_dim=8, hidden=8, image_dim=8, region_dim=16, shared_dim=4)
+    return sancl.SANCLConfig(**{**sizes, **overrides})
+
+
+def tiny_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    config = tiny_config(**overrides)
+    return sancl.SANCL(config), config
+
+
+def naive_attention(h, mask, w_query, w_key):
+    """a_ij = exp(q_i.k_j / sqrt(d)) / sum_{real k} exp(q_i.k_k / sqrt(d)), one entry at a time."""
+    L, d = h.shape
+    q, k = (h @ w_query.T).detach(), (h @ w_key.T).detach()
+    a = torch.zeros(L, L)
+    for i in range(L):
+        norm = sum(math.exp(q[i] @ k[j] / math.sqrt(d)) for j in range(L) if mask[j])
+        for j in range(L):
+            if mask[j]:
+                a[i, j] = math.exp(q[i] @ k[j] / math.sqrt(d)) / norm
+    return a
+
+
+# --- Sec. 3.4: Eq. (2)-(8) ---------------------------------------------------------
+
+def test_eq2_to_eq5_reweighting_and_eq7():
+    torch.manual_seed(0)
+    config = tiny_config()
+    weights, attention = sancl.ProbeMaskWeights(config), sancl.SelectiveAttention(config.hidden)
+    h = torch.randn(1, 4, config.hidden)
+    h[0, 3] = 0  # padding (the GRU outputs zeros there)
+    mask = torch.tensor([[True, True, True, False]])
+    probe = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
+    m_prime, beta = weights(probe, mask, torch.randn(1, config.hidden))
+    alpha, b = config.alpha, beta[0].item()
+    assert torch.allclose(m_prime, torch.tensor([[alpha, b, b, 0.0]]))  # Eq. (2), 0 on padding
+    h_new, a_prime = attention(h, mask, m_prime)
+    a = naive_attention(h[0], mask[0], attention.query.weight, attention.key.weight)
+    # Eq. (5): (1,1) -> alpha^2 a, (1,0) -> alpha beta a, (0,0) -> beta^2 a
+    assert torch.allclose(a_prime[0, 0, 0], alpha ** 2 * a[0, 0], atol=1e-6)
+    assert torch.allclose(a_prime[0, 0, 1], alpha * b * a[0, 1], atol=1e-6)
+    assert torch.allclose(a_prime[0, 1, 0], alpha * b * a[1, 0], atol=1e-6)
+    assert torch.allclose(a_prime[0, 1, 2], b ** 2 * a[1, 2], atol=1e-6)
+    assert torch.all(a_prime[0, 3] == 0) and torch.all(a_prime[0, :, 3] == 0)
+    # Eq. (7): h'_i = h_i + sum_j a'_ij h_j; the padded row stays zero
+    for i in range(3):
+        expected = h[0, i] + sum(a_prime[0, i, j] * h[0, j] for j in range(4))
+        assert torch.allclose(h_new[0, i], expected, atol=1e-6)
+    assert torch.all(h_new[0, 3] == 0)
+
+
+def test_eq6_beta_in_open_unit_interval():
+    torch.manual_seed(0)
+    weights = sancl.ProbeMaskWeights(tiny_config())
+    mask = torch.ones(64, 5, dtype=torch.bool)
+    _, beta = weights(torch.zeros(64, 5), mask, 3 * torch.randn(64, 8))
+    assert beta.shape == (64,)
+    assert torch.all((beta > 0) & (beta < 1))
+    h_seq = torch.randn(1, 8)
+    w, b = weights.beta_generator.weight[0].detach(), weights.beta_generator.bias[0].detach()
+    expected = 1 / (1 + math.exp(-(float(w @ h_seq[0]) + float(b))))  # Eq. (6)
+    assert weights(torch.zeros(1, 5), mask[:1], h_seq)[1].item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_eq8_weighted_pooling():
+    torch.manual_seed(0)
+    h, w = torch.randn(2, 5, 3), torch.tensor([[1.0, 0.5, 0.5, 0.0, 0.0], [0.3, 0.3, 1.0, 1.0, 0.3]])
+    pooled = sancl.weighted_mean(h, w)
+    for b in range(2):
+        expected = sum(w[b, i] * h[b, i] for i in range(5)) / sum(w[b, i] for i in range(5))
+        assert torch.allclose(pooled[b], expected, atol=1e-6)
+
+
+def test_eq10_phi():
+    a, b = torch.tensor([[1.0, 2.0, 2.0]]), torch.tensor([[2.0, 0.0, 1.0]])
+    cos = (2 + 0 + 2) / (3 * math.sqrt(5))
+    assert sancl.phi(a, b, 1.0).item() == pytest.approx(math.exp(cos), rel=1e-6)
+    assert sancl.phi(a, b, 0.5).item() == pytest.approx(math.exp(cos / 0.5), rel=1e-6)
+
+
+# --- Sec. 3.5-3.6: losses against loops --------------------------------------------
+
+def phi_scalar(a, b, tau=1.0):
+    a, b = a.detach(), b.detach()
+    return math.exp(float(a @ b) / (float(a.norm()) * float(b.norm())) / tau)
+
+
+def test_losses_against_loops():
+    model, config = tiny_model()
+    batch = sancl.random_batch(config, seed=1)
+    out = model(batch)
+    loss = model.losses(batch, out)
+    labels, rp = batch["labels"].tolist(), batch["review_product"].tolist()
+    P, R = batch["product_tokens"].size(0), len(labels)
+    assert 0 < sum(label >= 3 for label in labels) < R
+
+    hinge = [max(0.0, config.gamma * (labels[i] - labels[j]) - out["score"][i].item() + out["score"][j].item())
+             for i, j in batch["pairs"].tolist()]
+    assert loss["task"].item() == pytest.approx(sum(hinge) / len(hinge), rel=1e-5)
+
+    # Eq. (11): instances are every product and every review
+    instances = [(out["t_ii_product"][p], out["v_ii_product"][p], True) for p in range(P)]
+    instances += [(out["t_ii_review"][r], out["v_ii_review"][r], labels[r] >= 3) for r in range(R)]
+    denominator = sum(phi_scalar(t, v) for t, v, _ in instances)
+    terms = [-math.log(phi_scalar(t, v) / denominator) for t, v, positive in instances if positive]
+    assert loss["cpc_ii"].item() == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+
+    # Eq. (12)-(13): (review, its product) per modality, positives = helpful reviews
+    cpc_pr = 0.0
+    for m in ("t", "v"):
+        review, product = out[f"{m}_pr_review"], out[f"{m}_pr_product"]
+        denominator = sum(phi_scalar(review[r], product[rp[r]]) for r in range(R))
+        terms = [-math.log(phi_scalar(review[r], product[rp[r]]) / denominator) for r in range(R) if labels[r] >= 3]
+        cpc_pr += sum(terms) / len(terms)
+    assert loss["cpc_pr"].item() == pytest.approx(cpc_pr, rel=1e-5)
+    expected_total = loss["task"] + config.kappa * (loss["cpc_ii"] + loss["cpc_pr"])
+    assert torch.allclose(loss["total"], expected_total)
+
+
+def test_no_pairs_and_no_helpful_review_give_zero():
+    model, config = tiny_model()
+    batch = sancl.random_batch(config, seed=1)
+    batch["pairs"] = batch["pairs"][:0]
+    batch["labels"] = torch.zeros_like(batch["labels"])
+    loss = model.losses(batch, model(batch))
+    assert loss["task"].item() == 0 and loss["cpc_pr"].item() == 0
+    assert loss["cpc_ii"].item() > 0  # products are always positives
+    loss["total"].backward()
+
+
+def test_gradients_reach_every_part():
+    model, config = tiny_model()
+    batch = sancl.random_batch(config, seed=1)
+    model.losses(batch, model(batch))["total"].backward()
+    parts = [model.probe_weights.beta_generator, model.output, *model.projections.values(),
+             model.review_text_encoder, model.product_text_encoder, model.review_image_encoder,
+             model.product_image_encoder, model.text_cross_attention, model.image_cross_attention]
+    for part in parts:
+        for p in part.parameters():
+            assert p.grad is not None and p.grad.abs().sum() > 0
+    assert model.embedding.weight.grad is None  # frozen GloVe
+
+
+# --- switches -----------------------------------------------------------------------
+
+def test_no_cpc_ii_and_no_cpc_pr():
+    for switch in ("no_cpc_ii", "no_cpc_pr"):
+        model, config = tiny_model(**{switch: True})
+        batch = sancl.random_batch(config, seed=1)
+        loss = model.losses(batch, model(batch))
+        removed, kept = ("cpc_ii", "cpc_pr") if switch == "no_cpc_ii" else ("cpc_pr", "cpc_ii")
+        assert loss[removed].item() == 0 and loss[kept].item() > 0
+        assert torch.allclose(loss["total"], loss["task"] + config.kappa * loss[kept])
+
+
+def test_fixed_beta():
+    model, config = tiny_model(fixed_beta=True)
+    assert model.probe_weights.beta_generator is None
+    assert sum(p.numel() for p in model.probe_weights.parameters()) == 0
+    out = model(sancl.random_batch(config))
+    assert torch.all(out["beta"] == 0.5)
+
+
+def test_no_probe_mask_ignores_probe_mask():
+    model, config = tiny_model(no_probe_mask=True)
+    model.eval()
+    assert sum(p.numel() for p in model.probe_weights.parameters()) == 0
+    batch = sancl.random_batch(config, seed=2)
+    other = dict(batch, probe_mask=1 - batch["probe_mask"])
+    assert torch.equal(model(batch)["score"], model(other)["score"])
+
+
+def test_text_only():
+    model, config = tiny_model(text_only=True)
+    model.eval()
+    assert set(model.projections) == {"t_ii", "t_pr"}
+    assert not any("image" in name for name, _ in model.named_parameters())
+    batch = sancl.random_batch(config, seed=3)
+    assert batch["review_regions"] is None and batch["product_region_mask"] is None
+    with_images = sancl.random_batch(tiny_config(), seed=3)
+    score = model(batch)["score"]
+    assert torch.equal(score, model(with_images)["score"])
+    loss = model.losses(batch, model(batch))
+    assert loss["cpc_ii"].item() == 0 and loss["cpc_pr"].item() > 0
+
+
+def test_multimodal_model_asks_for_regions():
+    model, config = tiny_model()
+    batch = dict(sancl.random_batch(config), review_regions=None)
+    with pytest.raises(ValueError, match="text_only=True"):
+        model(batch)
+
+
+# --- plumbing: padding, indexing, seeds, counting -----------------------------------
+
+def test_padding_does_not_change_scores():
+    model, config = tiny_model()
+    model.eval()
+    batch = sancl.random_batch(config, seed=4)
+
+    def pad(x, extra, dim=1):
+        shape = list(x.shape)
+        shape[dim] = extra
+        return torch.cat([x, x.new_zeros(shape)], dim=dim)
+
+    extra = {"product_tokens": 7, "review_tokens": 5, "probe_mask": 5, "product_regions": 3,
+             "product_region_mask": 3, "review_regions": 4, "review_region_mask": 4}
+    padded = dict(batch, **{key: pad(batch[key], n) for key, n in extra.items()})
+    assert torch.allclose(model(batch)["score"], model(padded)["score"], atol=1e-5)
+
+
+def test_reviews_only_see_their_own_product():
+    model, config = tiny_model()
+    model.eval()
+    batch = sancl.random_batch(config, seed=5)
+    other = dict(batch, product_tokens=batch["product_tokens"].clone(),
+                 product_regions=batch["product_regions"].clone())
+    other["product_tokens"][1] = torch.where(other["product_tokens"][1] > 0, 7, 0)
+    other["product_regions"][1] += 1
+    before, after = model(batch)["score"], model(other)["score"]
+    product_1 = batch["review_product"] == 1
+    assert torch.equal(before[~product_1], after[~product_1])
+    assert not torch.allclose(before[product_1], after[product_1])
+
+
+def test_same_seed_same_outputs():
+    outputs = []
+    for _ in range(2):
+        model, config = tiny_model(seed=3)
+        torch.manual_seed(9)  # dropout
+        out = model(sancl.random_batch(config, seed=6))
+        outputs.append(out)
+    for key in ("score", "beta", "attention", "t_ii_review", "v_pr_product"):
+        assert torch.equal(outputs[0][key], outputs[1][key])
+
+
+def test_forward_shapes_and_param_count():
+    model, config = tiny_model()
+    batch = sancl.random_batch(config, products=3, reviews_per_product=5)
+    out = model(batch)
+    R, Lr = batch["review_tokens"].shape
+    assert out["score"].shape == (R,) and out["beta"].shape == (R,) and out["attention"].shape == (R, Lr, Lr)
+    assert out["t_ii_product"].shape == (3, config.shared_dim) and out["v_pr_review"].shape == (R, config.shared_dim)
+    total = sum(p.numel() for p in model.parameters())
+    assert model.num_params(non_embedding=False) == total
+    assert model.num_params() == total - config.vocab_size * config.embed_dim
+
+
+def test_pretrained_embeddings_are_used_and_frozen():
+    config = tiny_config()
+    table = torch.randn(config.vocab_size, config.embed_dim)
+    model = sancl.SANCL(config, embeddings=table)
+    assert torch.equal(model.embedding.weight, table) and not model.embedding.weight.requires_grad
+    with pytest.raises(ValueError, match="shape"):
+        sancl.SANCL(config, embeddings=table[:, :3])
+
+
+def test_model_pools_review_text_with_m_prime():
+    model, config = tiny_model()
+    model.eval()
+    captured = {}
+    model.text_cross_attention.register_forward_hook(lambda module, args, output: captured.update(h=output))
+    out = model(sancl.random_batch(config, seed=7))
+    h, m_prime = captured["h"], out["m_prime"]  # H'' (R, Lr, H), M' (R, Lr)
+    pooled = torch.stack([sum(m_prime[r, i] * h[r, i] for i in range(h.size(1))) / m_prime[r].sum()
+                          for r in range(h.size(0))])  # Eq. (8)
+    assert torch.allclose(model.projections["t_ii"](pooled), out["t_ii_review"], atol=1e-5)
+    beta = out["beta"][:, None].expand_as(m_prime)
+    probe, real = sancl.random_batch(config, seed=7)["probe_mask"], m_prime > 0
+    assert torch.allclose(m_prime[real], (config.alpha * probe + beta * (1 - probe))[real])  # Eq. (2)
 
 
 # --- probe masks (probe_mask.py, Algorithm 1) -------------------------------------------
@@ -468,9 +744,6 @@ def test_an_interrupted_precompute_leaves_only_a_partial_file(stand_in_data, nlp
 
 
 # --- training and evaluation end to end (train.py, evaluate.py) on the tiny sample ----------
-import train  # noqa: E402  (after the data tests, which need no model)
-
-
 def run_train(tiny_root, out, *flags):
     return train.train(train.parse_args(["--data-dir", str(tiny_root), "--out", str(out), "--epochs", "1",
                                          "--batch-size", "8", *flags]))

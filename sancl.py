@@ -1,0 +1,488 @@
+"""SANCL: selective attention and natural contrastive learning for review helpfulness.
+
+A small re-implementation of Han et al., COLING 2022, read top to bottom in the order of
+the paper's Sec. 3.3-3.6: encoders, probe-based selective attention, cross-field
+attention, pooling, projections to the shared spaces, the output layer, then the losses
+(pairwise ranking + the two contrastive terms cpc_ii and cpc_pr).
+
+Letters in the shape comments:
+    P  products in the batch          R  reviews in the batch        K  ranking pairs
+    Lp tokens per product text        Lr tokens per review text      (padded)
+    Np regions per product            Nr regions per review          (padded)
+    E  word embedding size (300)      H  GRU hidden size (128)
+    I  image size (128)               D  shared-space size (64)      V  vocabulary size
+"""
+import argparse
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+# Table 5 (GloVe runs): the per-category settings train.py starts from.
+TABLE5 = {
+    "clothing": dict(lr=1e-4, text_dropout=0.5, kappa=0.25, batch_size=32),
+    "electronics": dict(lr=5e-5, text_dropout=0.5, kappa=0.1, batch_size=32),
+    "home_kitchen": dict(lr=1e-4, text_dropout=0.2, kappa=0.1, batch_size=32),
+}
+
+
+@dataclass
+class SANCLConfig:
+    vocab_size: int  # V, rows of the word-embedding table (0 = padding)
+    embed_dim: int = 300  # E, GloVe 300-d (Table 5)
+    hidden: int = 128  # H, GRU hidden size (Table 5 "LSTM hidden dim")
+    image_dim: int = 128  # I, region features are projected to this size (Table 5)
+    region_dim: int = 2048  # size of a Faster R-CNN region feature
+    shared_dim: int = 64  # D, size of the shared ii / pr spaces (Table 5)
+    text_dropout: float = 0.5  # dropout on word embeddings (0.2 for Home & Kitchen)
+    freeze_embeddings: bool = True  # keep GloVe fixed
+    alpha: float = 1.0  # weight of probed tokens in M' (Eq. 2; the paper sets 1)
+    fixed_beta_value: float = 0.5  # beta when fixed_beta is on (the reference GloVe model)
+    tau: float = 1.0  # temperature of phi (Eq. 10)
+    gamma: float = 1.0  # hinge margin per point of label gap (Eq. 16)
+    helpful_threshold: int = 3  # label >= this is a helpful review, S+ (SPEC §5)
+    kappa: float = 0.25  # weight of the contrastive losses (Eq. 18; Table 5)
+    text_only: bool = False  # no image path, no cpc_ii, text terms only
+    fixed_beta: bool = False  # ablation "w/o learned beta": beta = fixed_beta_value
+    no_probe_mask: bool = False  # ablation "w/o probe mask": M' = 1 on every real token
+    no_cpc_ii: bool = False  # ablation: drop cpc_ii
+    no_cpc_pr: bool = False  # ablation: drop cpc_pr
+
+    def __post_init__(self):
+        if not (self.alpha > 0 and self.fixed_beta_value > 0 and self.tau > 0):
+            raise ValueError(f"SANCLConfig: alpha, fixed_beta_value and tau must be > 0, got "
+                             f"{self.alpha}, {self.fixed_beta_value}, {self.tau}")
+
+
+# plumbing: masks and masked softmax -------------------------------------------------
+
+def lengths_to_mask(lengths, max_len):
+    """(B,) lengths -> (B, max_len) bool, True on real tokens."""
+    return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
+
+
+def masked_softmax(scores, key_mask):
+    """softmax over the last axis of (B, Lq, Lk) scores, padded keys get weight 0.
+    Every row of key_mask has a True (lengths >= 1, >= 1 region), so no row is all -inf."""
+    return torch.softmax(scores.masked_fill(~key_mask[:, None, :], float("-inf")), dim=-1)
+
+
+# --- SANCL: input encoding (Sec. 3.3) -----------------------------------------------
+
+class TextEncoder(nn.Module):
+    """Eq. (1): H_t, h_seq = GRU(E; theta_t), after dropout on the word vectors.
+    Product and review text get separate instances (separate GRU weights); the word
+    embedding table is shared and lives in the model."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.dropout = nn.Dropout(config.text_dropout)
+        self.gru = nn.GRU(config.embed_dim, config.hidden, batch_first=True)
+
+    def forward(self, embedded, lengths):
+        x = self.dropout(embedded)  # (B, L, E)
+        # packing: the GRU never reads padding, so padding never changes the outputs
+        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        out, h_last = self.gru(packed)
+        h, _ = pad_packed_sequence(out, batch_first=True, total_length=x.size(1))  # (B, L, H), 0 on padding
+        return h, h_last[0]  # (B, L, H), h_seq (B, H)
+
+
+class SelectiveAttention(nn.Module):
+    """Eq. (3)-(5), (7): self-attention whose weights are re-weighted by the probe mask.
+    A = softmax(Q K^T / sqrt(d)), Q = H W_q, K = H W_k   (Eq. 3)
+    A' = (M'^T M') * A, i.e. a'_ij = m'_i m'_j a_ij       (Eq. 4, 5)
+    H' = H + A' H                                          (Eq. 7)
+    With M' = 1 on real positions it is plain self-attention (product text, images).
+    Our reading of Eq. (3) "softmax(W H)": scaled dot-product with query and key maps
+    (the paper does not say what W is). Like the paper, A' is not re-normalised."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.query = nn.Linear(dim, dim, bias=False)
+        self.key = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, h, mask, m_prime):
+        """h (B, L, d), mask (B, L) bool real positions, m_prime (B, L) M', 0 on padding."""
+        scores = self.query(h) @ self.key(h).transpose(1, 2) / math.sqrt(h.size(-1))  # (B, L, L)
+        # Eq. (3)
+        a = masked_softmax(scores, mask)  # (B, L, L)
+        # Eq. (4): padded rows and columns get m' = 0, so padded query rows stay zero
+        a_prime = m_prime[:, :, None] * m_prime[:, None, :] * a  # (B, L, L)
+        # Eq. (7)
+        return h + a_prime @ h, a_prime  # (B, L, d), (B, L, L)
+
+
+class ImageEncoder(nn.Module):
+    """Sec. 3.3: region features (2048) -> linear to I -> one self-attention: H_v."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.project = nn.Linear(config.region_dim, config.image_dim)
+        self.attention = SelectiveAttention(config.image_dim)
+
+    def forward(self, regions, mask):
+        x = self.project(regions) * mask[..., None]  # (B, N, I), padded regions zeroed
+        h, _ = self.attention(x, mask, mask.float())  # (B, N, I)
+        return h
+
+
+# --- SANCL: probe-based selective attention (Sec. 3.4) ------------------------------
+
+class ProbeMaskWeights(nn.Module):
+    """Eq. (2): M' = alpha * M + beta * (1 - M) on real tokens (0 on padding), with
+    Eq. (6): beta = sigmoid(W_gen h_seq + b_gen), one beta per review.
+    fixed_beta: beta is a constant and no generator is built; no_probe_mask: M' = 1."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.alpha, self.fixed_beta_value = config.alpha, config.fixed_beta_value
+        self.no_probe_mask = config.no_probe_mask
+        learned = not (config.fixed_beta or config.no_probe_mask)
+        self.beta_generator = nn.Linear(config.hidden, 1) if learned else None
+
+    def forward(self, probe_mask, mask, h_seq):
+        """probe_mask (R, Lr) 0/1, mask (R, Lr) bool real tokens, h_seq (R, H) -> M' (R, Lr), beta (R,)."""
+        real = mask.float()  # (R, Lr)
+        if self.no_probe_mask:
+            # every real token weighs like a probed one: beta = alpha = 1, reported as 1
+            return real, torch.ones_like(real[:, 0])
+        if self.beta_generator is None:
+            beta = torch.full_like(real[:, 0], self.fixed_beta_value)  # (R,)
+        else:
+            # Eq. (6)
+            beta = torch.sigmoid(self.beta_generator(h_seq)).squeeze(-1)  # (R,)
+        # Eq. (2)
+        m_prime = self.alpha * probe_mask + beta[:, None] * (1 - probe_mask)  # (R, Lr)
+        return m_prime * real, beta
+
+
+class CrossFieldAttention(nn.Module):
+    """Sec. 3.4 cross-field attention, review -> its product, no probe mask:
+    H'' = H' + softmax(H' W H_p^T / sqrt(d), product padding masked) H_p.
+    The paper gives no formula; a bilinear score with residual is our decision.
+    Used for text (H'') and, as the paper's cross-image attention, for regions."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.bilinear = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, h_review, h_product, product_mask):
+        """h_review (R, L, d); h_product (R, Lp, d) and product_mask (R, Lp): each
+        review's own product, already indexed with review_product."""
+        scores = self.bilinear(h_review) @ h_product.transpose(1, 2) / math.sqrt(h_review.size(-1))  # (R, L, Lp)
+        return h_review + masked_softmax(scores, product_mask) @ h_product  # (R, L, d)
+
+
+def weighted_mean(h, weights):
+    """Eq. (8): S = sum_i w_i h_i / sum_i w_i, with w = M' for review text and w = 1 on
+    real positions (0 on padding) for everything else (plain mean pooling)."""
+    return (weights[..., None] * h).sum(1) / weights.sum(1, keepdim=True)  # (B, d)
+
+
+# --- SANCL: projections to the shared spaces (Sec. 3.5, Eq. 9) ----------------------
+
+def projection(in_dim, shared_dim):
+    """Eq. (9): S^d_m = W2 tanh(W1 S_m + b1) + b2; one per (modality, domain),
+    shared by the product and the review field."""
+    return nn.Sequential(nn.Linear(in_dim, shared_dim), nn.Tanh(), nn.Linear(shared_dim, shared_dim))
+
+
+# --- SANCL: the model (Fig. 1) ------------------------------------------------------
+
+class SANCL(nn.Module):
+    """The whole model of Fig. 1: a batch dict (format of data.py) in, a helpfulness
+    score xi per review and the shared-space representations for the losses out."""
+
+    def __init__(self, config, embeddings=None):
+        super().__init__()
+        c = self.config = config
+        if embeddings is None:
+            self.embedding = nn.Embedding(c.vocab_size, c.embed_dim, padding_idx=0)
+        else:
+            if tuple(embeddings.shape) != (c.vocab_size, c.embed_dim):
+                raise ValueError(f"embeddings have shape {tuple(embeddings.shape)}, the config "
+                                 f"asks for (vocab_size, embed_dim) = ({c.vocab_size}, {c.embed_dim})")
+            self.embedding = nn.Embedding.from_pretrained(embeddings.float(), padding_idx=0)
+        self.embedding.weight.requires_grad_(not c.freeze_embeddings)
+        self.product_text_encoder = TextEncoder(c)  # separate GRUs for the two fields
+        self.review_text_encoder = TextEncoder(c)
+        self.probe_weights = ProbeMaskWeights(c)
+        self.review_self_attention = SelectiveAttention(c.hidden)
+        self.product_self_attention = SelectiveAttention(c.hidden)  # same class, own weights, M' = 1
+        self.text_cross_attention = CrossFieldAttention(c.hidden)
+        inputs = {"t": c.hidden}
+        if not c.text_only:
+            self.product_image_encoder = ImageEncoder(c)
+            self.review_image_encoder = ImageEncoder(c)
+            self.image_cross_attention = CrossFieldAttention(c.image_dim)
+            inputs["v"] = c.image_dim
+        self.projections = nn.ModuleDict({f"{m}_{d}": projection(size, c.shared_dim)
+                                          for m, size in inputs.items() for d in ("ii", "pr")})
+        # Eq. (15): xi = W_o F + b_o
+        self.output = nn.Linear(len(self.projections) * c.shared_dim, 1)
+
+    def num_params(self, non_embedding=True):
+        """Parameter count; without the word-embedding table by default (the paper's 1.41M)."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embedding.weight.numel() if non_embedding else n
+
+    def forward(self, batch):
+        """Returns a dict: score (R,) xi; beta (R,); m_prime (R, Lr) M'; attention (R, Lr, Lr) A';
+        {t,v}_{ii,pr}_review (R, D) and {t,v}_{ii,pr}_product (P, D), the S^d_{m,f} of Eq. (9)."""
+        c = self.config
+        rp = batch["review_product"]  # (R,) each review's product
+        product_tokens, review_tokens = batch["product_tokens"], batch["review_tokens"]
+        product_mask = lengths_to_mask(batch["product_lengths"], product_tokens.size(1))  # (P, Lp)
+        review_mask = lengths_to_mask(batch["review_lengths"], review_tokens.size(1))  # (R, Lr)
+
+        # Eq. (1), each product encoded once, then indexed per review with rp
+        h_p, _ = self.product_text_encoder(self.embedding(product_tokens), batch["product_lengths"])  # (P, Lp, H)
+        h_r, h_seq = self.review_text_encoder(self.embedding(review_tokens), batch["review_lengths"])  # (R, Lr, H)
+
+        # review text: M' (Eq. 2, 6) -> selective self-attention H' (Eq. 3-7)
+        # -> cross-field attention H'' -> weighted pooling with M' (Eq. 8)
+        m_prime, beta = self.probe_weights(batch["probe_mask"], review_mask, h_seq)  # (R, Lr), (R,)
+        h_r, attention = self.review_self_attention(h_r, review_mask, m_prime)  # (R, Lr, H)
+        h_r = self.text_cross_attention(h_r, h_p[rp], product_mask[rp])  # (R, Lr, H)
+        pooled_review = {"t": weighted_mean(h_r, m_prime)}  # (R, H)
+        product_weights = product_mask.float()  # M' = 1 on product text
+        h_p, _ = self.product_self_attention(h_p, product_mask, product_weights)  # (P, Lp, H)
+        pooled_product = {"t": weighted_mean(h_p, product_weights)}  # (P, H)
+
+        if not c.text_only:
+            if batch.get("review_regions") is None or batch.get("product_regions") is None:
+                raise ValueError("the batch has no region features but the model is multimodal: "
+                                 "build it with SANCLConfig(text_only=True) or load the image features")
+            product_region_mask = batch["product_region_mask"]  # (P, Np)
+            review_region_mask = batch["review_region_mask"]  # (R, Nr)
+            v_p = self.product_image_encoder(batch["product_regions"], product_region_mask)  # (P, Np, I)
+            v_r = self.review_image_encoder(batch["review_regions"], review_region_mask)  # (R, Nr, I)
+            # cross-image attention, then mean pooling (end of Sec. 3.4)
+            v_r = self.image_cross_attention(v_r, v_p[rp], product_region_mask[rp])  # (R, Nr, I)
+            pooled_review["v"] = weighted_mean(v_r, review_region_mask.float())  # (R, I)
+            pooled_product["v"] = weighted_mean(v_p, product_region_mask.float())  # (P, I)
+
+        out = {"beta": beta, "m_prime": m_prime, "attention": attention}
+        for name, project in self.projections.items():  # Eq. (9)
+            out[f"{name}_review"] = project(pooled_review[name[0]])  # (R, D)
+            out[f"{name}_product"] = project(pooled_product[name[0]])  # (P, D)
+        # Eq. (14): review representations only (the reference code also appended the
+        # product text, twice; SPEC §5)
+        features = torch.cat([out[f"{name}_review"] for name in self.projections], dim=-1)  # (R, 4D) or (R, 2D)
+        # Eq. (15)
+        out["score"] = self.output(features).squeeze(-1)  # (R,)
+        return out
+
+    def losses(self, batch, out):
+        """Eq. (16)-(18): total = task + kappa * (cpc_ii + cpc_pr); all scalar tensors."""
+        c = self.config
+        zero = out["score"].new_zeros(())
+        labels = batch["labels"]  # (R,)
+        task = task_loss(out["score"], labels, batch["pairs"], c.gamma)
+        helpful = labels >= c.helpful_threshold  # (R,) helpful reviews, the rest are unhelpful
+
+        cpc_ii_loss = zero
+        if not (c.no_cpc_ii or c.text_only):
+            # instances = the P products then the R reviews, one (text, image) pair each
+            P, R = out["t_ii_product"].size(0), labels.size(0)
+            no_product, no_review = helpful.new_zeros(P), helpful.new_zeros(R)
+            S_P = torch.cat([~no_product, no_review])  # (P + R,) product descriptions
+            S_plus = torch.cat([no_product, helpful])  # helpful reviews
+            S_minus = torch.cat([no_product, ~helpful])  # unhelpful reviews
+            text = torch.cat([out["t_ii_product"], out["t_ii_review"]])  # (P + R, D)
+            image = torch.cat([out["v_ii_product"], out["v_ii_review"]])  # (P + R, D)
+            # Eq. (11)
+            cpc_ii_loss = cpc(text, image, S_P | S_plus, S_P | S_plus | S_minus, c.tau)
+
+        cpc_pr_loss = zero
+        if not c.no_cpc_pr:
+            S_plus, S_minus = helpful, ~helpful  # (R,) review pieces, paired with their product
+            rp = batch["review_product"]
+            # Eq. (12) per modality, summed by Eq. (13)
+            cpc_pr_loss = sum(cpc(out[f"{m}_pr_review"], out[f"{m}_pr_product"][rp],
+                                  S_plus, S_plus | S_minus, c.tau)
+                              for m in ("t", "v") if f"{m}_pr" in self.projections)
+
+        # Eq. (17), (18)
+        total = task + c.kappa * (cpc_ii_loss + cpc_pr_loss)
+        return {"task": task, "cpc_ii": cpc_ii_loss, "cpc_pr": cpc_pr_loss, "total": total}
+
+
+# --- SANCL: losses (Sec. 3.5-3.6) ---------------------------------------------------
+
+def task_loss(score, labels, pairs, gamma):
+    """Eq. (16): mean over pairs (r+, r-) of the same product of
+    max(0, gamma * (s+ - s-) - xi+ + xi-), s = label.
+    The paper sums and calls gamma a scaling factor; the reference code uses the label
+    gap as margin. We take the mean so the learning rate does not depend on the batch
+    size. No pairs (K = 0): 0, still attached to the graph."""
+    if pairs.numel() == 0:
+        return score.sum() * 0
+    pos, neg = pairs[:, 0], pairs[:, 1]  # (K,), (K,)
+    margin = gamma * (labels[pos] - labels[neg]).to(score.dtype)  # (K,)
+    return torch.relu(margin - score[pos] + score[neg]).mean()
+
+
+def phi(a, b, tau):
+    """Eq. (10): phi(A, B) = exp(cos(A, B) / tau), row by row: (n, D), (n, D) -> (n,).
+    cos is in [-1, 1], so phi cannot overflow for any sensible tau (the paper's is 1)."""
+    return torch.exp(torch.cosine_similarity(a, b, dim=-1) / tau)
+
+
+def cpc(a, b, positive, candidates, tau):
+    """Eq. (11) / (12): -mean_{j in positive} log( phi(a_j, b_j) / sum_{k in candidates} phi(a_k, b_k) ).
+    The pairs are natural: row k of a goes with row k of b. The paper sums over the
+    positives; we average so the term does not grow with the batch. No positive: 0."""
+    scores = phi(a, b, tau)  # (n,)
+    if not positive.any():
+        return scores.sum() * 0
+    return -torch.log(scores[positive] / scores[candidates].sum()).mean()
+
+
+# plumbing: a random valid batch, the parameter table, the benchmark ------------------
+
+def random_batch(config, products=4, reviews_per_product=8, product_len=16, review_len=24,
+                 regions=6, seed=0, device="cpu"):
+    """A batch dict in data.py's format with random content (tests, demo, benchmark).
+    Lengths, region counts and labels are random; about one item in five has no image
+    (one all-zero region marked real); pairs = every (higher, lower) label pair of a product."""
+    g = torch.Generator().manual_seed(seed)
+    P, R = products, products * reviews_per_product
+
+    def tokens(n, max_len):
+        lengths = torch.randint(1, max_len + 1, (n,), generator=g)
+        ids = torch.randint(1, config.vocab_size, (n, max_len), generator=g)
+        return ids * lengths_to_mask(lengths, max_len), lengths
+
+    def image(n):
+        counts = torch.randint(1, regions + 1, (n,), generator=g)
+        counts[torch.rand(n, generator=g) < 0.2] = 0
+        mask = lengths_to_mask(counts.clamp(min=1), regions)
+        features = torch.relu(torch.randn(n, regions, config.region_dim, generator=g))
+        return features * lengths_to_mask(counts, regions)[..., None], mask
+
+    product_tokens, product_lengths = tokens(P, product_len)
+    review_tokens, review_lengths = tokens(R, review_len)
+    # probe mask: one random block of real tokens per review (some reviews get none)
+    start = (torch.rand(R, generator=g) * review_lengths).long()
+    stop = start + (torch.rand(R, generator=g) * (review_lengths - start)).long()
+    position = torch.arange(review_len)[None, :]
+    probe_mask = ((position >= start[:, None]) & (position < stop[:, None])).float()
+    review_product = torch.arange(P).repeat_interleave(reviews_per_product)
+    labels = torch.randint(0, 5, (R,), generator=g)
+    same_product = review_product[:, None] == review_product[None, :]
+    pairs = (same_product & (labels[:, None] > labels[None, :])).nonzero()  # (K, 2)
+    batch = dict(product_tokens=product_tokens, product_lengths=product_lengths,
+                 review_tokens=review_tokens, review_lengths=review_lengths, probe_mask=probe_mask,
+                 review_product=review_product, labels=labels, pairs=pairs,
+                 product_regions=None, product_region_mask=None,
+                 review_regions=None, review_region_mask=None)
+    if not config.text_only:
+        batch["product_regions"], batch["product_region_mask"] = image(P)
+        batch["review_regions"], batch["review_region_mask"] = image(R)
+    return {k: v if v is None else v.to(device) for k, v in batch.items()}
+
+
+COMPONENTS = {  # parameter table of `python sancl.py`: label -> submodules
+    "word embeddings (frozen GloVe)": ["embedding"],
+    "text encoders (2 GRUs, Eq. 1)": ["product_text_encoder", "review_text_encoder"],
+    "image encoders (linear + self-attention)": ["product_image_encoder", "review_image_encoder"],
+    "text self-attention (selective on reviews, Eq. 3-7)": ["review_self_attention", "product_self_attention"],
+    "beta generator (Eq. 6)": ["probe_weights"],
+    "cross-field attention (text + image)": ["text_cross_attention", "image_cross_attention"],
+    "projections (Eq. 9)": ["projections"],
+    "output layer (Eq. 15)": ["output"],
+}
+
+
+def print_parameter_table(model):
+    children = dict(model.named_children())
+    for label, names in COMPONENTS.items():
+        n = sum(p.numel() for name in names if name in children for p in children[name].parameters())
+        print(f"  {label:<52} {n:>12,}")
+    # The paper reports 1.41M without embeddings; we count about 1.07M. We do not know
+    # their exact attention layers (heads, value / output maps, biases, shared or
+    # separate image encoders), so we do not try to match the number: e.g. a value and
+    # an output map in each of the 6 attention layers would add about 0.2M.
+    print(f"params (without embeddings): {model.num_params():,}")
+
+
+def time_steps(steps, repeats, warmup):
+    """Median wall time in seconds of each step(), after warmup calls. The steps take
+    turns, so a busy machine slows them alike and their ratio stays meaningful."""
+    times = [[] for _ in steps]
+    for round_ in range(warmup + repeats):
+        for step, kept in zip(steps, times):
+            start = time.perf_counter()
+            step()
+            if round_ >= warmup:
+                kept.append(time.perf_counter() - start)
+    return [sorted(kept)[len(kept) // 2] for kept in times]
+
+
+def benchmark(config, repeats=5, warmup=2):
+    """Training step of the full model vs. the encoders alone (two GRUs + the region
+    linear layers) on one realistic batch: 32 products x 8 reviews, 128 tokens, 20 regions."""
+    model = SANCL(config).train()
+    batch = random_batch(config, products=32, reviews_per_product=8, product_len=128,
+                         review_len=128, regions=20, seed=0)
+
+    def full_step():
+        model.zero_grad(set_to_none=True)
+        model.losses(batch, model(batch))["total"].backward()
+
+    def encoder_step():
+        model.zero_grad(set_to_none=True)
+        h_p, _ = model.product_text_encoder(model.embedding(batch["product_tokens"]), batch["product_lengths"])
+        h_r, _ = model.review_text_encoder(model.embedding(batch["review_tokens"]), batch["review_lengths"])
+        total = h_p.sum() + h_r.sum()
+        if not config.text_only:
+            total = total + model.product_image_encoder.project(batch["product_regions"]).sum()
+            total = total + model.review_image_encoder.project(batch["review_regions"]).sum()
+        total.backward()
+
+    R = batch["labels"].numel()
+    full, encoders = time_steps([full_step, encoder_step], repeats, warmup)
+    print(f"benchmark on CPU ({torch.get_num_threads()} threads), {R} reviews, median of {repeats}:")
+    print(f"  full model forward+backward: {full * 1000:8.1f} ms  ({R / full:,.0f} reviews/s)")
+    print(f"  encoders only (GRUs + region linear): {encoders * 1000:8.1f} ms")
+    print(f"  ratio full / encoders-only: {full / encoders:.2f}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Build SANCL with Table 5 sizes, print its "
+                                     "parameters and run one training step on a random batch.")
+    parser.add_argument("--category", choices=sorted(TABLE5), default="clothing",
+                        help="Table 5 column for text dropout and kappa (default: clothing)")
+    parser.add_argument("--vocab-size", type=int, default=20000,
+                        help="vocabulary size of the random embedding table (default: 20000)")
+    parser.add_argument("--text-only", action="store_true", help="build the text-only model")
+    parser.add_argument("--seed", type=int, default=0, help="torch seed (default: 0)")
+    parser.add_argument("--benchmark", action="store_true",
+                        help="time a training step of the full model against the encoders alone")
+    args = parser.parse_args()
+    torch.manual_seed(args.seed)
+    table = TABLE5[args.category]
+    config = SANCLConfig(vocab_size=args.vocab_size, text_dropout=table["text_dropout"],
+                         kappa=table["kappa"], text_only=args.text_only)
+    if args.benchmark:
+        benchmark(config)
+        return
+    model = SANCL(config)
+    print(f"SANCL ({args.category}, {'text-only' if args.text_only else 'multimodal'}) parameters:")
+    print_parameter_table(model)
+    batch = random_batch(config, seed=args.seed)
+    out = model(batch)
+    loss = model.losses(batch, out)
+    loss["total"].backward()
+    print("one training step on a random batch: "
+          + "  ".join(f"{name} {value.item():.4f}" for name, value in loss.items())
+          + f"  mean beta {out['beta'].mean().item():.3f}")
+
+
+if __name__ == "__main__":
+    main()
