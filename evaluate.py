@@ -154,8 +154,9 @@ def main(argv=None):
     p.add_argument("--predict", metavar="FILE.json", help="rank the reviews of a product described in FILE.json")
     p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, ...")
     args = p.parse_args(argv)
-    from train import pick_device
+    from train import pick_device, seed_everything
 
+    seed_everything(0)
     device = pick_device(args.device)
     try:
         if args.baselines:

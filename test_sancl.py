@@ -771,6 +771,9 @@ def test_resume_continues_exactly(tiny_root, tmp_path):
 
 def test_same_seed_same_numbers(tiny_root, tmp_path):
     assert run_train(tiny_root, tmp_path / "a") == run_train(tiny_root, tmp_path / "b")
+    a, b = (train.load_checkpoint(tmp_path / run / "last.pt") for run in "ab")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])  # to the last bit
+    assert a["state"]["history"] == b["state"]["history"]
 
 
 def test_evaluate_checkpoint_predict_and_baselines(tiny_root, tmp_path, capsys):

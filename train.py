@@ -58,9 +58,14 @@ def parse_args(argv=None):
 
 # plumbing: seeding, devices, checkpoints
 def seed_everything(seed):
+    """Same seed, same numbers: python, numpy and torch seeded here, and oneDNN off. oneDNN
+    picks its CPU kernels by the state of the process (what ran before, e.g. spaCy), which
+    moved the last bits of the losses between two runs of one seed; the model runs as fast
+    without it (python sancl.py --benchmark)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    torch.backends.mkldnn.enabled = False
 
 
 def pick_device(name):
