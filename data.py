@@ -167,6 +167,8 @@ def read_table(path, columns):
         except json.JSONDecodeError:
             raise DataError(f"{path}: not valid JSON ({first_error}); the file may be truncated: "
                             f"download or copy it again.") from None
+    if not isinstance(data, (list, dict)):
+        raise DataError(f"{path}: holds a JSON {type(data).__name__}, expected a list of records or a dict of columns.")
     if isinstance(data, dict):  # columns: {"col": [..]} or pandas' {"col": {"0": ..}}
         cols = {k: list(v.values()) if isinstance(v, dict) else v for k, v in data.items()}
         lengths = {len(v) for v in cols.values()}
@@ -176,8 +178,8 @@ def read_table(path, columns):
     for i, row in enumerate(data):
         missing = [c for c in columns if not isinstance(row, dict) or c not in row]
         if missing:
-            raise DataError(f"{path}: record {i} lacks {missing} (has {row if not isinstance(row, dict) else list(row)}); "
-                            f"expected columns {columns}.")
+            has = list(row) if isinstance(row, dict) else row
+            raise DataError(f"{path}: record {i} lacks {missing} (has {has}); expected columns {columns}.")
     return data
 
 
@@ -404,6 +406,10 @@ class Split:
                 self.probe_mask[row, start:end] = 1.0
         self.probe_mask *= torch.arange(MAX_REVIEW_TOKENS) < self.review_lengths[:, None]
 
+    def review_product_ids(self):
+        """The product id of every review, in split order (the queries of evaluate.py)."""
+        return [self.product_ids[p] for p in self.review_product.tolist()]
+
     def batch(self, review_rows, pairs=None):
         """The model's input dict for the given review rows (and their products)."""
         review_rows = torch.as_tensor(review_rows, dtype=torch.long)
@@ -509,7 +515,8 @@ def load_data(source, vocab=None, with_images=True, with_masks=True, compute_mas
 def print_stats(source):
     """A Table-4-style summary of a release-layout folder."""
     print(f"data: {source.root}{'  (BUILT-IN SYNTHETIC SAMPLE)' if source.is_sample else ''}")
-    splits, vocab, _, info = load_data(source, with_images=False, with_masks=False)
+    splits, vocab, _, info = load_data(source, with_images=False, with_masks=False,
+                                       with_embeddings=source.glove.exists())
     print(f"{'split':6} {'products':>9} {'reviews':>9} {'rev/prod min/mean/max':>22}  "
           f"scores 0/1/2/3/4 (%)            with images: products / reviews")
     for name, split in splits.items():
@@ -524,8 +531,11 @@ def print_stats(source):
         print(f"{name:6} labels: {report.label_rule}; skipped: {report.empty_reviews} empty reviews, "
               f"{report.products_without_reviews} products without reviews; "
               f"{report.zero_vote_reviews} zero-vote reviews scored 0")
-    print(f"vocabulary {len(vocab) - 2} words, not in GloVe ({source.glove.name}): {info['oov']} "
-          f"({info['oov'] / max(1, len(vocab) - 2) * 100:.1f}%), given random vectors")
+    if info["oov"] is None:
+        print(f"vocabulary {len(vocab) - 2} words; GloVe file {source.glove} not found, so no OOV rate (--glove PATH)")
+    else:
+        print(f"vocabulary {len(vocab) - 2} words, not in GloVe ({source.glove.name}): {info['oov']} "
+              f"({info['oov'] / max(1, len(vocab) - 2) * 100:.1f}%), given random vectors")
     print("items without image features get one zero region (see RegionStore)")
 
 

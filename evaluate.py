@@ -79,9 +79,7 @@ def predict_scores(model, split, device):
 
 
 def evaluate_split(model, split, device, threshold=1):
-    scores = predict_scores(model, split, device)
-    review_products = [split.product_ids[p] for p in split.review_product.tolist()]
-    return ranking_metrics(review_products, split.labels, scores, threshold)
+    return ranking_metrics(split.review_product_ids(), split.labels, predict_scores(model, split, device), threshold)
 
 
 # --- reference rankers: what "better than trivial" means ----------------------------------
@@ -163,10 +161,9 @@ def main(argv=None):
             source = data.resolve_data(args.data, args.data_dir)
             split = data.load_data(source, with_images=False, with_masks=False, split_names=(args.split,),
                                    with_embeddings=False)[0][args.split]
-            review_products = [split.product_ids[p] for p in split.review_product.tolist()]
             for name, scores in baseline_scores(split).items():
-                print(format_metrics(f"{name:7}", ranking_metrics(review_products, split.labels, scores,
-                                                                  args.threshold)))
+                print(format_metrics(f"{name:7}", ranking_metrics(split.review_product_ids(), split.labels,
+                                                                  scores, args.threshold)))
         elif args.checkpoint and args.predict:
             model, checkpoint, _ = load_run(args.checkpoint, split_names=(), device=device)
             predict_file(model, checkpoint, args.predict, device)

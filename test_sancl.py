@@ -95,6 +95,16 @@ def test_truncated_json_is_a_clear_error(tmp_path):
         data.read_split(source, "dev")
 
 
+def test_stats_of_a_release_folder_without_glove_or_features(tmp_path, capsys):
+    write_release(tmp_path, PRD, RVW, REL)
+    assert data.main(["--data-dir", str(tmp_path), "--stats"]) == 0
+    out = capsys.readouterr().out
+    assert "train          2         3" in out and "no OOV rate" in out and "  0.0% /   0.0%" in out
+    (tmp_path / "Home_and_Kitchen.prd.dev").write_text("3")
+    assert data.main(["--data-dir", str(tmp_path), "--stats"]) == 2
+    assert "prd.dev: holds a JSON int" in capsys.readouterr().err
+
+
 def test_empty_review_is_skipped_and_counted(tmp_path):
     rvw = json.loads(json.dumps(RVW))
     rvw[1]["content"] = "   "

@@ -113,7 +113,8 @@ def train(args):
     resume = load_checkpoint(Path(args.resume) / "last.pt") if args.resume else None
     if resume:  # the saved run's flags win: resuming continues the same run
         saved = resume["args"]
-        saved.update(resume=args.resume, device=args.device, threads=args.threads, epochs=args.epochs or saved["epochs"])
+        saved.update(resume=args.resume, device=args.device, threads=args.threads,
+                     epochs=args.epochs or saved["epochs"])
         args = argparse.Namespace(**saved)
     seed_everything(args.seed, args.threads)
     source = data.resolve_data(args.data, args.data_dir, args.glove, args.features)
@@ -164,10 +165,12 @@ def train(args):
             if steps % 20 == 0 and sys.stderr.isatty():
                 print(f"\r  epoch {epoch} step {steps}  loss {sums['task'] / steps:.4f}  "
                       f"{reviews / (time.time() - t0):.0f} reviews/s", end="", file=sys.stderr)
-        train_time = time.time() - t0
+        train_time, t0 = time.time() - t0, time.time()
         dev = evaluate_split(model, splits["dev"], device, args.threshold)
+        dev_time = time.time() - t0
         state["epoch"] = epoch
-        state["history"].append({"epoch": epoch, **{k: v / max(1, steps) for k, v in sums.items()}, "dev": dev})
+        means = {k: v / max(1, steps) for k, v in sums.items()}
+        state["history"].append({"epoch": epoch, **means, "dev": dev})
         better = dev["MAP"] > state["best_map"]
         if better:
             state.update(best_map=dev["MAP"], best_epoch=epoch, bad_epochs=0)
@@ -180,9 +183,10 @@ def train(args):
         save_atomic(checkpoint, out / "last.pt")
         if sys.stderr.isatty():
             print("\r", end="", file=sys.stderr)
-        print(f"epoch {epoch:2d}  task {sums['task'] / max(1, steps):.4f}  cpc_ii {sums['cpc_ii'] / max(1, steps):.4f}  "
-              f"cpc_pr {sums['cpc_pr'] / max(1, steps):.4f}  |  " + format_metrics("dev", dev)
-              + f"  |  {train_time:.1f}s {reviews / train_time:.0f} reviews/s{'  *best' if better else ''}", flush=True)
+        print(f"epoch {epoch:2d}  " + "  ".join(f"{k} {v:.4f}" for k, v in means.items()) + "  |  "
+              + format_metrics("dev", dev)
+              + f"  |  train {train_time:.1f}s {reviews / train_time:.0f} reviews/s, dev {dev_time:.1f}s "
+              f"{len(splits['dev'].labels) / dev_time:.0f} reviews/s{'  *best' if better else ''}", flush=True)
 
     best = load_checkpoint(out / "best.pt")
     model.load_state_dict(best["model"])
