@@ -779,6 +779,12 @@ def test_resume_continues_exactly(tiny_root, tmp_path):
     assert a["state"]["history"] == b["state"]["history"]
 
 
+def test_missing_run_or_checkpoint_is_a_clear_error(tmp_path, capsys):
+    assert train.main(["--resume", str(tmp_path / "nothing")]) == 2
+    assert evaluate.main(["--checkpoint", str(tmp_path / "best.pt")]) == 2
+    assert capsys.readouterr().err.count("not found: train.py writes best.pt and last.pt") == 2
+
+
 def test_same_seed_same_numbers(tiny_root, tmp_path):
     assert run_train(tiny_root, tmp_path / "a") == run_train(tiny_root, tmp_path / "b")
     a, b = (train.load_checkpoint(tmp_path / run / "last.pt") for run in "ab")

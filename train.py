@@ -97,6 +97,9 @@ def set_rng_state(state):
 
 def load_checkpoint(path):
     """A checkpoint of ours: weights, optimizer, config, vocabulary, RNG (plain python objects)."""
+    if not Path(path).is_file():
+        raise data.DataError(f"checkpoint {path} not found: train.py writes best.pt and last.pt into its "
+                             f"run folder (--out, default runs/{{data}}).")
     return torch.load(path, map_location="cpu", weights_only=False)  # our own file, written by save_atomic
 
 
@@ -113,7 +116,7 @@ def train(args):
     resume = load_checkpoint(Path(args.resume) / "last.pt") if args.resume else None
     if resume:  # the saved run's flags win: resuming continues the same run
         saved = resume["args"]
-        saved.update(resume=args.resume, device=args.device, threads=args.threads,
+        saved.update(resume=args.resume, out=args.resume, device=args.device, threads=args.threads,
                      epochs=args.epochs or saved["epochs"])
         args = argparse.Namespace(**saved)
     seed_everything(args.seed, args.threads)
