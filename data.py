@@ -152,6 +152,7 @@ class SplitReport:
     empty_reviews: int = 0  # reviews with empty text: skipped
     products_without_reviews: int = 0  # nothing to rank: skipped
     zero_vote_reviews: int = 0  # scored 0 by the paper's rule (the reference drops them)
+    duplicate_rows: int = 0  # a (product, review) pair listed again in .rel: the first one is kept
 
 
 def read_table(path, columns):
@@ -218,13 +219,18 @@ def read_split(source, split, report=None):
         if not isinstance(votes, (int, float)) or isinstance(votes, bool) or votes < 0 or votes != votes:
             raise DataError(f"{where}: upvotes {votes!r} is not a non-negative number; fix or remove the row.")
     scores, report.label_rule = votes_to_scores([row["upvotes"] for row in rel])
+    seen = set()
     for row, score in zip(rel, scores):
-        rid = str(row["review_id"])
+        pid, rid = str(row["product_id"]), str(row["review_id"])
+        if (pid, rid) in seen:
+            report.duplicate_rows += 1
+            continue
+        seen.add((pid, rid))
         if not texts[rid].strip():
             report.empty_reviews += 1
             continue
-        report.zero_vote_reviews += row["upvotes"] == 0
-        products[str(row["product_id"])].reviews.append(Review(rid, texts[rid], score))
+        report.zero_vote_reviews += row["upvotes"] == 0 and "log2" in report.label_rule
+        products[pid].reviews.append(Review(rid, texts[rid], score))
     kept = [p for p in products.values() if p.reviews]
     report.products_without_reviews = len(products) - len(kept)
     return kept
@@ -529,7 +535,8 @@ def print_stats(source):
               f"{' / '.join(f'{h:4.1f}' for h in hist.tolist())}   {with_images[0]:5.1f}% / {with_images[1]:5.1f}%")
     for name, report in info["reports"].items():
         print(f"{name:6} labels: {report.label_rule}; skipped: {report.empty_reviews} empty reviews, "
-              f"{report.products_without_reviews} products without reviews; "
+              f"{report.products_without_reviews} products without reviews, {report.duplicate_rows} repeated "
+              f".rel rows; "
               f"{report.zero_vote_reviews} zero-vote reviews scored 0")
     if info["oov"] is None:
         print(f"vocabulary {len(vocab) - 2} words; GloVe file {source.glove} not found, so no OOV rate (--glove PATH)")

@@ -105,12 +105,13 @@ def test_stats_of_a_release_folder_without_glove_or_features(tmp_path, capsys):
     assert "prd.dev: holds a JSON int" in capsys.readouterr().err
 
 
-def test_empty_review_is_skipped_and_counted(tmp_path):
+def test_empty_review_and_repeated_row_are_skipped_and_counted(tmp_path):
     rvw = json.loads(json.dumps(RVW))
     rvw[1]["content"] = "   "
     report = data.SplitReport()
-    products = data.read_split(write_release(tmp_path, PRD, rvw, REL), "test", report)
+    products = data.read_split(write_release(tmp_path, PRD, rvw, REL + REL[:1]), "test", report)
     assert report.empty_reviews == 1 and [r.review_id for r in products[0].reviews] == ["r1"]
+    assert report.duplicate_rows == 1 and report.zero_vote_reviews == 0
 
 
 def test_data_dir_missing_or_malformed_is_an_error_not_a_fallback(tmp_path):
