@@ -5,18 +5,21 @@ can watch each SANCL mechanism learn something. It is not the paper's data and n
 are not the paper's numbers. Everything is drawn from one seeded generator: same files, always.
 
 The signal, one line per SANCL mechanism (README "The built-in sample" says the same):
-- helpfulness q in 0..4 is the number of sentences that talk about THIS product ("It ...",
-  "The kettle ..."); the others are filler that never mention it (shipping, gifts, feelings).
-  Reviews have 3-7 sentences whatever q is, so length alone predicts little. The filler
-  never uses it/they/this, so where the product is mentioned twice or more (a coreference
-  cluster, q >= 2) the probe mask (Algorithm 1) marks exactly the product sentences:
-  selective attention has something to select.
-- unhelpful reviews often talk about ANOTHER product ("My old blender ..."): word counting
-  is not enough, a review must match its product's description (cross-field attention, cpc_pr).
-- product sentences use the topic's words, whose sample GloVe vectors share a direction,
-  and review images of helpful reviews show the product's topic (regions near the topic's
-  visual prototype): text and image agree (cpc_ii) and match the product images (cpc_pr).
-- noise: 40% of labels move by one; half of the reviews have no image.
+- a review's score is t + i (plus noise): t in 0..3 is the number of its sentences that talk
+  about THIS product ("It ...", "The kettle ..."), i is 1 when its image shows the product
+  (half of the reviews have an image; half of those show the product). A text-only model
+  cannot see i: the images carry signal of their own (Table 1's text-only vs multimodal).
+- the other sentences never mention the product: filler (shipping, gifts) and decoys that use
+  the product's topic words without being about it ("The lid of the delivery box was bent").
+  Neither uses it/they/this or the product's noun, so where the product is mentioned twice or
+  more (a coreference cluster, t >= 2) the probe mask (Algorithm 1) marks exactly the product
+  sentences, and counting topic words over the whole review is misled by the decoys.
+- reviews with little to say often talk about ANOTHER product ("My old blender ..."): a
+  review must match its product's description (cross-field attention, cpc_pr).
+- topic words share a direction in the sample GloVe, and images are regions around the
+  topic's visual prototype: helpful reviews' text and image agree (cpc_ii) and match the
+  product's own (cpc_pr).
+- noise: 20% of the scores move by one. Reviews have 3-7 sentences whatever their score.
 """
 import json
 import os
@@ -25,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-SAMPLE_VERSION = 3
+SAMPLE_VERSION = 4
 SPLIT_PRODUCTS = {"train": 200, "dev": 50, "test": 50}
 REVIEWS_PER_PRODUCT = (5, 30)
 
@@ -64,6 +67,10 @@ OTHER_SENTENCES = [  # about some other product: unhelpful reviews drift there
     "My old {noun} had a {quality} {a} and {b} .",
     "I wish I had bought a {noun} with better {a} instead .",
 ]
+DECOYS = [  # the product's topic words, but not about the product: no it/they/this, no noun
+    "The {a} on the delivery box was bent and dirty .", "My {relative} keeps talking about {a} and {b} .",
+    "I read a long magazine article about {a} last week .", "Our old house had problems with {a} and {b} .",
+]
 FILLER = [  # never mentions the product: no it/they/this, no topic word; as long as the above
     "Shipping took {n} days but the box was fine .", "I bought a gift for my {relative} last month .",
     "The seller sent a thank you note with my order .", "My {relative} asked me to write a review here .",
@@ -84,19 +91,19 @@ def _fill(template, rng, noun, words):
                            relative=rng.choice(RELATIVES), day=rng.choice(DAYS))
 
 
-def _review(rng, q, noun, words, other_noun, other_words):
-    """A review of helpfulness q: q product sentences, maybe other-product sentences, filler."""
+def _review(rng, t, noun, words, other_noun, other_words):
+    """Review text with t product sentences, maybe other-product sentences, decoys and filler."""
     n_sentences = int(rng.integers(3, 8))
-    about = [_fill(rng.choice(PRODUCT_SENTENCES), rng, noun, words) for _ in range(min(q, n_sentences))]
+    about = [_fill(rng.choice(PRODUCT_SENTENCES), rng, noun, words) for _ in range(t)]
     other = []
-    if q <= 2 and rng.random() < 0.6:
+    if t <= 1 and rng.random() < 0.6:
         other = [_fill(rng.choice(OTHER_SENTENCES), rng, other_noun, other_words)
                  for _ in range(int(rng.integers(1, 3)))]
-    filler = [_fill(rng.choice(FILLER), rng, noun, words)
-              for _ in range(max(0, n_sentences - len(about) - len(other)))]
-    sentences = about + other + filler
+    decoys = [_fill(rng.choice(DECOYS), rng, noun, words) for _ in range(int(rng.choice(3, p=[0.3, 0.4, 0.3])))]
+    rest = max(0, n_sentences - len(about) - len(other) - len(decoys))
+    sentences = about + other + decoys + [_fill(rng.choice(FILLER), rng, noun, words) for _ in range(rest)]
     rng.shuffle(sentences)
-    return " ".join(sentences), bool(other)
+    return " ".join(sentences)
 
 
 def _regions(rng, prototype, n):
@@ -148,20 +155,19 @@ def write_sample(root, category="home_kitchen", split_products=None, seed=0):
             prd.append({"product_id": pid, "name": name, "description": description})
             _write_image(root / "features" / pid, _regions(rng, visual[noun], int(rng.integers(4, 7))))
             for r in range(int(rng.integers(*REVIEWS_PER_PRODUCT, endpoint=True))):
-                q = 4 if p == r == 0 else int(rng.choice(5, p=[0.3, 0.25, 0.2, 0.15, 0.1]))
+                first = p == r == 0  # one 16+ vote review per split: votes are not all in 0..4
+                t = 3 if first else int(rng.choice(4, p=[0.35, 0.3, 0.2, 0.15]))
                 other_noun = nouns[(nouns.index(noun) + int(rng.integers(1, len(nouns)))) % len(nouns)]
-                text, drifted = _review(rng, q, noun, words, other_noun, topics[other_noun].split())
-                score = int(np.clip(q + rng.choice([-1, 0, 1], p=[0.2, 0.6, 0.2]), 0, 4))
-                score = 4 if p == r == 0 else score  # one 16+ vote review per split: votes are not 0..4 only
+                text = _review(rng, t, noun, words, other_noun, topics[other_noun].split())
+                has_image = first or rng.random() < 0.5
+                i = int(has_image and (first or rng.random() < 0.5))  # the image shows the product
+                score = 4 if first else int(np.clip(t + i + rng.choice([-1, 0, 1], p=[0.1, 0.8, 0.1]), 0, 4))
                 votes = int(rng.integers(0, 2)) if score == 0 else int(rng.integers(2 ** score, 2 ** (score + 1)))
                 rid = f"{pid}R{r:02d}"
                 rvw.append({"review_id": rid, "content": text, "time": f"2018-{r % 12 + 1:02d}-15"})
                 rel.append({"product_id": pid, "review_id": rid, "upvotes": votes})
-                if rng.random() < 0.5:  # half of the reviews come with an image
-                    helpful_view = rng.random() < (0.9 if q >= 3 else 0.25)
-                    shown = noun if helpful_view or not drifted else other_noun
-                    if not helpful_view and not drifted:
-                        shown = nouns[int(rng.integers(len(nouns)))]
+                if has_image:
+                    shown = noun if i else nouns[(nouns.index(noun) + int(rng.integers(1, len(nouns)))) % len(nouns)]
                     _write_image(root / "features" / rid, _regions(rng, visual[shown], int(rng.integers(2, 5))))
                 vocabulary.update(tokenize(text))
             vocabulary.update(tokenize(f"{name} {description}"))
