@@ -282,14 +282,15 @@ class RegionStore:
     """Region features by item id, read from disk on first use and kept (the sample is small;
     pass keep=False for the full release, whose features do not fit in memory)."""
 
-    def __init__(self, folder, keep=True):
+    def __init__(self, folder, keep=True, folders=None):
         self.folder, self.keep, self.cache = Path(folder), keep, {}
+        self.folders = folders or {}  # item id -> its own folder, where it is not folder/{id}
         self.items_without_images = 0
 
     def get(self, item_id):
         if item_id in self.cache:
             return self.cache[item_id]
-        x = read_regions(self.folder / item_id)
+        x = read_regions(self.folders.get(item_id, self.folder / item_id))
         if x is None:
             self.items_without_images += 1
             x = np.zeros((1, REGION_DIM), np.float32)

@@ -117,9 +117,11 @@ def predict_file(model, checkpoint, path, device):
     """
     try:
         spec = json.loads(Path(path).read_text())
-        product = data.Product(spec.get("features", "no-image-product"), spec["name"], spec.get("description", ""))
-        product.reviews = [data.Review(r.get("features", f"no-image-review-{i}"), r["text"], 0)
-                           for i, r in enumerate(spec["reviews"]) if r["text"].strip()]
+        product = data.Product("product", spec["name"], spec.get("description", ""))
+        reviews = [(f"review-{i}", r) for i, r in enumerate(spec["reviews"]) if r["text"].strip()]
+        product.reviews = [data.Review(review_id, r["text"], 0) for review_id, r in reviews]
+        folders = {item_id: Path(path).parent / item["features"]
+                   for item_id, item in [("product", spec), *reviews] if item.get("features")}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise data.DataError(f"{path}: cannot read it ({error!r}); expected "
                              '{"name": "...", "description": "...", "reviews": [{"text": "..."}, ...]}') from None
@@ -131,10 +133,12 @@ def predict_file(model, checkpoint, path, device):
 
         masks = probe_mask.compute_masks([(product.product_id, r.review_id, product.name, r.text)
                                           for r in product.reviews], progress=False)
-    regions = None if model.config.text_only else data.RegionStore(Path(path).parent)
+    regions = None if model.config.text_only else data.RegionStore(Path(path).parent, folders=folders)
     split = data.Split("predict", [product], {w: i for i, w in enumerate(checkpoint["vocab"])}, masks, regions)
     scores = predict_scores(model, split, device)
-    print(f"{product.name}: {len(product.reviews)} reviews, most helpful first")
+    skipped = len(spec["reviews"]) - len(product.reviews)
+    print(f"{product.name}: {len(product.reviews)} reviews, most helpful first"
+          + (f" ({skipped} without text skipped)" if skipped else ""))
     for rank, i in enumerate(torch.argsort(-scores, stable=True).tolist(), 1):
         text = product.reviews[i].text.replace("\n", " ")
         print(f"{rank:3d}  {scores[i]:+.3f}  {text[:100]}{'...' if len(text) > 100 else ''}")

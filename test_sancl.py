@@ -802,11 +802,13 @@ def test_evaluate_checkpoint_predict_and_baselines(tiny_root, tmp_path, capsys):
     np.savez(tmp_path / "img" / "0.npz", x=np.ones((3, 2048), np.float32))
     product = {"name": "Nordvik Classic Kettle", "description": "This kettle boils water.", "features": "img",
                "reviews": [{"text": "Shipping took 3 days ."}, {"text": "It boils water fast . The lid is solid .",
-                                                                 "features": "img"}]}
+                                                                 "features": "img"},
+                           {"text": "   "}, {"text": "It is loud . It rattles .", "features": "img"}]}
     (tmp_path / "p.json").write_text(json.dumps(product))
     assert evaluate.main(["--checkpoint", str(tmp_path / "run" / "best.pt"), "--predict", str(tmp_path / "p.json")]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("Nordvik Classic Kettle: 2 reviews") and len(out) == 3
+    assert out[0] == "Nordvik Classic Kettle: 3 reviews, most helpful first (1 without text skipped)"
+    assert len(out) == 4 and sorted(line.split()[0] for line in out[1:]) == ["1", "2", "3"]
     (tmp_path / "bad.json").write_text("{}")
     assert evaluate.main(["--checkpoint", str(tmp_path / "run" / "best.pt"), "--predict", str(tmp_path / "bad.json")]) == 2
     assert evaluate.main(["--data-dir", str(tiny_root), "--baselines"]) == 0
