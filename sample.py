@@ -91,6 +91,11 @@ def _fill(template, rng, noun, words):
                            relative=rng.choice(RELATIVES), day=rng.choice(DAYS))
 
 
+def _other(rng, nouns, noun):
+    """Another topic than `noun`, uniformly."""
+    return nouns[(nouns.index(noun) + int(rng.integers(1, len(nouns)))) % len(nouns)]
+
+
 def _review(rng, t, noun, words, other_noun, other_words):
     """Review text with t product sentences, maybe other-product sentences, decoys and filler."""
     n_sentences = int(rng.integers(3, 8))
@@ -157,7 +162,7 @@ def write_sample(root, category="home_kitchen", split_products=None, seed=0):
             for r in range(int(rng.integers(*REVIEWS_PER_PRODUCT, endpoint=True))):
                 first = p == r == 0  # one 16+ vote review per split: votes are not all in 0..4
                 t = 3 if first else int(rng.choice(4, p=[0.35, 0.3, 0.2, 0.15]))
-                other_noun = nouns[(nouns.index(noun) + int(rng.integers(1, len(nouns)))) % len(nouns)]
+                other_noun = _other(rng, nouns, noun)
                 text = _review(rng, t, noun, words, other_noun, topics[other_noun].split())
                 has_image = first or rng.random() < 0.5
                 i = int(has_image and (first or rng.random() < 0.5))  # the image shows the product
@@ -167,7 +172,7 @@ def write_sample(root, category="home_kitchen", split_products=None, seed=0):
                 rvw.append({"review_id": rid, "content": text, "time": f"2018-{r % 12 + 1:02d}-15"})
                 rel.append({"product_id": pid, "review_id": rid, "upvotes": votes})
                 if has_image:
-                    shown = noun if i else nouns[(nouns.index(noun) + int(rng.integers(1, len(nouns)))) % len(nouns)]
+                    shown = noun if i else _other(rng, nouns, noun)
                     _write_image(root / "features" / rid, _regions(rng, visual[shown], int(rng.integers(2, 5))))
                 vocabulary.update(tokenize(text))
             vocabulary.update(tokenize(f"{name} {description}"))
