@@ -83,9 +83,9 @@ def evaluate_split(model, split, device, threshold=1):
 
 
 # --- reference rankers: what "better than trivial" means ----------------------------------
-def baseline_scores(split, seed=0):
+def baseline_scores(products, seed=0):
     """random: a seeded shuffle; length: longer reviews first (token count of the full text)."""
-    lengths = [len(data.tokenize(r.text)) for p in split.products for r in p.reviews]
+    lengths = [len(data.tokenize(r.text)) for p in products for r in p.reviews]
     return {"random": np.random.default_rng(seed).random(len(lengths)), "length": np.asarray(lengths, float)}
 
 
@@ -162,12 +162,11 @@ def main(argv=None):
     device = pick_device(args.device)
     try:
         if args.baselines:
-            source = data.resolve_data(args.data, args.data_dir)
-            split = data.load_data(source, with_images=False, with_masks=False, split_names=(args.split,),
-                                   with_embeddings=False)[0][args.split]
-            for name, scores in baseline_scores(split).items():
-                print(format_metrics(f"{name:7}", ranking_metrics(split.review_product_ids(), split.labels,
-                                                                  scores, args.threshold)))
+            products = data.read_split(data.resolve_data(args.data, args.data_dir), args.split)
+            review_products = [p.product_id for p in products for _ in p.reviews]
+            labels = [r.score for p in products for r in p.reviews]
+            for name, scores in baseline_scores(products).items():
+                print(format_metrics(f"{name:7}", ranking_metrics(review_products, labels, scores, args.threshold)))
         elif args.checkpoint and args.predict:
             model, checkpoint, _ = load_run(args.checkpoint, split_names=(), device=device)
             predict_file(model, checkpoint, args.predict, device)
