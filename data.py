@@ -1,16 +1,16 @@
-"""Amazon-MRHP data layer: release reader, labels, region features, GloVe, batching.
+"""Amazon-MRHP data layer: release reader, labels, GloVe, encoded splits and batches.
 
 Read top to bottom:
-  1. where the data is (`resolve_data`): the real release, else the built-in sample
+  1. where the data is (`resolve_data`): the real release, else where the built-in sample lives
   2. the release's three JSON tables per split, joined into products with reviews
   3. votes -> helpfulness scores 0..4
-  4. Faster R-CNN region features per product / review id
-  5. GloVe vectors for the data's vocabulary, cached
-  6. one encoded `Split` per split: token tensors built once, batches sliced from them
-  7. `python data.py --stats` / `--write-sample DIR`
+  4. GloVe vectors for the data's vocabulary, cached
+  5. one encoded `Split` per split: token tensors built once, batches sliced from them
+  6. `python data.py --stats`
 
-Facts about the release format are in ../shared/SPEC.md §2. The built-in sample is written
-by sample.py in exactly the release layout, so every line below runs on it too.
+Facts about the release format are in ../shared/SPEC.md §2. This file imports no other
+script of the project: region features are read by features.py, probe masks computed by
+probe_mask.py, the sample written by sample.py, and plumbing.py puts them together.
 """
 import argparse
 import hashlib
@@ -37,9 +37,6 @@ SAMPLE_DIR = DEFAULT_DATA_DIR / "sample"
 
 MAX_PRODUCT_TOKENS = 128  # product name + description, truncated
 MAX_REVIEW_TOKENS = 128  # review text, truncated
-MAX_REGIONS_PER_IMAGE = 32  # SPEC §2 (reference limits)
-MAX_REGIONS_PER_ITEM = 128
-REGION_DIM = 2048  # bottom-up-attention Faster R-CNN (ResNet-101) features
 EMBED_DIM = 300  # GloVe 300-d
 TOKENIZER_VERSION = 1  # bump when TOKEN_RE changes: probe-mask caches record it
 
@@ -78,6 +75,11 @@ class DataSource:
         return self.root / f"{self.prefix}.{kind}.{split}"
 
 
+def _name_of(prefix):
+    """The CLI name of a release prefix: "Home_and_Kitchen" -> "home_kitchen"."""
+    return next((name for name, p in CATEGORIES.items() if p == prefix), None)
+
+
 def _prefix_in(folder):
     """The category prefix of a release-layout folder, from its *.prd.train file."""
     for path in sorted(folder.glob("*.prd.train")):
@@ -85,12 +87,13 @@ def _prefix_in(folder):
     return None
 
 
-def resolve_data(name=None, data_dir=None, glove=None, features=None, quiet=False):
+def resolve_data(name=None, data_dir=None, glove=None, features=None):
     """Find the data for `--data NAME` / `--data-dir DIR`.
 
     - `--data-dir DIR` must hold a release-layout folder: missing or malformed is an error.
     - else `data/{Prefix}/` is used when it holds the release,
-    - else the built-in sample for that category (written on first use), said loudly.
+    - else the built-in sample's folder for that category (`is_sample`); writing it is
+      plumbing.find_data's job, so this function only says where it is.
     """
     if data_dir is not None:
         root = Path(data_dir)
@@ -110,14 +113,7 @@ def resolve_data(name=None, data_dir=None, glove=None, features=None, quiet=Fals
         root = DEFAULT_DATA_DIR / prefix
         is_sample = not (root / f"{prefix}.prd.train").exists()
         if is_sample:
-            import sample  # the generator lives in its own file: it is not part of the paper
-
             root = SAMPLE_DIR / prefix
-            sample.ensure_sample(root, name)
-            if not quiet:
-                print(f"!!! no Amazon-MRHP release in {DEFAULT_DATA_DIR / prefix}/: using the BUILT-IN SYNTHETIC "
-                      f"SAMPLE in {root}/ (numbers on it are not the paper's; README 'Real data' says how "
-                      f"to get the release)", file=sys.stderr)
     if glove is None:
         glove = root / "glove.sample.300d.txt" if is_sample else DEFAULT_DATA_DIR / "glove.840B.300d.txt"
     features = Path(features) if features else root / "features"
@@ -236,81 +232,7 @@ def read_split(source, split, report=None):
     return kept
 
 
-# --- 4. region features --------------------------------------------------------------
-# One folder per product/review id under `features/`. Each image is either an `.npz` with an
-# array `x` of shape (n_boxes, 2048), or the folder holds `{id}.pth`, a pickled list of such
-# dicts. Pickles can run code, so .pth is read with torch.load(weights_only=True) and an
-# allow-list of the few numpy types an array needs. An item without images gets ONE zero
-# region, marked as real: the image encoder turns it into a learned "no image" vector
-# (the reference uses a fixed block of zero regions for the same purpose).
-_NUMPY_ALLOWED = [np._core.multiarray._reconstruct, np.ndarray, np.dtype] + [
-    type(np.dtype(t)) for t in (np.float16, np.float32, np.float64, np.int32, np.int64)]
-
-
-def _check_regions(x, path):
-    x = np.asarray(x)
-    if x.ndim != 2 or x.shape[1] != REGION_DIM:
-        raise DataError(f"{path}: region features of shape {x.shape}, expected (n_boxes, {REGION_DIM}). "
-                        f"Re-extract this image with the bottom-up-attention Faster R-CNN (ResNet-101).")
-    return x[:MAX_REGIONS_PER_IMAGE].astype(np.float32)
-
-
-def read_regions(folder):
-    """Regions of one item as (n, 2048) float32, capped per image and per item; None without images."""
-    if not folder.is_dir():
-        return None
-    images = []
-    for path in sorted(folder.glob("*.npz")):
-        try:
-            with np.load(path) as npz:
-                images.append(_check_regions(npz["x"], path))
-        except (OSError, ValueError, KeyError) as error:
-            raise DataError(f"{path}: unreadable region file ({error}); re-extract it or delete it.") from None
-    for path in sorted(folder.glob("*.pth")):
-        try:
-            with torch.serialization.safe_globals(_NUMPY_ALLOWED):
-                packed = torch.load(path, weights_only=True)
-        except Exception as error:
-            raise DataError(f"{path}: cannot be read as a list of {{'x': array}} without running pickled "
-                            f"code ({str(error).splitlines()[0]}); use the per-image .npz files instead.") from None
-        images += [_check_regions(image["x"], path) for image in packed]
-    images = [x for x in images if len(x)]
-    return np.concatenate(images)[:MAX_REGIONS_PER_ITEM] if images else None
-
-
-class RegionStore:
-    """Region features by item id, read from disk on first use and kept (the sample is small;
-    pass keep=False for the full release, whose features do not fit in memory)."""
-
-    def __init__(self, folder, keep=True, folders=None):
-        self.folder, self.keep, self.cache = Path(folder), keep, {}
-        self.folders = folders or {}  # item id -> its own folder, where it is not folder/{id}
-        self.items_without_images = 0
-
-    def get(self, item_id):
-        if item_id in self.cache:
-            return self.cache[item_id]
-        x = read_regions(self.folders.get(item_id, self.folder / item_id))
-        if x is None:
-            self.items_without_images += 1
-            x = np.zeros((1, REGION_DIM), np.float32)
-        if self.keep:
-            self.cache[item_id] = x
-        return x
-
-    def batch(self, item_ids):
-        """(B, N, 2048) padded features and (B, N) mask of real regions."""
-        arrays = [self.get(i) for i in item_ids]
-        n = max(len(a) for a in arrays)
-        regions = torch.zeros(len(arrays), n, REGION_DIM)
-        mask = torch.zeros(len(arrays), n, dtype=torch.bool)
-        for row, a in enumerate(arrays):
-            regions[row, : len(a)] = torch.from_numpy(a)
-            mask[row, : len(a)] = True
-        return regions, mask
-
-
-# --- 5. GloVe --------------------------------------------------------------------------
+# --- 4. GloVe --------------------------------------------------------------------------
 def read_glove(path, words):
     """Vectors of `words` found in a GloVe text file: {word: np.array(300)}.
 
@@ -362,7 +284,7 @@ def glove_matrix(source, vocab, seed=0):
     return torch.from_numpy(matrix), int(len(vocab) - 2 - found[2:].sum())
 
 
-# --- 6. encoded splits and batches ------------------------------------------------------
+# --- 5. encoded splits and batches ------------------------------------------------------
 PAD, UNK = 0, 1
 
 
@@ -480,50 +402,16 @@ class Split:
             p = q
 
 
-def load_masks(source, split, compute=False):
-    """Probe masks of a split from probe_mask.py's cache; computed now for the sample (seconds)
-    or with compute=True, otherwise an error that says how to precompute them."""
-    import probe_mask
-
-    path = probe_mask.cache_path(source.root, source.prefix, split)
-    if path.exists():
-        return probe_mask.load_cache(path)[0]
-    if not (source.is_sample or compute):
-        raise DataError(f"probe masks for {split} not found ({path}). Precompute them once with "
-                        f"`python probe_mask.py --data-dir {source.root}` (minutes; resumable), or pass "
-                        f"--compute-masks to compute them in this run, or run with --no-probe-mask.")
-    print(f"computing probe masks for {split} (cached in {path}) ...", file=sys.stderr)
-    return probe_mask.precompute_split(source, split, probe_mask.load_spacy())[0]
-
-
-def load_data(source, vocab=None, with_images=True, with_masks=True, compute_masks=False,
-              split_names=SPLITS, with_embeddings=True):
-    """Splits of `source`, encoded: ({split: Split}, vocab, embeddings (V, 300) or None, info).
-
-    A new run builds its vocabulary from every split and reads GloVe; a saved run passes its
-    own vocabulary (its embeddings are in its checkpoint), so only `split_names` are read."""
-    names = split_names if vocab is not None else SPLITS
-    reports = {split: SplitReport() for split in names}
-    raw = {split: read_split(source, split, reports[split]) for split in names}
-    embeddings, oov = None, None
-    if vocab is None:
-        vocab = build_vocab(raw.values())
-        if with_embeddings:
-            embeddings, oov = glove_matrix(source, vocab)
-    index = {w: i for i, w in enumerate(vocab)}
-    regions = RegionStore(source.features, keep=source.is_sample) if with_images else None
-    splits = {name: Split(name, raw[name], index,
-                          load_masks(source, name, compute_masks) if with_masks else None, regions)
-              for name in split_names}
-    return splits, vocab, embeddings, {"reports": reports, "oov": oov}
-
-
-# --- 7. command line: stats and the sample ------------------------------------------------
+# --- 6. command line: stats ------------------------------------------------
 def print_stats(source):
     """A Table-4-style summary of a release-layout folder."""
     print(f"data: {source.root}{'  (BUILT-IN SYNTHETIC SAMPLE)' if source.is_sample else ''}")
-    splits, vocab, _, info = load_data(source, with_images=False, with_masks=False,
-                                       with_embeddings=source.glove.exists())
+    reports = {split: SplitReport() for split in SPLITS}
+    products = {split: read_split(source, split, reports[split]) for split in SPLITS}
+    vocab = build_vocab(products.values())
+    index = {w: i for i, w in enumerate(vocab)}
+    splits = {split: Split(split, products[split], index) for split in SPLITS}
+    oov = glove_matrix(source, vocab)[1] if source.glove.exists() else None
     print(f"{'split':6} {'products':>9} {'reviews':>9} {'rev/prod min/mean/max':>22}  "
           f"scores 0/1/2/3/4 (%)            with images: products / reviews")
     for name, split in splits.items():
@@ -534,17 +422,17 @@ def print_stats(source):
         print(f"{name:6} {len(split.products):9d} {len(split.labels):9d} "
               f"{int(per_product.min()):>8d} / {per_product.mean():5.1f} / {int(per_product.max()):<4d}  "
               f"{' / '.join(f'{h:4.1f}' for h in hist.tolist())}   {with_images[0]:5.1f}% / {with_images[1]:5.1f}%")
-    for name, report in info["reports"].items():
+    for name, report in reports.items():
         print(f"{name:6} labels: {report.label_rule}; skipped: {report.empty_reviews} empty reviews, "
               f"{report.products_without_reviews} products without reviews, {report.duplicate_rows} repeated "
               f".rel rows; "
               f"{report.zero_vote_reviews} zero-vote reviews scored 0")
-    if info["oov"] is None:
+    if oov is None:
         print(f"vocabulary {len(vocab) - 2} words; GloVe file {source.glove} not found, so no OOV rate (--glove PATH)")
     else:
-        print(f"vocabulary {len(vocab) - 2} words, not in GloVe ({source.glove.name}): {info['oov']} "
-              f"({info['oov'] / max(1, len(vocab) - 2) * 100:.1f}%), given random vectors")
-    print("items without image features get one zero region (see RegionStore)")
+        print(f"vocabulary {len(vocab) - 2} words, not in GloVe ({source.glove.name}): {oov} "
+              f"({oov / max(1, len(vocab) - 2) * 100:.1f}%), given random vectors")
+    print("items without image features get one zero region (see features.RegionStore)")
 
 
 def main(argv=None):
@@ -557,18 +445,10 @@ def main(argv=None):
     parser.add_argument("--features", help="folder of region features, one sub-folder per product/review id "
                         "(default: {data folder}/features)")
     parser.add_argument("--stats", action="store_true", help="print a Table-4-style summary")
-    parser.add_argument("--write-sample", metavar="DIR", help="write the built-in sample for --data "
-                        "(default home_kitchen) to DIR and exit")
     args = parser.parse_args(argv)
     try:
-        if args.write_sample:
-            import sample
-
-            sample.write_sample(Path(args.write_sample), args.data or "home_kitchen")
-            print(f"wrote the built-in {args.data or 'home_kitchen'} sample to {args.write_sample}")
-            return 0
         if not args.stats:
-            parser.error("nothing to do: pass --stats or --write-sample DIR")
+            parser.error("nothing to do: pass --stats (python sample.py writes the built-in sample)")
         print_stats(resolve_data(args.data, args.data_dir, args.glove, args.features))
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)

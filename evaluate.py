@@ -17,6 +17,10 @@ import numpy as np
 import torch
 
 import data
+import probe_mask
+import sancl
+from features import RegionStore
+from plumbing import find_data, load_checkpoint, load_data, pick_device, seed_everything, to_device
 
 
 # --- the metrics, written out ------------------------------------------------------------
@@ -64,10 +68,6 @@ def format_metrics(prefix, metrics):
 
 
 # plumbing: scoring a whole split with a model
-def to_device(batch, device):
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
 @torch.no_grad()
 def predict_scores(model, split, device):
     """xi for every review of `split`, in split order (R,)."""
@@ -92,9 +92,6 @@ def baseline_scores(products, seed=0):
 # plumbing: saved runs
 def load_run(checkpoint_path, data_dir=None, split_names=data.SPLITS, device="cpu"):
     """The model of a saved run and its data, encoded with the run's own vocabulary."""
-    import sancl
-    from train import load_checkpoint
-
     checkpoint = load_checkpoint(checkpoint_path)
     args, config = checkpoint["args"], sancl.SANCLConfig(**checkpoint["config"])
     model = sancl.SANCL(config, None)
@@ -102,9 +99,9 @@ def load_run(checkpoint_path, data_dir=None, split_names=data.SPLITS, device="cp
     model.to(device)
     splits = None
     if split_names:
-        source = data.resolve_data(args["data"], data_dir or args["data_dir"], args["glove"], args["features"])
-        splits, _, _, _ = data.load_data(source, vocab=checkpoint["vocab"], with_images=not config.text_only,
-                                         with_masks=not config.no_probe_mask, split_names=split_names)
+        source = find_data(args["data"], data_dir or args["data_dir"], args["glove"], args["features"])
+        splits, _, _, _ = load_data(source, vocab=checkpoint["vocab"], with_images=not config.text_only,
+                                    with_masks=not config.no_probe_mask, split_names=split_names)
     return model, checkpoint, splits
 
 
@@ -129,11 +126,9 @@ def predict_file(model, checkpoint, path, device):
         raise data.DataError(f"{path}: no review with text to rank.")
     masks = None
     if not model.config.no_probe_mask:
-        import probe_mask
-
         masks = probe_mask.compute_masks([(product.product_id, r.review_id, product.name, r.text)
                                           for r in product.reviews], progress=False)
-    regions = None if model.config.text_only else data.RegionStore(Path(path).parent, folders=folders)
+    regions = None if model.config.text_only else RegionStore(Path(path).parent, folders=folders)
     split = data.Split("predict", [product], {w: i for i, w in enumerate(checkpoint["vocab"])}, masks, regions)
     scores = predict_scores(model, split, device)
     skipped = len(spec["reviews"]) - len(product.reviews)
@@ -156,13 +151,11 @@ def main(argv=None):
     p.add_argument("--predict", metavar="FILE.json", help="rank the reviews of a product described in FILE.json")
     p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, ...")
     args = p.parse_args(argv)
-    from train import pick_device, seed_everything
-
     seed_everything(0)
     device = pick_device(args.device)
     try:
         if args.baselines:
-            products = data.read_split(data.resolve_data(args.data, args.data_dir), args.split)
+            products = data.read_split(find_data(args.data, args.data_dir), args.split)
             review_products = [p.product_id for p in products for _ in p.reviews]
             labels = [r.score for p in products for r in p.reviews]
             for name, scores in baseline_scores(products).items():

@@ -21,12 +21,16 @@ The signal, one line per SANCL mechanism (README "The built-in sample" says the 
   product's own (cpc_pr).
 - noise: 20% of the scores move by one. Reviews have 3-7 sentences whatever their score.
 """
+import argparse
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
+
+from data import CATEGORIES, tokenize  # the sample is written in the layout data.py reads
 
 SAMPLE_VERSION = 4
 SPLIT_PRODUCTS = {"train": 200, "dev": 50, "test": 50}
@@ -139,8 +143,6 @@ def _glove_lines(rng, topics, vocabulary):
 
 def write_sample(root, category="home_kitchen", split_products=None, seed=0):
     """Write the sample for `category` into `root` (the release layout plus features/ and GloVe)."""
-    from data import CATEGORIES, tokenize  # the sample is written in the layout data.py reads
-
     prefix, topics = CATEGORIES[category], TOPICS[category]
     rng = np.random.default_rng([seed, list(CATEGORIES).index(category)])
     nouns = sorted(topics)
@@ -193,3 +195,19 @@ def ensure_sample(root, category):
     write_sample(tmp, category)
     shutil.rmtree(root, ignore_errors=True)
     os.replace(tmp, root)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Write the built-in synthetic sample in the Amazon-MRHP "
+                                     "layout (train.py writes it to data/sample/ on first use).")
+    parser.add_argument("--data", choices=sorted(CATEGORIES), default="home_kitchen",
+                        help="category whose products and words to use (default home_kitchen)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="folder to write it to")
+    args = parser.parse_args(argv)
+    write_sample(Path(args.out), args.data)
+    print(f"wrote the built-in {args.data} sample to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -7,6 +7,7 @@ import hashlib
 import importlib.util
 import json
 import math
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -15,6 +16,8 @@ import torch
 
 import data
 import evaluate
+import features
+import plumbing
 import probe_mask as pm
 import sample
 import sancl
@@ -147,13 +150,13 @@ def test_region_caps_zero_block_and_safe_pth(tmp_path):
     item.mkdir()
     for i in range(5):
         np.savez(item / f"{i}.npz", x=np.full((40, 2048), i, np.float32))
-    x = data.read_regions(item)
+    x = features.read_regions(item)
     assert x.shape == (128, 2048) and x[31, 0] == 0 and x[32, 0] == 1  # 32 per image, 128 per item
     packed = tmp_path / "p1"
     packed.mkdir()
     torch.save([{"x": np.ones((3, 2048), np.float32)}, {"x": np.ones((2, 2048), np.float32)}], packed / "p1.pth")
-    assert data.read_regions(packed).shape == (5, 2048)
-    store = data.RegionStore(tmp_path)
+    assert features.read_regions(packed).shape == (5, 2048)
+    store = features.RegionStore(tmp_path)
     regions, mask = store.batch(["r1", "no-images"])
     assert regions.shape == (2, 128, 2048) and mask[1].tolist() == [True] + [False] * 127
     assert regions[1].abs().sum() == 0 and store.items_without_images == 1
@@ -163,11 +166,11 @@ def test_regions_wrong_shape_and_pickled_code_are_errors(tmp_path):
     (tmp_path / "bad").mkdir()
     np.savez(tmp_path / "bad" / "0.npz", x=np.ones((3, 100), np.float32))
     with pytest.raises(data.DataError, match=r"0\.npz: region features of shape \(3, 100\)"):
-        data.read_regions(tmp_path / "bad")
+        features.read_regions(tmp_path / "bad")
     (tmp_path / "evil").mkdir()
     torch.save([{"x": math.sqrt}], tmp_path / "evil" / "evil.pth")  # a pickled callable
     with pytest.raises(data.DataError, match="without running pickled code"):
-        data.read_regions(tmp_path / "evil")
+        features.read_regions(tmp_path / "evil")
 
 
 def test_sample_is_deterministic(tmp_path):
@@ -182,7 +185,7 @@ def test_sample_is_deterministic(tmp_path):
 
 def test_group_sampling_and_batches(tiny_root):
     source = data.resolve_data(data_dir=tiny_root)
-    splits, vocab, _, _ = data.load_data(source, with_images=False, with_masks=False, with_embeddings=False)
+    splits, vocab, _, _ = plumbing.load_data(source, with_images=False, with_masks=False, with_embeddings=False)
     train = splits["train"]
     groups = train.groups(np.random.default_rng(0))
     assert groups and all(1 < len(g) <= 8 for g in groups)
@@ -775,7 +778,7 @@ def test_resume_continues_exactly(tiny_root, tmp_path):
     run_train(tiny_root, tmp_path / "b", "--epochs", "1")
     resumed = train.train(train.parse_args(["--resume", str(tmp_path / "b"), "--epochs", "2"]))
     assert straight == resumed
-    a, b = (train.load_checkpoint(tmp_path / run / "last.pt") for run in "ab")
+    a, b = (plumbing.load_checkpoint(tmp_path / run / "last.pt") for run in "ab")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert a["state"]["history"] == b["state"]["history"]
 
@@ -788,7 +791,7 @@ def test_missing_run_or_checkpoint_is_a_clear_error(tmp_path, capsys):
 
 def test_same_seed_same_numbers(tiny_root, tmp_path):
     assert run_train(tiny_root, tmp_path / "a") == run_train(tiny_root, tmp_path / "b")
-    a, b = (train.load_checkpoint(tmp_path / run / "last.pt") for run in "ab")
+    a, b = (plumbing.load_checkpoint(tmp_path / run / "last.pt") for run in "ab")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])  # to the last bit
     assert a["state"]["history"] == b["state"]["history"]
 
@@ -814,3 +817,52 @@ def test_evaluate_checkpoint_predict_and_baselines(tiny_root, tmp_path, capsys):
     assert evaluate.main(["--data-dir", str(tiny_root), "--baselines"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines] == ["random", "length"]
+
+
+# --- layout: imports go one way, from the paper's building blocks up to the entry points ---
+def project_imports():
+    """{script: set of project scripts it imports}, from the source, imports inside functions
+    included (a lazy import hides a circle from Python, not from this test)."""
+    import ast
+    from pathlib import Path
+
+    scripts = {path.stem: path for path in Path(__file__).parent.glob("*.py") if not path.stem.startswith("test_")}
+    graph = {}
+    for name, path in scripts.items():
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                imported.add(node.module.split(".")[0])
+        graph[name] = imported & set(scripts) - {name}
+    return graph
+
+
+def test_imports_have_no_circle():
+    graph = project_imports()
+    assert {"data", "sancl", "probe_mask", "plumbing", "evaluate", "train"} <= set(graph)
+    done, path = set(), []
+
+    def visit(name):
+        assert name not in path, f"import circle: {' -> '.join(path[path.index(name):] + [name])}"
+        if name in done:
+            return
+        path.append(name)
+        for imported in sorted(graph[name]):
+            visit(imported)
+        path.pop()
+        done.add(name)
+
+    for name in sorted(graph):
+        visit(name)
+    assert graph["data"] == set() and graph["sancl"] == set(), "the building blocks import no other script"
+    assert "train" not in set().union(*graph.values()), "train.py is the top: nothing imports it"
+
+
+def test_the_circle_check_catches_a_circle(monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "project_imports",
+                        lambda: {"data": {"sample"}, "sample": {"data"}, "sancl": set(), "probe_mask": set(),
+                                 "plumbing": set(), "evaluate": set(), "train": set()})
+    with pytest.raises(AssertionError, match="import circle: data -> sample -> data"):
+        test_imports_have_no_circle()

@@ -10,8 +10,6 @@ dev MAP / N@3 / N@5; the best dev epoch is kept and reported on test (SPEC §6).
 import argparse
 import dataclasses
 import json
-import os
-import random
 import sys
 import time
 from pathlib import Path
@@ -21,7 +19,9 @@ import torch
 
 import data
 import sancl
-from evaluate import evaluate_split, format_metrics, to_device
+from evaluate import evaluate_split, format_metrics
+from plumbing import (find_data, load_checkpoint, load_data, pick_device, rng_state, save_atomic,
+                      seed_everything, set_rng_state, to_device)
 
 SWITCHES = ("text_only", "fixed_beta", "no_probe_mask", "no_cpc_ii", "no_cpc_pr")
 
@@ -58,51 +58,6 @@ def parse_args(argv=None):
     return args
 
 
-# plumbing: seeding, devices, checkpoints
-def seed_everything(seed, threads=1):
-    """Same seed, same numbers: python, numpy and torch seeded in one place, and `threads`
-    CPU threads. With more than one, MKL splits the sums of its matrix products differently
-    from run to run: the last bits of the losses move, and epochs later the metrics."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.set_num_threads(threads)
-
-
-def pick_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def save_atomic(obj, path):
-    """Write to a temporary file, then rename: a crash mid-write never leaves a corrupt checkpoint."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def rng_state():
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def load_checkpoint(path):
-    """A checkpoint of ours: weights, optimizer, config, vocabulary, RNG (plain python objects)."""
-    if not Path(path).is_file():
-        raise data.DataError(f"checkpoint {path} not found: train.py writes best.pt and last.pt into its "
-                             f"run folder (--out, default runs/{{data}}).")
-    return torch.load(path, map_location="cpu", weights_only=False)  # our own file, written by save_atomic
-
-
 def settings(args, category):
     """Hyper-parameters: the flags where given, else Table 5 of the paper for the category."""
     table = sancl.TABLE5[category or "home_kitchen"]
@@ -120,7 +75,7 @@ def train(args):
                      epochs=args.epochs or saved["epochs"])
         args = argparse.Namespace(**saved)
     seed_everything(args.seed, args.threads)
-    source = data.resolve_data(args.data, args.data_dir, args.glove, args.features)
+    source = find_data(args.data, args.data_dir, args.glove, args.features)
     category = args.data or next((k for k, v in data.CATEGORIES.items() if v == source.prefix), None)
     hp = settings(args, category)
     args.epochs = args.epochs or (6 if source.is_sample else 20)
@@ -128,7 +83,7 @@ def train(args):
     out.mkdir(parents=True, exist_ok=True)
 
     t0 = time.time()
-    splits, vocab, embeddings, info = data.load_data(
+    splits, vocab, embeddings, info = load_data(
         source, vocab=resume["vocab"] if resume else None, with_images=not args.text_only,
         with_masks=not args.no_probe_mask, compute_masks=args.compute_masks)
     config = sancl.SANCLConfig(vocab_size=len(vocab), text_dropout=hp["text_dropout"], kappa=hp["kappa"],
