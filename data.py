@@ -147,7 +147,7 @@ class SplitReport:
     label_rule: str = ""
     empty_reviews: int = 0  # reviews with empty text: skipped
     products_without_reviews: int = 0  # nothing to rank: skipped
-    zero_vote_reviews: int = 0  # scored 0 by the paper's rule (the reference drops them)
+    zero_vote_reviews: int = 0  # dropped: floor(log2 0) is undefined (the reference drops them too)
     duplicate_rows: int = 0  # a (product, review) pair listed again in .rel: the first one is kept
 
 
@@ -180,21 +180,53 @@ def read_table(path, columns):
     return data
 
 
-def votes_to_scores(votes):
-    """Helpfulness score per review and the rule used (SPEC §2).
-
-    The paper: score = floor(log2(votes)) clipped to [0, 4] (0 and 1 vote -> 0). When every
-    value is already an integer in 0..4 the release is taken as binned and kept as is.
-    """
-    if all(float(v).is_integer() and 0 <= v <= 4 for v in votes):
-        return [int(v) for v in votes], "upvotes already binned to 0..4: kept as scores"
-    scores = [min(4, max(0, math.floor(math.log2(v)))) if v > 0 else 0 for v in votes]
-    return scores, "score = floor(log2(upvotes)) clipped to [0, 4] (the paper's rule)"
+LABEL_RULES = {
+    "log2": "score = floor(log2(upvotes)) clipped to [0, 4] (the paper's rule); 0-vote reviews dropped",
+    "binned": "upvotes already binned to 0..4: kept as scores",
+}
 
 
-def read_split(source, split, report=None):
-    """Products of one split, each with its reviews (text and score), in release order."""
+def votes_to_scores(votes, rule=None):
+    """The label rule and the scores (SPEC §2, §10). The rule is one decision for a whole
+    release: decided here when `rule` is None (pass the votes of every split), else given.
+
+    The paper: score = floor(log2(votes)) clipped to [0, 4], i.e. 1 -> 0, 2-3 -> 1, 4-7 -> 2,
+    8-15 -> 3, >= 16 -> 4 (the reference's bins); 0 votes has no score (None: the review is
+    dropped, as the reference does). When every value is already an integer in 0..4 the
+    release is taken as binned and kept as is. Returns (scores, rule): rule in LABEL_RULES."""
+    if rule is None:
+        rule = "binned" if all(float(v).is_integer() and 0 <= v <= 4 for v in votes) else "log2"
+    if rule == "binned":
+        return [int(v) for v in votes], "binned"
+    return [min(4, math.floor(math.log2(v))) if v >= 1 else None for v in votes], "log2"
+
+
+def release_label_rule(source):
+    """"log2" or "binned" for the whole release: decided on the .rel tables of every split."""
+    votes = [row["upvotes"] for split in SPLITS for row in read_relations(source, split)]
+    return votes_to_scores(votes)[1]
+
+
+def read_relations(source, split):
+    """The .rel table of a split, with every upvotes value checked."""
+    path = source.table("rel", split)
+    rel = read_table(path, ["product_id", "review_id", "upvotes"])
+    for i, row in enumerate(rel):
+        votes = row["upvotes"]
+        if not isinstance(votes, (int, float)) or isinstance(votes, bool) or not 0 <= votes < math.inf:
+            raise DataError(f"{path}: record {i} (product {row['product_id']}, review {row['review_id']}): "
+                            f"upvotes {votes!r} is not a non-negative number; fix or remove the row.")
+    return rel
+
+
+def read_split(source, split, report=None, rule=None):
+    """Products of one split, each with its reviews (text and score), in release order.
+    `rule` is the release's label rule (release_label_rule(source); computed when None)."""
     report = report if report is not None else SplitReport()
+    if source.is_sample and not (source.root / "SAMPLE").exists():
+        raise DataError(f"no Amazon-MRHP release in {DEFAULT_DATA_DIR / source.prefix}/ and the built-in sample "
+                        f"is not written yet: the first `python train.py` run writes it, or "
+                        f"`python sample.py --data {_name_of(source.prefix)} --out {source.root}`.")
     prd_path, rvw_path, rel_path = (source.table(k, split) for k in ("prd", "rvw", "rel"))
     products = {}
     for row in read_table(prd_path, ["product_id", "name", "description"]):
@@ -202,9 +234,9 @@ def read_split(source, split, report=None):
         products[pid] = Product(pid, str(row["name"] or ""), str(row["description"] or ""))
     texts = {str(row["review_id"]): str(row["content"] or "") for row in
              read_table(rvw_path, ["review_id", "content"])}
-    rel = read_table(rel_path, ["product_id", "review_id", "upvotes"])
+    rel = read_relations(source, split)
     for i, row in enumerate(rel):
-        pid, rid, votes = str(row["product_id"]), str(row["review_id"]), row["upvotes"]
+        pid, rid = str(row["product_id"]), str(row["review_id"])
         where = f"{rel_path}: record {i} (product {pid}, review {rid})"
         if pid not in products:
             raise DataError(f"{where}: product not in {prd_path.name}. The tables are from different "
@@ -212,9 +244,9 @@ def read_split(source, split, report=None):
         if rid not in texts:
             raise DataError(f"{where}: review not in {rvw_path.name}. The tables are from different "
                             f"releases or truncated: copy the split's three files again.")
-        if not isinstance(votes, (int, float)) or isinstance(votes, bool) or votes < 0 or votes != votes:
-            raise DataError(f"{where}: upvotes {votes!r} is not a non-negative number; fix or remove the row.")
-    scores, report.label_rule = votes_to_scores([row["upvotes"] for row in rel])
+    rule = rule or release_label_rule(source)
+    report.label_rule = LABEL_RULES[rule]
+    scores = votes_to_scores([row["upvotes"] for row in rel], rule)[0]
     seen = set()
     for row, score in zip(rel, scores):
         pid, rid = str(row["product_id"]), str(row["review_id"])
@@ -225,7 +257,9 @@ def read_split(source, split, report=None):
         if not texts[rid].strip():
             report.empty_reviews += 1
             continue
-        report.zero_vote_reviews += row["upvotes"] == 0 and "log2" in report.label_rule
+        if score is None:
+            report.zero_vote_reviews += 1
+            continue
         products[pid].reviews.append(Review(rid, texts[rid], score))
     kept = [p for p in products.values() if p.reviews]
     report.products_without_reviews = len(products) - len(kept)
@@ -288,16 +322,21 @@ def glove_matrix(source, vocab, seed=0):
 PAD, UNK = 0, 1
 
 
-def build_vocab(splits):
-    """Every token of the data (all splits: embeddings are frozen GloVe, so test words need
-    their vectors too; no label is read). Sorted by frequency, then alphabetically."""
+MIN_COUNT = 5  # the reference keeps the tokens seen at least 5 times in train (SPEC §10)
+
+
+def build_vocab(train_products, min_count=MIN_COUNT):
+    """The vocabulary, from the TRAINING split only (as the reference): the tokens the model
+    reads (texts cut to their max length) seen at least `min_count` times. Every other token
+    becomes <unk> (the reference deletes such tokens; we keep their place, so that probe masks
+    stay aligned with the tokens). Sorted by frequency, then alphabetically."""
     counts = Counter()
-    for products in splits:
-        for p in products:
-            counts.update(tokenize(p.text)[:MAX_PRODUCT_TOKENS])
-            for r in p.reviews:
-                counts.update(tokenize(r.text)[:MAX_REVIEW_TOKENS])
-    return ["<pad>", "<unk>"] + sorted(counts, key=lambda w: (-counts[w], w))
+    for p in train_products:
+        counts.update(tokenize(p.text)[:MAX_PRODUCT_TOKENS])
+        for r in p.reviews:
+            counts.update(tokenize(r.text)[:MAX_REVIEW_TOKENS])
+    kept = [w for w, n in counts.items() if n >= min_count]
+    return ["<pad>", "<unk>"] + sorted(kept, key=lambda w: (-counts[w], w))
 
 
 def encode(texts, max_len, index):
@@ -365,27 +404,15 @@ class Split:
                 [self.review_ids[i] for i in review_rows])  # (R, Nr, 2048), (R, Nr)
         return batch
 
-    def groups(self, rng, negatives=7):
-        """Training groups (SPEC §5): each review that has lower-scored reviews in its product,
-        with up to `negatives` of them drawn at random: [positive, negative, ...] rows."""
-        groups = []
-        for p in range(len(self.products)):
-            start, end = int(self.review_start[p]), int(self.review_start[p + 1])
-            labels = self.labels[start:end].numpy()
-            for i in range(end - start):
-                lower = np.flatnonzero(labels < labels[i]) + start
-                if len(lower):
-                    drawn = rng.choice(lower, min(negatives, len(lower)), replace=False)
-                    groups.append([start + i] + drawn.tolist())
-        return groups
-
-    def train_batches(self, batch_size, rng, negatives=7):
-        """Batches of `batch_size` groups in random order; each review is encoded once per
-        batch even when it sits in several groups, and "pairs" holds (positive, negative)."""
-        groups = self.groups(rng, negatives)
+    def train_batches(self, groups, batch_size, rng):
+        """Batches of about `batch_size` review ROWS made of whole groups ([positive, negatives...]
+        split rows, from train.py's sampler), in random order: Table 5's 32 = 4 groups of 1 + 7.
+        A review is encoded once per batch even when it sits in several groups or is drawn
+        twice; "pairs" holds (positive, negative) local rows, one per draw."""
+        per_batch = max(1, batch_size // max(len(g) for g in groups)) if groups else 1
         order = rng.permutation(len(groups))
-        for start in range(0, len(order), batch_size):
-            chosen = [groups[g] for g in order[start:start + batch_size]]
+        for start in range(0, len(order), per_batch):
+            chosen = [groups[g] for g in order[start:start + per_batch]]
             rows = sorted({row for group in chosen for row in group})
             local = {row: i for i, row in enumerate(rows)}
             pairs = [(local[g[0]], local[neg]) for g in chosen for neg in g[1:]]
@@ -408,7 +435,7 @@ def print_stats(source):
     print(f"data: {source.root}{'  (BUILT-IN SYNTHETIC SAMPLE)' if source.is_sample else ''}")
     reports = {split: SplitReport() for split in SPLITS}
     products = {split: read_split(source, split, reports[split]) for split in SPLITS}
-    vocab = build_vocab(products.values())
+    vocab = build_vocab(products["train"])
     index = {w: i for i, w in enumerate(vocab)}
     splits = {split: Split(split, products[split], index) for split in SPLITS}
     oov = glove_matrix(source, vocab)[1] if source.glove.exists() else None

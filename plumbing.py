@@ -76,14 +76,16 @@ def load_data(source, vocab=None, with_images=True, with_masks=True, compute_mas
               split_names=data.SPLITS, with_embeddings=True):
     """Splits of `source`, encoded: ({split: Split}, vocab, embeddings (V, 300) or None, info).
 
-    A new run builds its vocabulary from every split and reads GloVe; a saved run passes its
-    own vocabulary (its embeddings are in its checkpoint), so only `split_names` are read."""
+    A new run builds its vocabulary from the training split and reads GloVe; a saved run
+    passes its own vocabulary (its embeddings are in its checkpoint), so only `split_names`
+    are read. The label rule is decided once, on the votes of every split."""
     names = split_names if vocab is not None else data.SPLITS
+    rule = data.release_label_rule(source)
     reports = {split: data.SplitReport() for split in names}
-    raw = {split: data.read_split(source, split, reports[split]) for split in names}
+    raw = {split: data.read_split(source, split, reports[split], rule) for split in names}
     embeddings, oov = None, None
     if vocab is None:
-        vocab = data.build_vocab(raw.values())
+        vocab = data.build_vocab(raw["train"])
         if with_embeddings:
             embeddings, oov = data.glove_matrix(source, vocab)
     index = {w: i for i, w in enumerate(vocab)}
@@ -91,7 +93,7 @@ def load_data(source, vocab=None, with_images=True, with_masks=True, compute_mas
     splits = {name: data.Split(name, raw[name], index,
                                load_masks(source, name, compute_masks) if with_masks else None, regions)
               for name in split_names}
-    return splits, vocab, embeddings, {"reports": reports, "oov": oov}
+    return splits, vocab, embeddings, {"reports": reports, "oov": oov, "label_rule": data.LABEL_RULES[rule]}
 
 
 # --- 3. checkpoints --------------------------------------------------------------------------

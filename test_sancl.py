@@ -8,6 +8,7 @@ import importlib.util
 import json
 import math
 import sys
+from collections import Counter
 from types import SimpleNamespace
 
 import numpy as np
@@ -54,9 +55,33 @@ REL = [{"product_id": "p1", "review_id": "r1", "upvotes": 20}, {"product_id": "p
 # --- data ------------------------------------------------------------------------------
 def test_votes_to_scores_paper_rule_and_binned_detection():
     scores, rule = data.votes_to_scores([0, 1, 2, 3, 4, 7, 8, 15, 16, 1000])
-    assert scores == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4] and "log2" in rule
+    assert scores == [None, 0, 1, 1, 2, 2, 3, 3, 4, 4] and rule == "log2"  # 0 votes: no score
     scores, rule = data.votes_to_scores([0, 1, 4, 3, 2])
-    assert scores == [0, 1, 4, 3, 2] and "already binned" in rule
+    assert scores == [0, 1, 4, 3, 2] and rule == "binned"
+    assert data.votes_to_scores([0, 1, 4], "log2")[0] == [None, 0, 2]  # a given rule is applied as is
+
+
+def test_zero_vote_reviews_are_dropped_and_counted(tmp_path):
+    rel = REL + [{"product_id": "p2", "review_id": "r4", "upvotes": 0}]
+    rvw = RVW + [{"review_id": "r4", "content": "No votes.", "time": "2018"}]
+    report = data.SplitReport()
+    products = data.read_split(write_release(tmp_path, PRD, rvw, rel), "train", report)
+    assert [r.review_id for r in products[1].reviews] == ["r3"] and report.zero_vote_reviews == 1
+    assert "0-vote reviews dropped" in report.label_rule
+
+
+def test_one_label_rule_for_every_split(tmp_path):
+    """Test votes all in 0..4 would look binned on their own; train's 20 votes say they are raw."""
+    source = write_release(tmp_path, PRD, RVW, REL, splits=("train",))
+    small = [dict(row, upvotes=min(row["upvotes"], 3)) for row in REL]  # 3, 1, 3
+    for split in ("dev", "test"):
+        for kind, rows in (("prd", PRD), ("rvw", RVW), ("rel", small)):
+            source.table(kind, split).write_text(json.dumps(rows))
+    assert data.release_label_rule(source) == "log2"
+    scores = [r.score for p in data.read_split(source, "test") for r in p.reviews]
+    assert scores == [1, 0, 1]  # floor(log2 3) = 1, not the binned 3
+    splits, _, _, info = plumbing.load_data(source, with_images=False, with_masks=False, with_embeddings=False)
+    assert splits["dev"].labels.tolist() == [1, 0, 1] and "log2" in info["label_rule"]
 
 
 def test_join_products_reviews_and_scores(tmp_path):
@@ -183,25 +208,52 @@ def test_sample_is_deterministic(tmp_path):
     assert (tmp_path / "a" / "Electronics.prd.train").exists()
 
 
+def test_vocabulary_is_the_frequent_training_tokens():
+    products = [data.Product("p", "kettle", "", [data.Review(f"r{i}", "kettle boils" + " rare" * (i == 0), 1)
+                                                 for i in range(5)])]
+    vocab = data.build_vocab(products)
+    assert vocab == ["<pad>", "<unk>", "kettle", "boils"]  # "kettle" 6 times, "boils" 5, "rare" once
+    assert data.build_vocab(products, min_count=1)[-1] == "rare"
+
+
 def test_group_sampling_and_batches(tiny_root):
     source = data.resolve_data(data_dir=tiny_root)
     splits, vocab, _, _ = plumbing.load_data(source, with_images=False, with_masks=False, with_embeddings=False)
-    train = splits["train"]
-    groups = train.groups(np.random.default_rng(0))
-    assert groups and all(1 < len(g) <= 8 for g in groups)
+    split = splits["train"]
+    groups = train.epoch_groups(split, np.random.default_rng(0))
+    assert groups and all(len(g) == 8 for g in groups)
     for positive, *negatives in groups:
-        assert all(train.labels[n] < train.labels[positive] for n in negatives)
-        assert all(train.review_product[n] == train.review_product[positive] for n in negatives)
-    n_pairs = 0
-    for batch in train.train_batches(4, np.random.default_rng(0)):
+        assert all(split.labels[n] <= split.labels[positive] - 2 for n in negatives)
+        assert all(split.review_product[n] == split.review_product[positive] for n in negatives)
+    n_pairs, n_batches = 0, 0
+    for batch in split.train_batches(groups, 32, np.random.default_rng(0)):
         pos, neg = batch["pairs"].T
-        assert (batch["labels"][pos] > batch["labels"][neg]).all()
+        assert (batch["labels"][pos] >= batch["labels"][neg] + 2).all()
         assert (batch["review_product"][pos] == batch["review_product"][neg]).all()
-        assert len(set(batch["review_rows"].tolist())) == len(batch["review_rows"])  # encoded once
-        n_pairs += len(pos)
-    assert n_pairs == sum(len(g) - 1 for g in groups)
+        assert len(set(batch["review_rows"].tolist())) == len(batch["review_rows"]) <= 32  # encoded once
+        n_pairs, n_batches = n_pairs + len(pos), n_batches + 1
+    assert n_pairs == 7 * len(groups) and n_batches == math.ceil(len(groups) / 4)  # 4 groups of 8 rows
     seen = torch.cat([b["review_rows"] for b in splits["test"].eval_batches(max_reviews=20)])
     assert seen.tolist() == list(range(len(splits["test"].labels)))  # every review once, in order
+
+
+def test_pair_sampler_rules_on_a_hand_made_product():
+    """Labels 0 0 0 1 2 3 4: positives are above the two lowest labels (0, 1): the 2, 3 and 4.
+    Negatives are at least 2 lower, with weight 1 - share of their label: label 0 holds 3 of
+    7 reviews (weight 4/7 each), labels 1 and 2 one each (weight 6/7)."""
+    labels = np.array([0, 0, 0, 1, 2, 3, 4])
+    groups = train.product_groups(labels, np.random.default_rng(0), negatives=7)
+    assert [g[0] for g in groups] == [4, 5, 6] and all(len(g) == 8 for g in groups)
+    allowed = {4: {0, 1, 2}, 5: {0, 1, 2, 3}, 6: {0, 1, 2, 3, 4}}
+    assert all(set(g[1:]) <= allowed[g[0]] for g in groups)
+    draws = Counter()
+    rng = np.random.default_rng(1)
+    for _ in range(3000):
+        draws.update(train.product_groups(labels, rng, negatives=7)[2][1:])  # the positive with label 4
+    total = 3 * 4 / 7 + 6 / 7 + 6 / 7  # weights of the 5 candidates (reviews 0-4)
+    for review, weight in [(0, 4 / 7), (3, 6 / 7), (4, 6 / 7)]:
+        assert draws[review] / (3000 * 7) == pytest.approx(weight / total, abs=0.01)
+    assert train.product_groups(np.array([0, 1, 1, 0]), rng) == []  # fewer than 3 distinct labels
 
 
 # --- metrics (evaluate.py), on cases computed by hand ------------------------------------
@@ -242,17 +294,56 @@ def tiny_model(seed=0, **overrides):
     return sancl.SANCL(config), config
 
 
-def naive_attention(h, mask, w_query, w_key):
-    """a_ij = exp(q_i.k_j / sqrt(d)) / sum_{real k} exp(q_i.k_k / sqrt(d)), one entry at a time."""
-    L, d = h.shape
-    q, k = (h @ w_query.T).detach(), (h @ w_key.T).detach()
+def naive_attention(h, mask, query, key):
+    """Eq. (3) as the reference computes it: a_ij = exp(q_i.k_j) / sum_{real k} exp(q_i.k_k),
+    q = W_q h + b_q, k = W_k h + b_k (no 1/sqrt(d)), one entry at a time."""
+    L = h.shape[0]
+    q = (h @ query.weight.T + query.bias).detach()
+    k = (h @ key.weight.T + key.bias).detach()
     a = torch.zeros(L, L)
     for i in range(L):
-        norm = sum(math.exp(q[i] @ k[j] / math.sqrt(d)) for j in range(L) if mask[j])
+        norm = sum(math.exp(q[i] @ k[j]) for j in range(L) if mask[j])
         for j in range(L):
             if mask[j]:
-                a[i, j] = math.exp(q[i] @ k[j] / math.sqrt(d)) / norm
+                a[i, j] = math.exp(q[i] @ k[j]) / norm
     return a
+
+
+# --- Sec. 3.3: encoders --------------------------------------------------------------
+
+def test_padded_gru_equals_the_packed_gru():
+    """Eq. (1) without packing: a uni-directional GRU's outputs at real tokens and its
+    h_seq do not depend on the padding after the last real token."""
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    torch.manual_seed(0)
+    encoder = sancl.TextEncoder(tiny_config()).eval()
+    x, lengths = torch.randn(5, 9, 8), torch.tensor([9, 1, 4, 7, 2])
+    h, h_seq = encoder(x, lengths)
+    packed, h_last = encoder.gru(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))
+    expected, _ = pad_packed_sequence(packed, batch_first=True, total_length=9)
+    assert torch.allclose(h, expected, atol=1e-6) and torch.allclose(h_seq, h_last[0], atol=1e-6)
+    assert torch.all(h[1, 1:] == 0)  # zeros on padding, as the packed GRU gives
+
+
+def test_image_encoder_ignores_padded_regions_and_is_shared():
+    torch.manual_seed(0)
+    config = tiny_config()
+    encoder = sancl.ImageEncoder(config).eval()
+    regions, mask = torch.randn(3, 4, config.region_dim), torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]]).bool()
+    h = encoder(regions, mask)
+    padded = torch.cat([regions, 100 * torch.randn(3, 3, config.region_dim)], dim=1)
+    h_padded = encoder(padded, torch.cat([mask, torch.zeros(3, 3, dtype=torch.bool)], dim=1))
+    assert torch.allclose(h, h_padded[:, :4], atol=1e-5) and torch.all(h_padded[:, 4:] == 0)
+    assert torch.all(h[~mask] == 0)
+    assert len(encoder.layers) == 3 and encoder.layers[0].attention.num_heads == 4
+    model, config = tiny_model()
+    encoders = [m for m in model.modules() if isinstance(m, sancl.ImageEncoder)]
+    calls = []
+    model.image_encoder.register_forward_hook(lambda module, args, output: calls.append(args[0].size(0)))
+    batch = sancl.random_batch(config, products=2, reviews_per_product=3)
+    model(batch)
+    assert encoders == [model.image_encoder] and calls == [2, 6]  # one encoder, products then reviews
 
 
 # --- Sec. 3.4: Eq. (2)-(8) ---------------------------------------------------------
@@ -269,7 +360,7 @@ def test_eq2_to_eq5_reweighting_and_eq7():
     alpha, b = config.alpha, beta[0].item()
     assert torch.allclose(m_prime, torch.tensor([[alpha, b, b, 0.0]]))  # Eq. (2), 0 on padding
     h_new, a_prime = attention(h, mask, m_prime)
-    a = naive_attention(h[0], mask[0], attention.query.weight, attention.key.weight)
+    a = naive_attention(h[0], mask[0], attention.query, attention.key)
     # Eq. (5): (1,1) -> alpha^2 a, (1,0) -> alpha beta a, (0,0) -> beta^2 a
     assert torch.allclose(a_prime[0, 0, 0], alpha ** 2 * a[0, 0], atol=1e-6)
     assert torch.allclose(a_prime[0, 0, 1], alpha * b * a[0, 1], atol=1e-6)
@@ -328,9 +419,12 @@ def test_losses_against_loops():
     P, R = batch["product_tokens"].size(0), len(labels)
     assert 0 < sum(label >= 3 for label in labels) < R
 
-    hinge = [max(0.0, config.gamma * (labels[i] - labels[j]) - out["score"][i].item() + out["score"][j].item())
-             for i, j in batch["pairs"].tolist()]
-    assert loss["task"].item() == pytest.approx(sum(hinge) / len(hinge), rel=1e-5)
+    # Eq. (16): hinge terms summed within a group (one positive), averaged over the groups
+    groups = {}
+    for i, j in batch["pairs"].tolist():
+        hinge = max(0.0, config.gamma * (labels[i] - labels[j]) - out["score"][i].item() + out["score"][j].item())
+        groups[i] = groups.get(i, 0.0) + hinge
+    assert len(groups) > 1 and loss["task"].item() == pytest.approx(sum(groups.values()) / len(groups), rel=1e-5)
 
     # Eq. (11): instances are every product and every review
     instances = [(out["t_ii_product"][p], out["v_ii_product"][p], True) for p in range(P)]
@@ -367,12 +461,14 @@ def test_gradients_reach_every_part():
     batch = sancl.random_batch(config, seed=1)
     model.losses(batch, model(batch))["total"].backward()
     parts = [model.probe_weights.beta_generator, model.output, *model.projections.values(),
-             model.review_text_encoder, model.product_text_encoder, model.review_image_encoder,
-             model.product_image_encoder, model.text_cross_attention, model.image_cross_attention]
+             model.review_text_encoder, model.product_text_encoder, model.review_self_attention,
+             model.image_encoder, model.text_cross_attention, model.image_cross_attention, model.embedding]
     for part in parts:
         for p in part.parameters():
             assert p.grad is not None and p.grad.abs().sum() > 0
-    assert model.embedding.weight.grad is None  # frozen GloVe
+    frozen, config = tiny_model(freeze_embeddings=True)
+    frozen.losses(batch, frozen(batch))["total"].backward()
+    assert frozen.embedding.weight.grad is None  # --freeze-embeddings
 
 
 # --- switches -----------------------------------------------------------------------
@@ -480,10 +576,12 @@ def test_forward_shapes_and_param_count():
     assert model.num_params() == total - config.vocab_size * config.embed_dim
 
 
-def test_pretrained_embeddings_are_used_and_frozen():
+def test_pretrained_embeddings_are_used_trained_or_frozen():
     config = tiny_config()
     table = torch.randn(config.vocab_size, config.embed_dim)
     model = sancl.SANCL(config, embeddings=table)
+    assert torch.equal(model.embedding.weight, table) and model.embedding.weight.requires_grad
+    model = sancl.SANCL(tiny_config(freeze_embeddings=True), embeddings=table)
     assert torch.equal(model.embedding.weight, table) and not model.embedding.weight.requires_grad
     with pytest.raises(ValueError, match="shape"):
         sancl.SANCL(config, embeddings=table[:, :3])

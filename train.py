@@ -4,8 +4,9 @@
     python train.py --data electronics --no-cpc-ii  # one ablation of Table 2
     python train.py --resume runs/home_kitchen      # continue a stopped run exactly
 
-Each epoch: pairwise groups over the training products (data.Split.train_batches), Adam,
-dev MAP / N@3 / N@5; the best dev epoch is kept and reported on test (SPEC §6).
+Each epoch: the reference's training groups (1 positive + 7 lower-scored reviews of the same
+product, `product_groups`), batches of 32 review rows, Adam; dev MAP / N@3 / N@5, which also
+drives the learning-rate schedule; the best dev epoch is kept and reported on test (SPEC §6, §10).
 """
 import argparse
 import dataclasses
@@ -24,6 +25,8 @@ from plumbing import (find_data, load_checkpoint, load_data, pick_device, rng_st
                       seed_everything, set_rng_state, to_device)
 
 SWITCHES = ("text_only", "fixed_beta", "no_probe_mask", "no_cpc_ii", "no_cpc_pr")
+RELEASE_EPOCHS = 11  # the reference trains 11 epochs (SPEC §10)
+SAMPLE_EPOCHS = 5  # the built-in sample: the main job stays within a few minutes on a laptop CPU
 
 
 def parse_args(argv=None):
@@ -34,10 +37,16 @@ def parse_args(argv=None):
     p.add_argument("--features", help="region-feature folder (default {data folder}/features)")
     p.add_argument("--compute-masks", action="store_true",
                    help="compute missing probe masks in this run (else: python probe_mask.py first)")
-    p.add_argument("--epochs", type=int, help="maximum epochs (default 20 on the release, 6 on the sample)")
-    p.add_argument("--patience", type=int, default=3, help="stop after this many epochs without a better dev MAP")
-    p.add_argument("--lr", type=float, help="Adam learning rate (default: Table 5 for the category)")
-    p.add_argument("--batch-size", type=int, help="review groups per batch (default: Table 5, 32)")
+    p.add_argument("--epochs", type=int, help=f"maximum epochs (default {RELEASE_EPOCHS} on the release, as the "
+                   f"reference; {SAMPLE_EPOCHS} on the sample)")
+    p.add_argument("--patience", type=int, default=6, help="stop after this many epochs without a better dev MAP "
+                   "(default 6: the learning rate is halved after 5, then one more epoch is tried)")
+    p.add_argument("--lr", type=float, help="Adam learning rate at the start (default: Table 5 for the category); "
+                   "halved after 5 epochs without a better dev MAP (ReduceLROnPlateau, as the reference)")
+    p.add_argument("--batch-size", type=int, help="review ROWS per batch, as Table 5 counts them (default 32 = 4 "
+                   "groups of 1 positive + 7 negatives); rounded down to whole groups, at least one")
+    p.add_argument("--freeze-embeddings", action="store_true", help="keep the GloVe vectors fixed (default: "
+                   "trained from their GloVe start, as the paper and the reference do)")
     p.add_argument("--kappa", type=float, help="weight of the contrastive losses, Eq. (18) (default: Table 5)")
     p.add_argument("--dropout", type=float, help="text embedding dropout (default: Table 5)")
     p.add_argument("--threshold", type=int, default=1, help="relevance threshold of the metrics: label > it")
@@ -58,6 +67,46 @@ def parse_args(argv=None):
     return args
 
 
+# --- SANCL: training pairs for the ranking loss (Eq. 16; the reference's sampler, SPEC §10) ---
+NEGATIVES = 7  # negatives per positive: a group is 1 + 7 = 8 review rows
+
+
+def product_groups(labels, rng, negatives=NEGATIVES):
+    """The training groups of ONE product, as the reference draws them: [positive, negatives...]
+    indices into `labels` (the product's review labels, 0..4).
+
+    - positives: the reviews whose label is above the product's two lowest distinct labels;
+    - each positive gets `negatives` reviews at least 2 labels lower, drawn with replacement,
+      with probability proportional to 1 - (share of the product's reviews with that label),
+      so rare labels are drawn more often. Our reading of "label frequency": within the product.
+    A product with fewer than 3 distinct labels gives no group."""
+    labels = np.asarray(labels)
+    distinct, counts = np.unique(labels, return_counts=True)
+    if len(distinct) < 3:
+        return []
+    weight = 1 - (counts / len(labels))[np.searchsorted(distinct, labels)]  # (n,) 1 - share of own label
+    groups = []
+    for i in np.flatnonzero(labels > distinct[1]):
+        lower = np.flatnonzero(labels <= labels[i] - 2)  # never empty: labels[i] >= third lowest
+        drawn = rng.choice(lower, negatives, replace=True, p=weight[lower] / weight[lower].sum())
+        groups.append([int(i)] + drawn.tolist())
+    return groups
+
+
+def epoch_groups(split, rng, negatives=NEGATIVES):
+    """This epoch's groups over every product of `split`, as split rows. The reference draws
+    them once before training and reshuffles; we draw afresh each epoch from the run's seed
+    (np.random.default_rng([seed, epoch])): the same cost, more of the negatives seen, and a
+    resumed run draws exactly what it would have."""
+    groups = []
+    for p in range(len(split.products)):
+        start, end = int(split.review_start[p]), int(split.review_start[p + 1])
+        groups += [[start + i for i in group]
+                   for group in product_groups(split.labels[start:end].numpy(), rng, negatives)]
+    return groups
+
+
+# plumbing: settings, the loop, checkpoints
 def settings(args, category):
     """Hyper-parameters: the flags where given, else Table 5 of the paper for the category."""
     table = sancl.TABLE5[category or "home_kitchen"]
@@ -78,7 +127,7 @@ def train(args):
     source = find_data(args.data, args.data_dir, args.glove, args.features)
     category = args.data or next((k for k, v in data.CATEGORIES.items() if v == source.prefix), None)
     hp = settings(args, category)
-    args.epochs = args.epochs or (6 if source.is_sample else 20)
+    args.epochs = args.epochs or (SAMPLE_EPOCHS if source.is_sample else RELEASE_EPOCHS)
     out = Path(args.out or f"runs/{category or source.prefix}")
     out.mkdir(parents=True, exist_ok=True)
 
@@ -87,13 +136,16 @@ def train(args):
         source, vocab=resume["vocab"] if resume else None, with_images=not args.text_only,
         with_masks=not args.no_probe_mask, compute_masks=args.compute_masks)
     config = sancl.SANCLConfig(vocab_size=len(vocab), text_dropout=hp["text_dropout"], kappa=hp["kappa"],
-                               **{s: getattr(args, s) for s in SWITCHES})
+                               freeze_embeddings=args.freeze_embeddings, **{s: getattr(args, s) for s in SWITCHES})
     model = sancl.SANCL(config, embeddings).to(device)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=hp["lr"])
+    # the reference's schedule: halve the learning rate after 5 epochs without a better dev score
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=4)
     state = {"epoch": 0, "best_map": -1.0, "best_epoch": 0, "bad_epochs": 0, "history": []}
     if resume:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
         state = resume["state"]
         set_rng_state(resume["rng"])
     run_info = {"args": vars(args), "settings": hp, "config": dataclasses.asdict(config), "data": str(source.root),
@@ -102,6 +154,9 @@ def train(args):
     print(f"data {source.root} ({'SAMPLE' if source.is_sample else 'release'}): "
           + ", ".join(f"{n} {len(s.products)}/{len(s.labels)}" for n, s in splits.items())
           + f" products/reviews; loaded in {time.time() - t0:.1f}s")
+    dropped = [report.zero_vote_reviews for report in info["reports"].values()]
+    print(f"labels: {info['label_rule']}" + (f" ({'/'.join(map(str, dropped))} in "
+                                             f"{'/'.join(info['reports'])})" if any(dropped) else ""))
     print(f"model: {model.num_params() / 1e6:.2f}M params without embeddings; device {device}; "
           f"lr {hp['lr']} batch {hp['batch_size']} kappa {hp['kappa']} dropout {hp['text_dropout']}; "
           f"switches: {', '.join(s for s in SWITCHES if getattr(args, s)) or 'none (full SANCL)'}")
@@ -111,7 +166,8 @@ def train(args):
         model.train()
         rng = np.random.default_rng([args.seed, epoch])  # the epoch's groups: same on resume
         sums, steps, reviews, t0 = {"task": 0.0, "cpc_ii": 0.0, "cpc_pr": 0.0}, 0, 0, time.time()
-        for batch in splits["train"].train_batches(hp["batch_size"], rng):
+        groups = epoch_groups(splits["train"], rng)
+        for batch in splits["train"].train_batches(groups, hp["batch_size"], rng):
             batch = to_device(batch, device)
             losses = model.losses(batch, model(batch))
             optimizer.zero_grad(set_to_none=True)
@@ -128,14 +184,16 @@ def train(args):
         dev_time = time.time() - t0
         state["epoch"] = epoch
         means = {k: v / max(1, steps) for k, v in sums.items()}
-        state["history"].append({"epoch": epoch, **means, "dev": dev})
+        state["history"].append({"epoch": epoch, **means, "dev": dev, "lr": optimizer.param_groups[0]["lr"]})
+        scheduler.step(dev["MAP"])
         better = dev["MAP"] > state["best_map"]
         if better:
             state.update(best_map=dev["MAP"], best_epoch=epoch, bad_epochs=0)
         else:
             state["bad_epochs"] += 1
         checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "args": vars(args),
-                      "config": dataclasses.asdict(config), "vocab": vocab, "state": state, "rng": rng_state()}
+                      "config": dataclasses.asdict(config), "vocab": vocab, "state": state, "rng": rng_state(),
+                      "scheduler": scheduler.state_dict()}
         if better:
             save_atomic(checkpoint, out / "best.pt")
         save_atomic(checkpoint, out / "last.pt")
