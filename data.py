@@ -290,7 +290,7 @@ def glove_matrix(source, vocab, seed=0):
 
     A token is looked up as is (840B is cased), then lower-cased. Words not in GloVe get a
     random vector N(0, 0.3^2) from a fixed seed, so that different unknown words stay
-    distinguishable to the frozen embedding layer. The lookup is cached next to the data,
+    distinguishable from the start (training then moves them). The lookup is cached next to the data,
     keyed by the GloVe file and the vocabulary, so the 5 GB file is scanned once.
     """
     if not source.glove.exists():
