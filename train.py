@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 import data
+import plots
 import sancl
 from evaluate import evaluate_split, format_metrics
 from plumbing import (find_data, load_checkpoint, load_data, pick_device, rng_state, save_atomic,
@@ -128,7 +129,9 @@ def train(args):
         dev_time = time.time() - t0
         state["epoch"] = epoch
         means = {k: v / max(1, steps) for k, v in sums.items()}
-        state["history"].append({"epoch": epoch, **means, "dev": dev})
+        state["history"].append({"epoch": epoch, **means, "dev": dev, "lr": optimizer.param_groups[0]["lr"],
+                                 "train_s": train_time, "dev_s": dev_time})
+        plots.write_history_csv(state["history"], out / "history.csv")  # rewritten each epoch: resume-safe
         better = dev["MAP"] > state["best_map"]
         if better:
             state.update(best_map=dev["MAP"], best_epoch=epoch, bad_epochs=0)
@@ -152,6 +155,9 @@ def train(args):
     (out / "test.json").write_text(json.dumps({"best_epoch": state["best_epoch"], "test": test}, indent=2))
     print(f"best dev epoch {state['best_epoch']} (dev MAP {state['best_map']:.2f}); checkpoint {out / 'best.pt'}")
     print(format_metrics("test", test))
+    print(f"history {out / 'history.csv'}")
+    if plots.draw_curves(state["history"], out / "curves.png", f"{out}: loss and dev MAP per epoch"):
+        print(f"curves {out / 'curves.png'}")
     return test
 
 
