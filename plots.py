@@ -119,6 +119,9 @@ def draw_attention(attention, tokens, token_sentence, marked, beta, path, title=
     fontsize = 8 if n <= 40 else 6
     axis.set_xticks(ticks, [tokens[i] for i in ticks], rotation=90, fontsize=fontsize)
     axis.set_yticks(ticks, [f"{tokens[i]} {i + 1}" for i in ticks], fontsize=fontsize)
+    for labels in (axis.get_xticklabels(), axis.get_yticklabels()):  # tokens of marked sentences in red
+        for i, label in zip(ticks, labels):
+            label.set_color("red" if marked[token_sentence[i]] else "black")
     for start, end in sentence_runs(token_sentence):
         if start:
             axis.axhline(start - 0.5, color="white", lw=0.6, alpha=0.7)
@@ -127,7 +130,6 @@ def draw_attention(attention, tokens, token_sentence, marked, beta, path, title=
             axis.add_patch(Rectangle((start - 0.5, start - 0.5), end - start, end - start,
                                      fill=False, edgecolor="red", lw=2))
     axis.set_title(f"{title}A' (Eq. 4), beta = {beta:.2f}; red: probe-marked sentences", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=80, bbox_inches="tight")
     plt.close(fig)
     return Path(path)
