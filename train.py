@@ -149,15 +149,14 @@ def train(args):
               + f"  |  train {train_time:.1f}s {reviews / train_time:.0f} reviews/s, dev {dev_time:.1f}s "
               f"{len(splits['dev'].labels) / dev_time:.0f} reviews/s{'  *best' if better else ''}", flush=True)
 
+    drawn = plots.draw_curves(state["history"], out / "curves.png", f"{out}: loss and dev MAP per epoch")
+    print(f"history {out / 'history.csv'}" + (f", curves {drawn}" if drawn else ""))
     best = load_checkpoint(out / "best.pt")
     model.load_state_dict(best["model"])
     test = evaluate_split(model, splits["test"], device, args.threshold)
     (out / "test.json").write_text(json.dumps({"best_epoch": state["best_epoch"], "test": test}, indent=2))
     print(f"best dev epoch {state['best_epoch']} (dev MAP {state['best_map']:.2f}); checkpoint {out / 'best.pt'}")
     print(format_metrics("test", test))
-    print(f"history {out / 'history.csv'}")
-    if plots.draw_curves(state["history"], out / "curves.png", f"{out}: loss and dev MAP per epoch"):
-        print(f"curves {out / 'curves.png'}")
     return test
 
 
