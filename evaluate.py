@@ -2,7 +2,8 @@
 
     python evaluate.py --checkpoint runs/home_kitchen/best.pt [--split test]
     python evaluate.py --data home_kitchen --baselines
-    python evaluate.py --checkpoint runs/home_kitchen/best.pt --predict my_product.json
+    python evaluate.py --checkpoint runs/home_kitchen/best.pt --predict examples/twisty_pins.json
+    python evaluate.py --checkpoint runs/home_kitchen/best.pt --explain examples/twisty_pins.json
 
 The metrics follow the definitions of the dataset's authors (../shared/SPEC.md §7): each
 product is one query; its reviews are sorted by predicted score, ties kept in input order.
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 import data
+import plots
 import probe_mask
 import sancl
 from features import RegionStore
@@ -105,12 +107,13 @@ def load_run(checkpoint_path, data_dir=None, split_names=data.SPLITS, device="cp
     return model, checkpoint, splits
 
 
-def predict_file(model, checkpoint, path, device):
-    """Score the reviews of one product given as JSON and print them, best first.
+def read_product_file(model, checkpoint, path, nlp=None):
+    """One product and its reviews given as JSON, encoded like a split: (Split, skipped, folders).
 
     {"name": "...", "description": "...", "features": "folder (optional)",
      "reviews": [{"text": "...", "features": "folder (optional)"}, ...]}
     Feature folders hold .npz files (key x, shape (n, 2048)) as in the release, relative to the JSON file.
+    skipped: reviews without text; folders: item id -> its feature folder (items with images).
     """
     try:
         spec = json.loads(Path(path).read_text())
@@ -127,16 +130,81 @@ def predict_file(model, checkpoint, path, device):
     masks = None
     if not model.config.no_probe_mask:
         masks = probe_mask.compute_masks([(product.product_id, r.review_id, product.name, r.text)
-                                          for r in product.reviews], progress=False)
+                                          for r in product.reviews], nlp, progress=False)
     regions = None if model.config.text_only else RegionStore(Path(path).parent, folders=folders)
     split = data.Split("predict", [product], {w: i for i, w in enumerate(checkpoint["vocab"])}, masks, regions)
+    return split, len(spec["reviews"]) - len(product.reviews), folders
+
+
+def predict_file(model, checkpoint, path, device):
+    """Score the reviews of one product given as JSON (read_product_file) and print them, best first."""
+    split, skipped, _ = read_product_file(model, checkpoint, path)
+    product = split.products[0]
     scores = predict_scores(model, split, device)
-    skipped = len(spec["reviews"]) - len(product.reviews)
     print(f"{product.name}: {len(product.reviews)} reviews, most helpful first"
           + (f" ({skipped} without text skipped)" if skipped else ""))
     for rank, i in enumerate(torch.argsort(-scores, stable=True).tolist(), 1):
         text = product.reviews[i].text.replace("\n", " ")
         print(f"{rank:3d}  {scores[i]:+.3f}  {text[:100]}{'...' if len(text) > 100 else ''}")
+
+
+# --- what the model sees: the case study of Table 3 and the attention map of Fig. 3 -------
+def _similarities(out, row, tau, review_image, product_image):
+    """cos and phi = exp(cos / tau) (Eq. 10) of the review's S^ii pair (text, image of the review)
+    and S^pr pairs (review vs its product, per modality), from the S^d_{m,f} of Eq. (9).
+    A pair with a missing image is None: it would compare the learned "no image" vector."""
+    rp = 0  # one product per file
+    pairs = {"S^ii t-v": ("t_ii_review", row, "v_ii_review", row, review_image),
+             "S^pr text": ("t_pr_review", row, "t_pr_product", rp, True),
+             "S^pr image": ("v_pr_review", row, "v_pr_product", rp, review_image and product_image)}
+    result = {}
+    for name, (a, i, b, j, real) in pairs.items():
+        if a in out and b in out:
+            cos = float(torch.nn.functional.cosine_similarity(out[a][i], out[b][j], dim=0))
+            result[name] = (cos, math.exp(cos / tau)) if real else None
+    return result
+
+
+@torch.no_grad()
+def explain_file(model, checkpoint, path, device, plot_dir):
+    """Table 3 for each review of the JSON file: score, beta, the probe mask per sentence (M and M'),
+    the CPC similarities; and one PNG per review of A' like Fig. 3 (plots.draw_attention).
+    Sentences are Algorithm 1's spaCy sentences (probe_mask.explain), mapped onto data.py's tokens."""
+    nlp = probe_mask.load_spacy()
+    split, skipped, folders = read_product_file(model, checkpoint, path, nlp)
+    product, index = split.products[0], {w: i for i, w in enumerate(checkpoint["vocab"])}
+    model.eval()
+    batch = next(split.eval_batches())  # whole products per batch: the file's one product
+    out = model(to_device(batch, device))  # (R,) score, beta; (R, Lr) m_prime; (R, Lr, Lr) attention
+    plot_dir = Path(plot_dir)
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    print(f"Product name: {product.name}\nProduct description: {product.description}"
+          + (f"\n({skipped} reviews without text skipped)" if skipped else ""))
+    for row, review in enumerate(product.reviews):
+        n = int(split.review_lengths[row])  # tokens the model read (truncated at data.MAX_REVIEW_TOKENS)
+        tokens = data.tokenize(review.text)[:n]
+        why = probe_mask.explain(nlp, product.name, review.text)
+        token_sentence = why["token_sentence"][:n]
+        m_prime = out["m_prime"][row, :n].cpu()  # (n,) M' of Eq. (2)
+        beta = float(out["beta"][row])
+        unknown = sum(index.get(t, data.UNK) == data.UNK for t in tokens)
+        print(f"\nReview {row + 1} ({n} tokens, {unknown} unknown to the run's vocabulary"
+              f"{'' if review.review_id in folders else ', no image'}):")
+        print(f"  Prediction: {float(out['score'][row]):+.4f}   beta (Eq. 6): {beta:.2f}")
+        print("  probe mask per sentence: M (Algorithm 1), M' (Eq. 2) on its tokens")
+        for s, (flag, sentence) in enumerate(why["sentences"]):
+            in_s = [i for i, t in enumerate(token_sentence) if t == s]
+            weight = f"{float(m_prime[in_s].mean()):.2f}" if in_s else " -- "  # "--": cut by truncation
+            print(f"    {flag}  {weight}  {sentence}")
+        sims = _similarities(out, row, model.config.tau, review.review_id in folders, "product" in folders)
+        print("  CPC scores, cos (phi = exp(cos/tau), Eq. 10): " + ("   ".join(
+            f"{name} {value[0]:.2f} ({value[1]:.2f})" if value else f"{name} -- (no image)"
+            for name, value in sims.items()) or "none"))
+        picture = plot_dir / f"{Path(path).stem}-review{row + 1}.png"
+        marked = [flag for flag, _ in why["sentences"]]
+        if plots.draw_attention(out["attention"][row, :n, :n].cpu().numpy(), tokens, token_sentence, marked,
+                                beta, picture, f"review {row + 1}: "):
+            print(f"  attention map (Fig. 3): {picture}")
 
 
 def main(argv=None):
@@ -149,6 +217,10 @@ def main(argv=None):
                    "its label is above it (1 on Amazon, as in the reference configs)")
     p.add_argument("--baselines", action="store_true", help="print the metrics of the random and length rankers")
     p.add_argument("--predict", metavar="FILE.json", help="rank the reviews of a product described in FILE.json")
+    p.add_argument("--explain", metavar="FILE.json", help="print Table 3's case study for each review of "
+                   "FILE.json (same format as --predict) and draw its attention map A' like Fig. 3")
+    p.add_argument("--plots", metavar="DIR", help="where --explain writes its PNGs (default: "
+                   "{checkpoint folder}/explain)")
     p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, ...")
     args = p.parse_args(argv)
     seed_everything(0)
@@ -160,6 +232,10 @@ def main(argv=None):
             labels = [r.score for p in products for r in p.reviews]
             for name, scores in baseline_scores(products).items():
                 print(format_metrics(f"{name:7}", ranking_metrics(review_products, labels, scores, args.threshold)))
+        elif args.checkpoint and args.explain:
+            model, checkpoint, _ = load_run(args.checkpoint, split_names=(), device=device)
+            explain_file(model, checkpoint, args.explain, device,
+                         args.plots or Path(args.checkpoint).parent / "explain")
         elif args.checkpoint and args.predict:
             model, checkpoint, _ = load_run(args.checkpoint, split_names=(), device=device)
             predict_file(model, checkpoint, args.predict, device)

@@ -197,12 +197,16 @@ def _algorithm_1(doc, core, backend="rules", root_lemmas=()):
     return sentences, marked, clusters, gold
 
 
-def _sentence_mask(text, sentences, marked):
-    """Line 19 on data.py's tokens: each token of data.token_spans(text) takes the 0/1 of the
-    spaCy sentence its first character falls in (sentences are matched by char offsets)."""
+def _token_sentences(text, sentences):
+    """The spaCy sentence of each token of data.token_spans(text): the one its first
+    character falls in (sentences are matched by char offsets)."""
     starts = [sentence.start_char for sentence in sentences]
-    return [int(bisect.bisect_right(starts, start) - 1 in marked)
-            for _, start, _ in data.token_spans(text)]
+    return [bisect.bisect_right(starts, start) - 1 for _, start, _ in data.token_spans(text)]
+
+
+def _sentence_mask(text, sentences, marked):
+    """Line 19 on data.py's tokens: each token takes the 0/1 of its spaCy sentence."""
+    return [int(sentence in marked) for sentence in _token_sentences(text, sentences)]
 
 
 def probe_mask(nlp, product_name, review_text, backend="rules", root_sentences=False):
@@ -216,13 +220,14 @@ def probe_mask(nlp, product_name, review_text, backend="rules", root_sentences=F
 
 def explain(nlp, product_name, review_text, backend="rules", root_sentences=False):
     """What Algorithm 1 saw: {"sentences": [(0 or 1, text)], "core_words": sorted list,
-    "clusters": [[mention text]], "gold": index of the gold cluster or None}."""
+    "clusters": [[mention text]], "gold": index of the gold cluster or None,
+    "token_sentence": the sentence index of each token of data.tokenize(review_text)}."""
     core, roots = _name_info(nlp(product_name), root_sentences)
     sentences, marked, clusters, gold = _algorithm_1(nlp(review_text), core, backend, roots)
     return {"sentences": [(int(i in marked), sentence.text) for i, sentence in enumerate(sentences)],
             "core_words": sorted(core),
             "clusters": [[mention.text for mention in cluster] for cluster in clusters],
-            "gold": gold}
+            "gold": gold, "token_sentence": _token_sentences(review_text, sentences)}
 
 
 def mask_to_spans(mask):

@@ -9,6 +9,7 @@ import json
 import math
 import sys
 from collections import Counter
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -18,6 +19,7 @@ import torch
 import data
 import evaluate
 import features
+import plots
 import plumbing
 import probe_mask as pm
 import sample
@@ -871,6 +873,11 @@ def test_one_epoch_smoke_run_of_every_switch(tiny_root, tmp_path, switch, capsys
     assert (tmp_path / "best.pt").exists() and (tmp_path / "config.json").exists()
 
 
+def without_seconds(history):
+    """The history entries minus their wall-clock seconds: everything a seed fixes."""
+    return [{k: v for k, v in entry.items() if k not in ("train_s", "dev_s")} for entry in history]
+
+
 def test_resume_continues_exactly(tiny_root, tmp_path):
     straight = run_train(tiny_root, tmp_path / "a", "--epochs", "2", "--patience", "9")
     run_train(tiny_root, tmp_path / "b", "--epochs", "1")
@@ -878,7 +885,7 @@ def test_resume_continues_exactly(tiny_root, tmp_path):
     assert straight == resumed
     a, b = (plumbing.load_checkpoint(tmp_path / run / "last.pt") for run in "ab")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    assert a["state"]["history"] == b["state"]["history"]
+    assert without_seconds(a["state"]["history"]) == without_seconds(b["state"]["history"])
 
 
 def test_missing_run_or_checkpoint_is_a_clear_error(tmp_path, capsys):
@@ -891,7 +898,7 @@ def test_same_seed_same_numbers(tiny_root, tmp_path):
     assert run_train(tiny_root, tmp_path / "a") == run_train(tiny_root, tmp_path / "b")
     a, b = (plumbing.load_checkpoint(tmp_path / run / "last.pt") for run in "ab")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])  # to the last bit
-    assert a["state"]["history"] == b["state"]["history"]
+    assert without_seconds(a["state"]["history"]) == without_seconds(b["state"]["history"])
 
 
 def test_evaluate_checkpoint_predict_and_baselines(tiny_root, tmp_path, capsys):
@@ -917,12 +924,71 @@ def test_evaluate_checkpoint_predict_and_baselines(tiny_root, tmp_path, capsys):
     assert [line.split()[0] for line in lines] == ["random", "length"]
 
 
+@pytest.fixture(scope="module")
+def tiny_run(tiny_root, tmp_path_factory):
+    """One 2-epoch run on the tiny sample, shared by the history and --explain tests."""
+    out = tmp_path_factory.mktemp("run")
+    run_train(tiny_root, out, "--epochs", "2", "--patience", "9")
+    return out
+
+
+def without_matplotlib(monkeypatch):
+    """`import matplotlib` raises ImportError, as on a machine where it is not installed."""
+    for name in [name for name in sys.modules if name == "matplotlib" or name.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+
+
+def test_history_csv_is_written_every_epoch(tiny_run):
+    rows = plots.read_history_csv(tiny_run / "history.csv")
+    history = plumbing.load_checkpoint(tiny_run / "last.pt")["state"]["history"]
+    assert [row["epoch"] for row in rows] == [1.0, 2.0] and len(history) == 2
+    assert list(rows[0]) == list(plots.HISTORY_COLUMNS)
+    assert rows[1]["dev_MAP"] == pytest.approx(history[1]["dev"]["MAP"]) and rows[1]["lr"] == history[1]["lr"]
+    assert all(row["train_s"] > 0 and row["task"] > 0 for row in rows)
+
+
+def test_curves_with_and_without_matplotlib(tiny_run, tmp_path, monkeypatch, capsys):
+    history = plumbing.load_checkpoint(tiny_run / "last.pt")["state"]["history"]
+    if importlib.util.find_spec("matplotlib"):
+        assert (tiny_run / "curves.png").stat().st_size > 0  # drawn at the end of the run
+        assert plots.draw_curves(plots.read_history_csv(tiny_run / "history.csv"), tmp_path / "c.png")
+    without_matplotlib(monkeypatch)
+    assert plots.draw_curves(history, tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
+    assert "matplotlib is not installed; the training curves would be at" in capsys.readouterr().out
+
+
+EXAMPLES = Path(__file__).parent / "examples"
+
+
+def explain(run, example, plot_dir, capsys):
+    assert evaluate.main(["--checkpoint", str(run / "best.pt"), "--explain", str(example), "--plots", str(plot_dir)]) == 0
+    return capsys.readouterr().out
+
+
+def test_explain_prints_table_3_and_draws_figure_3(tiny_run, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out = explain(tiny_run, EXAMPLES / "home_kitchen.json", tmp_path, capsys)
+    assert out.startswith("Product name: Quenby Classic Kettle, 2 Pack\n")
+    assert out.count("Prediction: ") == 4 and out.count("beta (Eq. 6): ") == 4
+    assert "\n    1  1.00  The kettle has a solid spout and the lid is sturdy .\n" in out  # alpha = 1 on M = 1
+    assert "S^ii t-v -- (no image)" in out and "S^pr image -- (no image)" in out  # reviews 2 and 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"home_kitchen-review{i}.png" for i in (1, 2, 3, 4)]
+
+
+def test_explain_runs_without_matplotlib(tiny_run, tmp_path, monkeypatch, capsys):
+    without_matplotlib(monkeypatch)
+    out = explain(tiny_run, EXAMPLES / "twisty_pins.json", tmp_path, capsys)
+    assert "    1  1.00  I bought these to pin the loose material on a sofa cover" in out  # Table 3's marked sentence
+    assert "    0  " in out and "Prediction: " in out
+    assert "matplotlib is not installed; the attention map would be at" in out and not list(tmp_path.iterdir())
+
+
 # --- layout: imports go one way, from the paper's building blocks up to the entry points ---
 def project_imports():
     """{script: set of project scripts it imports}, from the source, imports inside functions
     included (a lazy import hides a circle from Python, not from this test)."""
     import ast
-    from pathlib import Path
 
     scripts = {path.stem: path for path in Path(__file__).parent.glob("*.py") if not path.stem.startswith("test_")}
     graph = {}

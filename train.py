@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 import data
+import plots
 import sancl
 from evaluate import evaluate_split, format_metrics
 from plumbing import (find_data, load_checkpoint, load_data, pick_device, rng_state, save_atomic,
@@ -184,7 +185,9 @@ def train(args):
         dev_time = time.time() - t0
         state["epoch"] = epoch
         means = {k: v / max(1, steps) for k, v in sums.items()}
-        state["history"].append({"epoch": epoch, **means, "dev": dev, "lr": optimizer.param_groups[0]["lr"]})
+        state["history"].append({"epoch": epoch, **means, "dev": dev, "lr": optimizer.param_groups[0]["lr"],
+                                 "train_s": train_time, "dev_s": dev_time})
+        plots.write_history_csv(state["history"], out / "history.csv")  # rewritten each epoch: resume-safe
         scheduler.step(dev["MAP"])
         better = dev["MAP"] > state["best_map"]
         if better:
@@ -204,6 +207,8 @@ def train(args):
               + f"  |  train {train_time:.1f}s {reviews / train_time:.0f} reviews/s, dev {dev_time:.1f}s "
               f"{len(splits['dev'].labels) / dev_time:.0f} reviews/s{'  *best' if better else ''}", flush=True)
 
+    drawn = plots.draw_curves(state["history"], out / "curves.png", f"{out}: loss and dev MAP per epoch")
+    print(f"history {out / 'history.csv'}" + (f", curves {drawn}" if drawn else ""))
     best = load_checkpoint(out / "best.pt")
     model.load_state_dict(best["model"])
     test = evaluate_split(model, splits["test"], device, args.threshold)
