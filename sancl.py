@@ -13,7 +13,6 @@ Letters in the shape comments:
     I  image size (128)               D  shared-space size (64)      V  vocabulary size
 """
 import argparse
-import time
 from dataclasses import dataclass
 
 import torch
@@ -455,71 +454,21 @@ def print_parameter_table(model):
           f"{model.embedding.weight.numel():,}")
 
 
-def time_steps(steps, repeats, warmup):
-    """Median wall time in seconds of each step(), after warmup calls. The steps take
-    turns, so a busy machine slows them alike and their ratio stays meaningful."""
-    times = [[] for _ in steps]
-    for round_ in range(warmup + repeats):
-        for step, kept in zip(steps, times):
-            start = time.perf_counter()
-            step()
-            if round_ >= warmup:
-                kept.append(time.perf_counter() - start)
-    return [sorted(kept)[len(kept) // 2] for kept in times]
-
-
-def benchmark(config, products=4, repeats=20, warmup=3):
-    """Training step of the full model vs. its input encoding alone (Sec. 3.3: the two GRUs
-    and the image encoder) on a realistic batch: Table 5's 32 review rows = 4 groups of 8
-    reviews (products=4), 128 tokens, 20 regions. The ratio is the cost of SANCL's own
-    mechanisms (Sec. 3.4-3.6: selective and cross-field attention, projections, losses)."""
-    model = SANCL(config).train()
-    batch = random_batch(config, products=products, reviews_per_product=8, product_len=128,
-                         review_len=128, regions=20, seed=0)
-
-    def full_step():
-        model.zero_grad(set_to_none=True)
-        model.losses(batch, model(batch))["total"].backward()
-
-    def encoder_step():
-        model.zero_grad(set_to_none=True)
-        h_p, _ = model.product_text_encoder(model.embedding(batch["product_tokens"]), batch["product_lengths"])
-        h_r, _ = model.review_text_encoder(model.embedding(batch["review_tokens"]), batch["review_lengths"])
-        total = h_p.sum() + h_r.sum()
-        if not config.text_only:
-            total = total + model.image_encoder(batch["product_regions"], batch["product_region_mask"]).sum()
-            total = total + model.image_encoder(batch["review_regions"], batch["review_region_mask"]).sum()
-        total.backward()
-
-    R = batch["labels"].numel()
-    full, encoders = time_steps([full_step, encoder_step], repeats, warmup)
-    print(f"benchmark on CPU ({torch.get_num_threads()} threads), {R} reviews, median of {repeats}:")
-    print(f"  full model forward+backward: {full * 1000:8.1f} ms  ({R / full:,.0f} reviews/s)")
-    print(f"  input encoding only (GRUs + image encoder): {encoders * 1000:8.1f} ms")
-    print(f"  ratio full / encoders-only: {full / encoders:.2f}")
-
-
 def main():
     parser = argparse.ArgumentParser(description="Build SANCL with Table 5 sizes, print its "
-                                     "parameters and run one training step on a random batch.")
+                                     "parameters and run one training step on a random batch "
+                                     "(python benchmark.py times it).")
     parser.add_argument("--category", choices=sorted(TABLE5), default="clothing",
                         help="Table 5 column for text dropout and kappa (default: clothing)")
     parser.add_argument("--vocab-size", type=int, default=20000,
                         help="vocabulary size of the random embedding table (default: 20000)")
     parser.add_argument("--text-only", action="store_true", help="build the text-only model")
     parser.add_argument("--seed", type=int, default=0, help="torch seed (default: 0)")
-    parser.add_argument("--benchmark", action="store_true",
-                        help="time a training step of the full model against its input encoding alone")
-    parser.add_argument("--products", type=int, default=4, help="--benchmark: products of 8 reviews in the "
-                        "batch (default 4: Table 5's 32 review rows)")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     table = TABLE5[args.category]
     config = SANCLConfig(vocab_size=args.vocab_size, text_dropout=table["text_dropout"],
                          kappa=table["kappa"], text_only=args.text_only)
-    if args.benchmark:
-        benchmark(config, args.products)
-        return
     model = SANCL(config)
     print(f"SANCL ({args.category}, {'text-only' if args.text_only else 'multimodal'}) parameters:")
     print_parameter_table(model)
