@@ -378,6 +378,32 @@ def precompute_split(source, split, nlp, backend="rules", n_process=1, batch_siz
     return masks, summary
 
 
+# plumbing: evaluation on hand-labelled reviews ------------------------------------------
+def evaluate_file(path, nlp, backend="rules", root_sentences=False):
+    """Sentence-level precision and recall of the masks, and the share of reviews marked exactly
+    right, on a JSON-lines file of {"category", "product", "sentences": [{"label", "text"}]}
+    (examples/probe_mask_eval.jsonl). A labelled sentence counts as marked when at least half
+    of its tokens are 1; the review is its sentences joined by spaces."""
+    true_positive = marked = labelled = exact = reviews = 0
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        record, reviews = json.loads(line), reviews + 1
+        labels = [sentence["label"] for sentence in record["sentences"]]
+        text = " ".join(sentence["text"] for sentence in record["sentences"])
+        mask = probe_mask(nlp, record["product"], text, backend, root_sentences)
+        flags, start = [], 0
+        for sentence in record["sentences"]:
+            end = start + len(sentence["text"])
+            inside = [flag for flag, (_, s, _) in zip(mask, data.token_spans(text)) if start <= s < end]
+            flags.append(int(2 * sum(inside) >= len(inside) > 0))
+            start = end + 1
+        true_positive += sum(f and l for f, l in zip(flags, labels))
+        marked, labelled, exact = marked + sum(flags), labelled + sum(labels), exact + (flags == labels)
+    return {"reviews": reviews, "precision": true_positive / max(marked, 1),
+            "recall": true_positive / max(labelled, 1), "exact": exact / max(reviews, 1)}
+
+
 # plumbing: command line ----------------------------------------------------------------
 def _print_explanation(nlp, args):
     result = explain(nlp, args.product, args.review, args.backend, args.root_sentences)
@@ -412,6 +438,8 @@ def main(argv=None):
     parser.add_argument("--data-dir", help="folder of an Amazon-MRHP release (default: as data.py finds it)")
     parser.add_argument("--product", help="a product name: print the mask of --review, sentence by sentence")
     parser.add_argument("--review", help="the review text to inspect with --product")
+    parser.add_argument("--evaluate", metavar="FILE",
+                        help="print precision, recall and exact share on hand-labelled reviews (JSON lines)")
     parser.add_argument("--backend", choices=BACKENDS, default="rules",
                         help="coreference: built-in rules, or neuralcoref (spaCy 2 only)")
     parser.add_argument("--processes", type=int, default=1,
@@ -422,12 +450,16 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if (args.product is None) != (args.review is None):
         parser.error("--product and --review go together")
-    if (args.product is None) == (args.data is None and args.data_dir is None):
+    if (args.product is None) == (args.data is None and args.data_dir is None) and args.evaluate is None:
         parser.error("give --data and/or --data-dir to precompute, or --product and --review to inspect")
     if args.processes < 1 or args.batch_size < 1:
         parser.error("--processes and --batch-size must be at least 1")
     try:
-        if args.product is not None:
+        if args.evaluate is not None:
+            r = evaluate_file(args.evaluate, load_spacy(args.backend), args.backend, args.root_sentences)
+            print(f"{args.evaluate}: {r['reviews']} reviews, sentence precision {r['precision']:.3f}, "
+                  f"recall {r['recall']:.3f}, reviews marked exactly right {r['exact']:.1%}")
+        elif args.product is not None:
             _print_explanation(load_spacy(args.backend), args)
         else:
             _precompute_all(args)
