@@ -273,9 +273,13 @@ def kind_noun(review, i):
 def part(review, i):
     """Rule "part": a part or property of a product ("the lid", "its screen", "the fit") with a
     definite determiner or at the start of its sentence ("Battery life is great"), and not
-    the modifier of a word for people or shipping ("the cable company")."""
-    if singular(review.words[i][0]) not in PARTS or set(_after(review, i, 1)) & NOT_ABOUT_PRODUCTS:
+    the modifier or the part of a word for people or shipping ("the cable company", "the lid
+    of the delivery box")."""
+    after = _after(review, i, 4)
+    if singular(review.words[i][0]) not in PARTS or set(after[:1]) & NOT_ABOUT_PRODUCTS:
         return False
+    if after[:1] in (["of"], ["on"], ["in"], ["from"]) and {singular(w) for w in after[1:]} & NOT_ABOUT_PRODUCTS:
+        return False  # the part of something else: "the lid of the box", "the screen on my car"
     return _definite(review, i) or len(_before(review, i, 2)) < 2
 
 

@@ -643,6 +643,7 @@ def test_each_noun_rule_finds_the_product(nlp, product, review, word, rule):
     (KETTLE, "It is fine. My old kettle leaked.", "kettle"),  # another product
     (KETTLE, "It is fine. We have a cord for the lamp.", "cord"),  # a part without "the"
     (KETTLE, "It is fine. The cable company called.", "cable"),  # a part word modifying a company
+    (KETTLE, "It is fine. The lid of the delivery box was bent.", "lid"),  # the part of something else
     (KETTLE, "It is fine. I drink tea this morning.", "this"),  # a demonstrative of time
     (KETTLE, "It is fine. Very disappointed with the seller.", "Very"),  # a fragment about the seller
     (KETTLE, "It is fine. I set up the table.", "set"),  # "set" without a determiner
