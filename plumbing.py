@@ -59,17 +59,10 @@ def find_data(name=None, data_dir=None, glove=None, features=None, quiet=False):
 
 
 def load_masks(source, split, compute=False):
-    """Probe masks of a split from probe_mask.py's cache; computed now for the sample (seconds)
-    or with compute=True, otherwise an error that says how to precompute them."""
-    path = probe_mask.cache_path(source.root, source.prefix, split)
-    if path.exists():
-        return probe_mask.load_cache(path)[0]
-    if not (source.is_sample or compute):
-        raise data.DataError(f"probe masks for {split} not found ({path}). Precompute them once with "
-                             f"`python probe_mask.py --data-dir {source.root}` (minutes; resumable), or pass "
-                             f"--compute-masks to compute them in this run, or run with --no-probe-mask.")
-    print(f"computing probe masks for {split} (cached in {path}) ...", file=sys.stderr)
-    return probe_mask.precompute_split(source, split, probe_mask.load_spacy())[0]
+    """Probe masks of a split, never stale (probe_mask.split_masks checks each review's text
+    hash): from the cache; what is missing is computed now for the sample (seconds) or with
+    compute=True, otherwise an error that says how to precompute them."""
+    return probe_mask.split_masks(source, split, compute=source.is_sample or compute)
 
 
 def load_data(source, vocab=None, with_images=True, with_masks=True, compute_masks=False,

