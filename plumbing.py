@@ -140,7 +140,8 @@ def report_data(info, file=None):
     if any(map(any, skipped.values())):
         print(f"skipped ({'/'.join(info['reports'])}): " + ", ".join(
             f"{'/'.join(map(str, counts))} {what.replace('_', ' ')}" for what, counts in skipped.items() if any(counts))
-            + " (unlisted reviews: in .rvw, in no .rel row; a .rel table cut short leaves them)", file=file)
+            + ("; unlisted reviews are in .rvw but in no .rel row: is the .rel table cut short?"
+               if any(skipped["unlisted_reviews"]) else ""), file=file)
     warnings = []
     if info["oov"] is not None:
         missing = info["oov"] / max(1, info["vocab"])

@@ -1064,6 +1064,8 @@ def test_nonsense_flags_are_refused_by_the_parser(flag, value, monkeypatch, caps
 
 
 def test_each_run_has_its_own_folder_and_none_is_overwritten(tiny_root, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # runs/ of the working copy may hold runs
+
     def folder(*flags):
         return train.run_folder(train.parse_args(["--data", "home_kitchen", *flags]), "home_kitchen")
 

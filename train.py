@@ -291,10 +291,11 @@ def main(argv=None):
     except KeyboardInterrupt:  # every checkpoint is written atomically: what is on disk is whole
         run, epoch = progress.get("run"), progress.get("epoch")
         if run is None or not (run / "last.pt").exists():
-            print(f"\ninterrupted {f'in epoch {epoch} ' if epoch else ''}before the first checkpoint: nothing to "
-                  f"resume; run the same command again", file=sys.stderr)
+            print("\ninterrupted before the first checkpoint: nothing to resume; run the same command again",
+                  file=sys.stderr)
         else:
-            print(f"\ninterrupted in epoch {epoch}: python train.py --resume {run} continues exactly", file=sys.stderr)
+            print(f"\ninterrupted {f'in epoch {epoch}' if epoch else 'before training'}: python train.py --resume "
+                  f"{run} continues exactly", file=sys.stderr)
         return 130
     return 0
 
