@@ -46,8 +46,8 @@ def _check_regions(x, path):
         x = x.astype(np.float32)
     bad = int((~np.isfinite(x)).sum())
     if bad:
-        raise DataError(f"{path}: {bad} region-feature values are NaN or infinite in float32 (first in box "
-                        f"{int(np.argwhere(~np.isfinite(x))[0][0])}): {REEXTRACT}.")
+        raise DataError(f"{path}: region-feature values that are NaN or infinite in float32 ({bad}, the first "
+                        f"in box {int(np.argwhere(~np.isfinite(x))[0][0])}): {REEXTRACT}.")
     return x[:MAX_REGIONS_PER_IMAGE]
 
 
