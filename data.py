@@ -82,19 +82,13 @@ def _name_of(prefix):
 
 def _prefix_in(folder):
     """The category prefix of a release-layout folder, from its *.prd.train file."""
-    for path in sorted(folder.glob("*.prd.train")):
-        return path.name[: -len(".prd.train")]
-    return None
+    return next((path.name[: -len(".prd.train")] for path in sorted(folder.glob("*.prd.train"))), None)
 
 
 def resolve_data(name=None, data_dir=None, glove=None, features=None):
-    """Find the data for `--data NAME` / `--data-dir DIR`.
-
-    - `--data-dir DIR` must hold a release-layout folder: missing or malformed is an error.
-    - else `data/{Prefix}/` is used when it holds the release,
-    - else the built-in sample's folder for that category (`is_sample`); writing it is
-      plumbing.find_data's job, so this function only says where it is.
-    """
+    """Find the data for `--data NAME` / `--data-dir DIR`. `--data-dir DIR` must hold a release-layout
+    folder (missing or malformed is an error); else `data/{Prefix}/` when it holds the release; else the
+    built-in sample's folder (`is_sample`): plumbing.find_data writes it, this function only says where."""
     if data_dir is not None:
         root = Path(data_dir)
         if not root.is_dir():
@@ -149,13 +143,21 @@ class SplitReport:
     products_without_reviews: int = 0  # nothing to rank: skipped
     zero_vote_reviews: int = 0  # dropped: floor(log2 0) is undefined (the reference drops them too)
     duplicate_rows: int = 0  # a (product, review) pair listed again in .rel: the first one is kept
+    unlisted_reviews: int = 0  # in .rvw but in no .rel row (a .rel cut short leaves such reviews)
 
 
 def read_table(path, columns):
     """Rows (dicts) of one JSON table: a list of records, a dict of columns, or JSON lines."""
     if not path.exists():
         raise DataError(f"{path}: file missing. Every split needs its .prd, .rvw and .rel table.")
-    text = path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff") or b"\x00" in raw[:4096]:
+        raise DataError(f"{path}: UTF-16 text; convert it to UTF-8: iconv -f UTF-16 -t UTF-8 {path.name} > new.")
+    try:
+        text = raw.decode("utf-8-sig")  # a byte-order mark is dropped
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: line {raw[:error.start].count(10) + 1} is not UTF-8 (byte {raw[error.start]:#04x});"
+                        f" save the file as UTF-8.") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as first_error:
@@ -166,6 +168,10 @@ def read_table(path, columns):
                             f"download or copy it again.") from None
     if not isinstance(data, (list, dict)):
         raise DataError(f"{path}: holds a JSON {type(data).__name__}, expected a list of records or a dict of columns.")
+    if isinstance(data, dict) and not all(isinstance(v, (list, dict)) for v in data.values()):
+        data = [data]  # JSON lines of one record
+    if not data:
+        raise DataError(f"{path}: no records in it; the file is empty or cut short: copy it again.")
     if isinstance(data, dict):  # columns: {"col": [..]} or pandas' {"col": {"0": ..}}
         cols = {k: list(v.values()) if isinstance(v, dict) else v for k, v in data.items()}
         lengths = {len(v) for v in cols.values()}
@@ -180,6 +186,20 @@ def read_table(path, columns):
     return data
 
 
+def _ids(path, rows, column, unique=True):
+    """An id column as strings: each a non-empty string or integer; with `unique`, each one once."""
+    seen = {}
+    for i, value in enumerate(row[column] for row in rows):
+        if isinstance(value, bool) or not isinstance(value, (str, int)) or not str(value).strip():
+            raise DataError(f"{path}: record {i}: {column} {value!r} is not an id (a non-empty string or integer); "
+                            f"fix or remove the record.")
+        if unique and str(value) in seen:
+            raise DataError(f"{path}: records {seen[str(value)]} and {i} both have {column} {value}; ids must be "
+                            f"unique: remove or renumber one of them.")
+        seen.setdefault(str(value), i)
+    return [str(row[column]) for row in rows]
+
+
 LABEL_RULES = {
     "log2": "score = floor(log2(upvotes)) clipped to [0, 4] (the paper's rule); 0-vote reviews dropped",
     "binned": "upvotes already binned to 0..4: kept as scores",
@@ -187,13 +207,11 @@ LABEL_RULES = {
 
 
 def votes_to_scores(votes, rule=None):
-    """The label rule and the scores (SPEC §2, §10). The rule is one decision for a whole
-    release: decided here when `rule` is None (pass the votes of every split), else given.
-
-    The paper: score = floor(log2(votes)) clipped to [0, 4], i.e. 1 -> 0, 2-3 -> 1, 4-7 -> 2,
-    8-15 -> 3, >= 16 -> 4 (the reference's bins); 0 votes has no score (None: the review is
-    dropped, as the reference does). When every value is already an integer in 0..4 the
-    release is taken as binned and kept as is. Returns (scores, rule): rule in LABEL_RULES."""
+    """The label rule and the scores (SPEC §2, §10). The rule is one decision for a whole release:
+    decided here when `rule` is None (pass the votes of every split), else given. The paper: score =
+    floor(log2(votes)) clipped to [0, 4], i.e. 1 -> 0, 2-3 -> 1, 4-7 -> 2, 8-15 -> 3, >= 16 -> 4 (the
+    reference's bins); 0 votes has no score (None: dropped, as the reference does). When every value is
+    an integer in 0..4 the release is taken as binned. Returns (scores, rule): rule in LABEL_RULES."""
     if rule is None:
         rule = "binned" if all(float(v).is_integer() and 0 <= v <= 4 for v in votes) else "log2"
     if rule == "binned":
@@ -213,9 +231,9 @@ def read_relations(source, split):
     rel = read_table(path, ["product_id", "review_id", "upvotes"])
     for i, row in enumerate(rel):
         votes = row["upvotes"]
-        if not isinstance(votes, (int, float)) or isinstance(votes, bool) or not 0 <= votes < math.inf:
+        if not isinstance(votes, (int, float)) or isinstance(votes, bool) or not 0 <= votes <= sys.float_info.max:
             raise DataError(f"{path}: record {i} (product {row['product_id']}, review {row['review_id']}): "
-                            f"upvotes {votes!r} is not a non-negative number; fix or remove the row.")
+                            f"upvotes {votes!r:.30} is not a non-negative number; fix or remove the row.")
     return rel
 
 
@@ -228,28 +246,29 @@ def read_split(source, split, report=None, rule=None):
                         f"is not written yet: the first `python train.py` run writes it, or "
                         f"`python sample.py --data {_name_of(source.prefix)} --out {source.root}`.")
     prd_path, rvw_path, rel_path = (source.table(k, split) for k in ("prd", "rvw", "rel"))
-    products = {}
-    for row in read_table(prd_path, ["product_id", "name", "description"]):
-        pid = str(row["product_id"])
-        products[pid] = Product(pid, str(row["name"] or ""), str(row["description"] or ""))
-    texts = {str(row["review_id"]): str(row["content"] or "") for row in
-             read_table(rvw_path, ["review_id", "content"])}
-    rel = read_relations(source, split)
-    for i, row in enumerate(rel):
-        pid, rid = str(row["product_id"]), str(row["review_id"])
+    prd = read_table(prd_path, ["product_id", "name", "description"])
+    products = {pid: Product(pid, str(row["name"] or ""), str(row["description"] or ""))
+                for pid, row in zip(_ids(prd_path, prd, "product_id"), prd)}
+    rvw = read_table(rvw_path, ["review_id", "content"])
+    texts = {rid: str(row["content"] or "") for rid, row in zip(_ids(rvw_path, rvw, "review_id"), rvw)}
+    rel, owner = read_relations(source, split), {}  # review id -> its first (record, product)
+    pids, rids = _ids(rel_path, rel, "product_id", False), _ids(rel_path, rel, "review_id", False)
+    for i, (pid, rid) in enumerate(zip(pids, rids)):
         where = f"{rel_path}: record {i} (product {pid}, review {rid})"
-        if pid not in products:
-            raise DataError(f"{where}: product not in {prd_path.name}. The tables are from different "
-                            f"releases or truncated: copy the split's three files again.")
-        if rid not in texts:
-            raise DataError(f"{where}: review not in {rvw_path.name}. The tables are from different "
-                            f"releases or truncated: copy the split's three files again.")
+        for kind, known, table in (("product", products, prd_path), ("review", texts, rvw_path)):
+            if (pid if kind == "product" else rid) not in known:
+                raise DataError(f"{where}: {kind} not in {table.name}. The tables are from different "
+                                f"releases or truncated: copy the split's three files again.")
+        j, first = owner.setdefault(rid, (i, pid))
+        if first != pid:
+            raise DataError(f"{where}: review {rid} is listed under product {first} in record {j} too; a review "
+                            f"belongs to one product: remove one of the two rows.")
     rule = rule or release_label_rule(source)
     report.label_rule = LABEL_RULES[rule]
     scores = votes_to_scores([row["upvotes"] for row in rel], rule)[0]
     seen = set()
-    for row, score in zip(rel, scores):
-        pid, rid = str(row["product_id"]), str(row["review_id"])
+    report.unlisted_reviews = len(texts.keys() - owner.keys())
+    for pid, rid, score in zip(pids, rids, scores):
         if (pid, rid) in seen:
             report.duplicate_rows += 1
             continue
@@ -268,31 +287,33 @@ def read_split(source, split, report=None, rule=None):
 
 # --- 4. GloVe --------------------------------------------------------------------------
 def read_glove(path, words):
-    """Vectors of `words` found in a GloVe text file: {word: np.array(300)}.
-
-    glove.840B.300d has tokens that contain spaces ("at name@domain.com"), so each line
-    is split from the right: the last 300 fields are the vector, the rest is the word.
-    """
+    """Vectors of `words` found in a GloVe text file: {word: np.array(300)}. glove.840B.300d has
+    tokens that contain spaces ("at name@domain.com"), so each line is split from the right."""
     wanted, found = set(words), {}
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
         for line_no, line in enumerate(f, 1):
             parts = line.rstrip("\n").rsplit(" ", EMBED_DIM)
-            if len(parts) != EMBED_DIM + 1:
-                raise DataError(f"{path}: line {line_no} has {len(parts) - 1} numbers, expected {EMBED_DIM}. "
-                                f"Use a 300-d GloVe text file (glove.840B.300d.txt).")
+            if len(parts) != EMBED_DIM + 1 or "\x00" in line:
+                what = "is UTF-16 text" if "\x00" in line else f"has {len(parts) - 1} numbers, expected {EMBED_DIM}"
+                raise DataError(f"{path}: line {line_no} {what}. Use a 300-d GloVe text file in UTF-8 "
+                                f"(glove.840B.300d.txt; iconv -f UTF-16 -t UTF-8 converts a UTF-16 one).")
             if parts[0] in wanted and parts[0] not in found:
-                found[parts[0]] = np.asarray(parts[1:], dtype=np.float32)
+                try:
+                    found[parts[0]] = np.asarray(parts[1:], dtype=np.float32)
+                except ValueError:
+                    found[parts[0]] = np.full(1, np.nan)
+                if not np.isfinite(found[parts[0]]).all():
+                    raise DataError(f"{path}: line {line_no} ({parts[0]!r}) has a value that is not a finite "
+                                    f"number; the file is damaged: unzip or download it again.") from None
     return found
 
 
 def glove_matrix(source, vocab, seed=0):
     """(V, 300) embedding matrix for `vocab` (index 0 = padding: zeros) and the OOV count.
 
-    A token is looked up as is (840B is cased), then lower-cased. Words not in GloVe get a
-    random vector N(0, 0.3^2) from a fixed seed, so that different unknown words stay
-    distinguishable from the start (training then moves them). The lookup is cached next to the data,
-    keyed by the GloVe file and the vocabulary, so the 5 GB file is scanned once.
-    """
+    A token is looked up as is (840B is cased), then lower-cased. Words not in GloVe get a random
+    vector N(0, 0.3^2) from a fixed seed, so that different unknown words stay distinguishable from the
+    start (training then moves them). Cached next to the data, keyed by the GloVe file and the vocabulary."""
     if not source.glove.exists():
         raise DataError(f"GloVe file {source.glove} not found. Download glove.840B.300d.zip from the "
                         f"Stanford NLP site, unzip it to {source.glove}, or pass --glove PATH.")
@@ -320,8 +341,6 @@ def glove_matrix(source, vocab, seed=0):
 
 # --- 5. encoded splits and batches ------------------------------------------------------
 PAD, UNK = 0, 1
-
-
 MIN_COUNT = 5  # the reference keeps the tokens seen at least 5 times in train (SPEC §10)
 
 
@@ -351,11 +370,8 @@ def encode(texts, max_len, index):
 
 
 class Split:
-    """One split, encoded once into tensors; batches are slices of them.
-
-    Reviews are stored product after product, so the reviews of product p are the rows
-    review_start[p] .. review_start[p + 1] - 1.
-    """
+    """One split, encoded once into tensors; batches are slices of them. Reviews are stored product
+    after product: the reviews of product p are the rows review_start[p] .. review_start[p + 1] - 1."""
 
     def __init__(self, name, products, index, masks=None, regions=None):
         self.name, self.products, self.regions = name, products, regions
@@ -451,14 +467,11 @@ def print_stats(source):
               f"{' / '.join(f'{h:4.1f}' for h in hist.tolist())}   {with_images[0]:5.1f}% / {with_images[1]:5.1f}%")
     for name, report in reports.items():
         print(f"{name:6} labels: {report.label_rule}; skipped: {report.empty_reviews} empty reviews, "
-              f"{report.products_without_reviews} products without reviews, {report.duplicate_rows} repeated "
-              f".rel rows; "
-              f"{report.zero_vote_reviews} zero-vote reviews scored 0")
-    if oov is None:
-        print(f"vocabulary {len(vocab) - 2} words; GloVe file {source.glove} not found, so no OOV rate (--glove PATH)")
-    else:
-        print(f"vocabulary {len(vocab) - 2} words, not in GloVe ({source.glove.name}): {oov} "
-              f"({oov / max(1, len(vocab) - 2) * 100:.1f}%), given random vectors")
+              f"{report.products_without_reviews} products without reviews, {report.duplicate_rows} repeated .rel "
+              f"rows, {report.unlisted_reviews} reviews in no .rel row; {report.zero_vote_reviews} zero-vote reviews")
+    coverage = (f"; GloVe file {source.glove} not found, so no OOV rate (--glove PATH)" if oov is None else
+                f", not in GloVe ({source.glove.name}): {oov} ({oov / max(1, len(vocab) - 2):.1%}), random vectors")
+    print(f"vocabulary {len(vocab) - 2} words{coverage}")
     print("items without image features get one zero region (see features.RegionStore)")
 
 
@@ -467,10 +480,8 @@ def main(argv=None):
     parser.add_argument("--data", choices=sorted(CATEGORIES), help="category; the built-in sample when "
                         "data/{Category}/ does not hold the release")
     parser.add_argument("--data-dir", help="a release-layout folder ({Category}.prd.train, ...) to read instead")
-    parser.add_argument("--glove", help="GloVe 300-d text file (default data/glove.840B.300d.txt; the sample "
-                        "ships its own)")
-    parser.add_argument("--features", help="folder of region features, one sub-folder per product/review id "
-                        "(default: {data folder}/features)")
+    parser.add_argument("--glove", help="GloVe 300-d text file (default data/glove.840B.300d.txt; the sample's own)")
+    parser.add_argument("--features", help="region features, one sub-folder per id (default {data folder}/features)")
     parser.add_argument("--stats", action="store_true", help="print a Table-4-style summary")
     args = parser.parse_args(argv)
     try:

@@ -1,9 +1,9 @@
 """Ranking metrics (MAP, NDCG@3, NDCG@5), checkpoint evaluation, baselines and prediction.
 
-    python evaluate.py --checkpoint runs/home_kitchen/best.pt [--split test]
+    python evaluate.py --checkpoint runs/home_kitchen-s0/best.pt [--split test]
     python evaluate.py --data home_kitchen --baselines
-    python evaluate.py --checkpoint runs/home_kitchen/best.pt --predict examples/twisty_pins.json
-    python evaluate.py --checkpoint runs/home_kitchen/best.pt --explain examples/twisty_pins.json
+    python evaluate.py --checkpoint runs/home_kitchen-s0/best.pt --predict examples/twisty_pins.json
+    python evaluate.py --checkpoint runs/home_kitchen-s0/best.pt --explain examples/twisty_pins.json
 
 The metrics follow the definitions of the dataset's authors (../shared/SPEC.md §7): each
 product is one query; its reviews are sorted by predicted score, ties kept in input order.
@@ -22,7 +22,8 @@ import plots
 import probe_mask
 import sancl
 from features import RegionStore
-from plumbing import find_data, load_checkpoint, load_data, pick_device, seed_everything, to_device
+from plumbing import (device_flag, find_data, load_checkpoint, load_data, pick_device, report_data, seed_everything,
+                      to_device)
 
 
 # --- the metrics, written out ------------------------------------------------------------
@@ -102,8 +103,9 @@ def load_run(checkpoint_path, data_dir=None, split_names=data.SPLITS, device="cp
     splits = None
     if split_names:
         source = find_data(args["data"], data_dir or args["data_dir"], args["glove"], args["features"])
-        splits, _, _, _ = load_data(source, vocab=checkpoint["vocab"], with_images=not config.text_only,
-                                    with_masks=not config.no_probe_mask, split_names=split_names)
+        splits, _, _, info = load_data(source, vocab=checkpoint["vocab"], with_images=not config.text_only,
+                                       with_masks=not config.no_probe_mask, split_names=split_names)
+        report_data(info, sys.stderr)  # the unknown-token share says whether the run's vocabulary fits this data
     return model, checkpoint, splits
 
 
@@ -221,7 +223,7 @@ def main(argv=None):
                    "FILE.json (same format as --predict) and draw its attention map A' like Fig. 3")
     p.add_argument("--plots", metavar="DIR", help="where --explain writes its PNGs (default: "
                    "{checkpoint folder}/explain)")
-    p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, ...")
+    p.add_argument("--device", default="auto", type=device_flag, help="auto (cuda if present), cpu, cuda, ...")
     args = p.parse_args(argv)
     seed_everything(0)
     device = pick_device(args.device)

@@ -9,9 +9,13 @@
 Imports go one way: this file uses data, features, probe_mask, sample and sancl;
 evaluate.py and train.py use it; nothing below imports it.
 """
+import argparse
 import os
+import pickle
 import random
+import re
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +24,7 @@ import torch
 import data
 import probe_mask
 import sample
-from features import RegionStore
+from features import RegionStore, scan_regions
 
 
 # --- 1. seeding and devices --------------------------------------------------------------
@@ -32,6 +36,23 @@ def seed_everything(seed, threads=1):
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
+
+
+def device_flag(name):
+    """argparse type of --device: "auto", or a device that is there (a one-line error otherwise)."""
+    if name == "auto":
+        return name
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{name}: this torch sees no CUDA device; use --device cpu (or auto)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{name}: there are {torch.cuda.device_count()} CUDA devices (cuda:0 ...)")
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{name}: only cpu and cuda are supported")
+    return name
 
 
 def pick_device(name):
@@ -83,10 +104,54 @@ def load_data(source, vocab=None, with_images=True, with_masks=True, compute_mas
             embeddings, oov = data.glove_matrix(source, vocab)
     index = {w: i for i, w in enumerate(vocab)}
     regions = RegionStore(source.features, keep=source.is_sample) if with_images else None
+    info = {"reports": reports, "oov": oov, "vocab": len(vocab) - 2, "glove": source.glove.name,
+            "label_rule": data.LABEL_RULES[rule], "features": source.features,
+            "images": scan_regions(regions, {name: raw[name] for name in split_names}) if with_images else None}
     splits = {name: data.Split(name, raw[name], index,
                                load_masks(source, name, compute_masks) if with_masks else None, regions)
               for name in split_names}
-    return splits, vocab, embeddings, {"reports": reports, "oov": oov, "label_rule": data.LABEL_RULES[rule]}
+    info["unknown"] = {name: unknown_share(split) for name, split in splits.items()}
+    return splits, vocab, embeddings, info
+
+
+def unknown_share(split):
+    """The share of a split's text tokens that the vocabulary does not know (read as <unk>)."""
+    tokens = torch.cat([split.product_tokens.flatten(), split.review_tokens.flatten()])
+    return float((tokens == data.UNK).sum()) / max(1, int((tokens != data.PAD).sum()))
+
+
+WARN_SHARE = 0.2  # warn when more than this share of the vocabulary or of a split's tokens is unknown
+
+
+def report_data(info, file=None):
+    """What a run reads, in numbers, so that nothing degrades silently: rows skipped, the GloVe
+    coverage of the vocabulary, the unknown-token share of each split, the share of items with
+    image features; a warning where more than 20% of the words or of a split's tokens are unknown."""
+    file = file or sys.stdout
+    skipped = {what: [getattr(r, what) for r in info["reports"].values()] for what in
+               ("empty_reviews", "products_without_reviews", "duplicate_rows", "unlisted_reviews")}
+    if any(map(any, skipped.values())):
+        print(f"skipped ({'/'.join(info['reports'])}): " + ", ".join(
+            f"{'/'.join(map(str, counts))} {what.replace('_', ' ')}" for what, counts in skipped.items() if any(counts))
+            + ("; unlisted reviews are in .rvw but in no .rel row: is the .rel table cut short?"
+               if any(skipped["unlisted_reviews"]) else ""), file=file)
+    warnings = []
+    if info["oov"] is not None:
+        missing = info["oov"] / max(1, info["vocab"])
+        print(f"vocabulary {info['vocab']} words, {100 - 100 * missing:.1f}% in GloVe ({info['glove']}); "
+              f"{info['oov']} get random vectors", file=file)
+        if missing > WARN_SHARE:
+            warnings.append(f"{100 * missing:.1f}% of the vocabulary is not in {info['glove']}: is it the right "
+                            f"GloVe file (300-d text, UTF-8)? --glove PATH")
+    print("unknown tokens (not in the vocabulary): "
+          + ", ".join(f"{name} {100 * share:.1f}%" for name, share in info["unknown"].items()), file=file)
+    warnings += [f"{100 * share:.1f}% of the {name} tokens are unknown to the vocabulary: is this the data "
+                 f"the run was trained on?" for name, share in info["unknown"].items() if share > WARN_SHARE]
+    if info["images"] is not None:
+        print(f"image features in {info['features']}/: products {100 * info['images']['products']:.1f}%, reviews "
+              f"{100 * info['images']['reviews']:.1f}% (the others get the learned 'no image' region)", file=file)
+    for warning in warnings:
+        print(f"WARNING: {warning}", file=file)
 
 
 # --- 3. checkpoints --------------------------------------------------------------------------
@@ -97,22 +162,55 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
+CHECKPOINT_KEYS = ("model", "args", "config", "vocab")
+
+
 def rng_state():
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    """The RNG states as tensors and plain lists: a checkpoint then loads with weights_only=True."""
+    name, keys, position, has_gauss, gauss = np.random.get_state()
+    return {"python": list(random.getstate()), "numpy": [name, torch.from_numpy(keys.astype(np.int64)),
+                                                          position, has_gauss, gauss],
+            "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def set_rng_state(state):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    random.setstate(tuple(state["python"]))
+    name, keys, position, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def load_checkpoint(path):
-    """A checkpoint of ours: weights, optimizer, config, vocabulary, RNG (plain python objects)."""
-    if not Path(path).is_file():
+    """A checkpoint of ours: tensors and plain data only (weights, optimizer, config, vocabulary,
+    RNG), read with weights_only=True, so that a shared file cannot run code. Anything else, a
+    damaged file or one that is not a train.py checkpoint is refused with one line."""
+    path = Path(path)
+    if not path.is_file():
         raise data.DataError(f"checkpoint {path} not found: train.py writes best.pt and last.pt into its "
-                             f"run folder (--out, default runs/{{data}}).")
-    return torch.load(path, map_location="cpu", weights_only=False)  # our own file, written by save_atomic
+                             f"run folder (--out, default runs/{{data}}-{{switches}}-s{{seed}}).")
+    damaged = (f"the file is damaged or truncated: copy it again or use the run's other checkpoint "
+               f"(best.pt / last.pt)")
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols before it refuses them
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        with open(path, "rb") as f:
+            if f.read(1) not in (b"P", b"\x80"):  # neither torch's zip nor a pickle: random bytes
+                raise data.DataError(f"{path}: not a checkpoint (neither a torch file nor a pickle); "
+                                     f"{damaged}.") from None
+        found = re.search(r"GLOBAL (\S+)", str(error))
+        what = f"it calls {found.group(1)}" if found else "pickle code that torch's safe loader refuses"
+        raise data.DataError(f"{path}: refused: it holds more than tensors and plain data ({what}), and loading it "
+                             f"could run code. Use checkpoints written by this train.py only.") from None
+    except Exception as error:  # not a torch file, or cut short
+        raise data.DataError(f"{path}: not a readable checkpoint ({type(error).__name__}: "
+                             f"{str(error).splitlines()[0][:100]}); {damaged}.") from None
+    if not isinstance(checkpoint, dict) or not all(key in checkpoint for key in CHECKPOINT_KEYS):
+        has = sorted(checkpoint)[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise data.DataError(f"{path}: not a train.py checkpoint (it has {has}, expected {list(CHECKPOINT_KEYS)}); "
+                             f"pass a run's best.pt or last.pt.")
+    return checkpoint

@@ -7,6 +7,7 @@ import hashlib
 import importlib.util
 import json
 import math
+import shutil
 import sys
 from collections import Counter
 from pathlib import Path
@@ -1231,3 +1232,240 @@ def test_the_circle_check_catches_a_circle(monkeypatch):
                                  "plumbing": set(), "evaluate": set(), "train": set()})
     with pytest.raises(AssertionError, match="import circle: data -> sample -> data"):
         test_imports_have_no_circle()
+
+
+# --- hostile input (issue 11): safe files, honest failures, no silent fallbacks ---------------
+@pytest.fixture
+def tiny_copy(tiny_root, tmp_path):
+    """A copy of the tiny sample (probe masks cached) to break on purpose."""
+    source = data.resolve_data(data_dir=tiny_root)
+    for split in data.SPLITS:
+        plumbing.load_masks(source, split)
+    shutil.copytree(tiny_root, tmp_path / "copy")
+    return tmp_path / "copy"
+
+
+def first_image(root, split="train", row=0):
+    pid = json.loads((root / f"Home_and_Kitchen.prd.{split}").read_text())[row]["product_id"]
+    return sorted((root / "features" / pid).glob("*.npz"))[0]
+
+
+class Payload:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_checkpoint_cannot_run_code(tmp_path, capsys):
+    marker = tmp_path / "payload-ran"
+    torch.save({"model": Payload(marker), "args": {}, "config": {}, "vocab": []}, tmp_path / "best.pt")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "last.pt").write_bytes((tmp_path / "best.pt").read_bytes())
+    with pytest.raises(data.DataError, match="refused: it holds more than tensors.*could run code"):
+        plumbing.load_checkpoint(tmp_path / "best.pt")
+    assert evaluate.main(["--checkpoint", str(tmp_path / "best.pt")]) == 2
+    assert train.main(["--resume", str(tmp_path / "run")]) == 2
+    assert not marker.exists()
+    assert capsys.readouterr().err.count("refused") == 2
+    torch.save({"model": {}}, tmp_path / "other.pt")  # loads safely, but is not ours
+    with pytest.raises(data.DataError, match="not a train.py checkpoint"):
+        plumbing.load_checkpoint(tmp_path / "other.pt")
+    state = plumbing.rng_state()  # what a checkpoint holds of the RNGs loads with weights_only=True
+    torch.save(state, tmp_path / "rng.pt")
+    plumbing.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert np.random.get_state()[1].tolist() == plumbing.rng_state()["numpy"][1].tolist()
+
+
+def test_non_finite_input_stops_the_run_before_training(tiny_copy, tmp_path, monkeypatch, capsys):
+    x = np.load(first_image(tiny_copy))["x"].astype(np.float32)
+    x[1, 7] = np.nan
+    np.savez(first_image(tiny_copy), x=x)
+    np.savez(first_image(tiny_copy, row=1), x=np.full((2, 2048), 1e300))  # float64 beyond float32
+    first_image(tiny_copy, "test").write_bytes(b"not a zip")  # a test item: found before epoch 1 too
+    with pytest.raises(data.DataError, match="3 bad region-feature files") as error:
+        run_train(tiny_copy, tmp_path / "run")
+    assert str(error.value).count("NaN or infinite") == 2 and "not a .npz file" in str(error.value)
+    assert "epoch" not in capsys.readouterr().out and not (tmp_path / "run" / "best.pt").exists()
+    store = features.RegionStore(tmp_path, folders={"review-0": first_image(tiny_copy).parent})
+    with pytest.raises(data.DataError, match="NaN or infinite"):  # --predict reads through the same check
+        store.batch(["review-0"])
+
+    def nan_losses(self, batch, outputs):
+        return {k: v * math.nan for k, v in real_losses(self, batch, outputs).items()}
+
+    real_losses = sancl.SANCL.losses
+    monkeypatch.setattr(sancl.SANCL, "losses", nan_losses)
+    with pytest.raises(data.DataError, match=r"epoch 1: the task/cpc_ii/cpc_pr/total loss is not finite in the "
+                                             r"batch of products TRP\d+") as error:
+        run_train(tiny_root_of(tiny_copy, tmp_path), tmp_path / "nan")
+    assert "(reviews TRP" in str(error.value) and not (tmp_path / "nan" / "best.pt").exists()
+
+
+def tiny_root_of(broken, tmp_path):
+    """A healthy copy next to a broken one."""
+    shutil.rmtree(tmp_path / "healthy", ignore_errors=True)
+    shutil.copytree(broken, tmp_path / "healthy")
+    for split in data.SPLITS:
+        for i in range(2):
+            np.savez(first_image(tmp_path / "healthy", split, i), x=np.ones((2, 2048), np.float32))
+    return tmp_path / "healthy"
+
+
+@pytest.mark.parametrize("flag, value", [("--epochs", "0"), ("--batch-size", "0"), ("--batch-size", "-5"),
+                                         ("--patience", "0"), ("--threads", "0"), ("--lr", "0"), ("--lr", "-1"),
+                                         ("--lr", "nan"), ("--epochs", "two"), ("--device", "cuda"),
+                                         ("--device", "tpu9")])
+def test_nonsense_flags_are_refused_by_the_parser(flag, value, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_code:
+        train.parse_args(["--data", "home_kitchen", flag, value])
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert exit_code.value.code == 2 and f": error: argument {flag}: " in err
+    if flag == "--device":
+        with pytest.raises(SystemExit):
+            evaluate.main(["--data", "home_kitchen", "--baselines", flag, value])
+
+
+def test_each_run_has_its_own_folder_and_none_is_overwritten(tiny_root, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # runs/ of the working copy may hold runs
+
+    def folder(*flags):
+        return train.run_folder(train.parse_args(["--data", "home_kitchen", *flags]), "home_kitchen")
+
+    assert folder() == Path("runs/home_kitchen-s0")
+    assert folder("--text-only", "--seed", "3") == Path("runs/home_kitchen-text_only-s3")
+    assert folder("--no-cpc-ii", "--no-cpc-pr") == Path("runs/home_kitchen-no_cpc_ii-no_cpc_pr-s0")
+    run_train(tiny_root, tmp_path / "run")
+    with pytest.raises(data.DataError, match="holds a finished run already and is not overwritten: continue it "
+                                             "with `python train.py --resume"):
+        run_train(tiny_root, tmp_path / "run", "--patience", "1")
+    capsys.readouterr()
+    again = train.train(train.parse_args(["--resume", str(tmp_path / "run")]))
+    out = capsys.readouterr().out
+    assert f"run {tmp_path / 'run'} already finished after epoch 1 (all its epochs): nothing to train" in out
+    assert "epoch  1 " not in out and again == json.loads((tmp_path / "run" / "test.json").read_text())["test"]
+
+
+def test_silent_degradation_is_refused_or_reported(tiny_copy, tmp_path, capsys):
+    source = data.resolve_data(data_dir=tiny_copy)
+    splits, vocab, _, info = plumbing.load_data(source)
+    plumbing.report_data(info)
+    out = capsys.readouterr().out
+    assert f"vocabulary {len(vocab) - 2} words, 100.0% in GloVe" in out and "unknown tokens (not in the vocab" in out
+    assert "image features in" in out and "reviews 5" not in out.split("products 100.0%")[0]  # a partial share
+    info["unknown"]["test"], info["oov"] = 0.25, len(vocab) - 2  # another category's run: many unknown tokens
+    plumbing.report_data(info)
+    out = capsys.readouterr().out
+    assert "WARNING: 25.0% of the test tokens are unknown" in out and "WARNING: 100.0% of the vocabulary" in out
+    shutil.move(tiny_copy / "features", tmp_path / "elsewhere")  # a multimodal run without any image
+    with pytest.raises(data.DataError, match="no image features: none of the .* Pass --features DIR .* --text-only"):
+        plumbing.load_data(source)
+    glove = tiny_copy / "glove.sample.300d.txt"
+    glove.write_text(glove.read_text(encoding="utf-8"), encoding="utf-16")
+    with pytest.raises(data.DataError, match="line 1 is UTF-16 text.*iconv"):
+        data.read_glove(glove, {"kettle"})
+    store = features.RegionStore(tmp_path, folders={"review-1": tmp_path / "nowhere"})  # --predict's folders
+    with pytest.raises(data.DataError, match="nowhere: the feature folder given for review-1 does not exist"):
+        store.batch(["review-1"])
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda prd, rvw, rel: prd.append(dict(PRD[0], name="Again")), r"prd.train: records 0 and 2 both have "
+                                                                   r"product_id p1"),
+    (lambda prd, rvw, rel: rvw.append(dict(RVW[2])), r"rvw.train: records 2 and 3 both have review_id r3"),
+    (lambda prd, rvw, rel: rel.append(dict(REL[0], product_id="p2")), r"rel.train: record 3 \(product p2, review "
+                                                                      r"r1\): review r1 is listed under product p1 "
+                                                                      r"in record 0 too"),
+    (lambda prd, rvw, rel: prd[0].update(product_id=None), r"prd.train: record 0: product_id None is not an id"),
+    (lambda prd, rvw, rel: prd.clear(), r"prd.train: no records in it"),
+    (lambda prd, rvw, rel: rvw.clear(), r"rvw.train: no records in it"),
+    (lambda prd, rvw, rel: rel.clear(), r"rel.train: no records in it"),
+])
+def test_errors_name_the_right_file_and_both_records(tmp_path, change, message):
+    prd, rvw, rel = json.loads(json.dumps([PRD, RVW, REL]))
+    change(prd, rvw, rel)
+    with pytest.raises(data.DataError, match=message):
+        data.read_split(write_release(tmp_path, prd, rvw, rel), "train")
+
+
+def test_a_table_cut_at_a_line_boundary_is_counted(tmp_path, capsys):
+    source = write_release(tmp_path, PRD, RVW, REL)
+    source.table("rel", "train").write_text("".join(json.dumps(row) + "\n" for row in REL[:2]))  # JSON lines, cut
+    report = data.SplitReport()
+    assert len(data.read_split(source, "train", report)) == 1
+    assert report.unlisted_reviews == 1 and report.products_without_reviews == 1
+    source.table("rel", "dev").write_text(json.dumps(REL[0]) + "\n")  # JSON lines of one record
+    assert [r.review_id for p in data.read_split(source, "dev") for r in p.reviews] == ["r1"]
+    assert data.main(["--data-dir", str(tmp_path), "--stats"]) == 0
+    assert "1 reviews in no .rel row" in capsys.readouterr().out
+
+
+def test_bad_files_are_one_sentence_not_a_traceback(tmp_path):
+    source = write_release(tmp_path, PRD, RVW, REL)
+    cases = {
+        "rvw": (lambda p: p.write_bytes(p.read_bytes().replace(b"fast", b"f\xe9st")), r"rvw.train: line 1 is not UTF-8"),
+        "prd": (lambda p: p.write_text(p.read_text(), encoding="utf-16"), r"prd.train: UTF-16 text; convert it"),
+        "rel": (lambda p: p.write_text(p.read_text().replace("20", "9" * 400)), r"upvotes 9+ is not a non-negative"),
+    }
+    for kind, (change, message) in cases.items():
+        write_release(tmp_path, PRD, RVW, REL)
+        change(source.table(kind, "train"))
+        with pytest.raises(data.DataError, match=message):
+            data.read_split(source, "train")
+    write_release(tmp_path, PRD, RVW, REL)
+    bom = source.table("prd", "train")
+    bom.write_bytes(b"\xef\xbb\xbf" + bom.read_bytes())  # a byte-order mark is fine
+    assert len(data.read_split(source, "train")) == 2
+    vector = " ".join(["0.5"] * 299)
+    (tmp_path / "g.txt").write_text(f"kettle {vector} x\n")
+    with pytest.raises(data.DataError, match=r"g.txt: line 1 \('kettle'\) has a value that is not a finite number"):
+        data.read_glove(tmp_path / "g.txt", {"kettle"})
+    item = tmp_path / "features" / "r1"
+    item.mkdir(parents=True)
+    good = tmp_path / "good.npz"
+    np.savez(good, x=np.ones((3, 2048), np.float32))
+    for name, content, message in [
+            ("0.npz", good.read_bytes()[:200], "damaged or truncated .npz"),
+            ("0.npz", b"\x80\x04random bytes", r"not a .npz file \(a .npz is a zip archive"),
+            ("r1.pth", {"x": np.ones((3, 2048), np.float32)}, "holds a dict, expected a list of"),
+            ("r1.pth", torch.ones(3, 2048), "holds a Tensor, expected a list of")]:
+        for old in item.iterdir():
+            old.unlink()
+        if isinstance(content, bytes):
+            (item / name).write_bytes(content)
+        else:
+            torch.save(content, item / name)
+        with pytest.raises(data.DataError, match=message):
+            features.read_regions(item)
+    run = tmp_path / "run"
+    run.mkdir()
+    for content, message in [(b"\x11garbage", "not a checkpoint"), (None, "not a readable checkpoint")]:
+        if content is None:  # a real checkpoint, cut short
+            torch.save({"model": {"w": torch.ones(1000)}}, run / "full.pt")
+            content = (run / "full.pt").read_bytes()[:3000]
+        (run / "last.pt").write_bytes(content)
+        with pytest.raises(data.DataError, match=message):
+            plumbing.load_checkpoint(run / "last.pt")
+
+
+def test_ctrl_c_says_how_to_resume(tiny_root, tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def interrupt_in_epoch_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    real = train.evaluate_split
+    monkeypatch.setattr(train, "evaluate_split", interrupt_in_epoch_2)
+    flags = ["--data-dir", str(tiny_root), "--out", str(tmp_path / "run"), "--epochs", "2", "--batch-size", "8"]
+    assert train.main(flags) == 130
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == f"interrupted in epoch 2: python train.py --resume {tmp_path / 'run'} continues exactly"
+    assert train.main(["--resume", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert f"resuming {tmp_path / 'run'} after epoch 1 of 2" in out and "epoch  2 " in out

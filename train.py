@@ -2,7 +2,7 @@
 
     python train.py --data home_kitchen            # the release in data/, else the built-in sample
     python train.py --data electronics --no-cpc-ii  # one ablation of Table 2
-    python train.py --resume runs/home_kitchen      # continue a stopped run exactly
+    python train.py --resume runs/home_kitchen-s0   # continue a stopped run exactly
 
 Each epoch: the reference's training groups (1 positive + 7 lower-scored reviews of the same
 product, `product_groups`), batches of 32 review rows, Adam; dev MAP / N@3 / N@5, which also
@@ -11,6 +11,7 @@ drives the learning-rate schedule; the best dev epoch is kept and reported on te
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -22,12 +23,34 @@ import data
 import plots
 import sancl
 from evaluate import evaluate_split, format_metrics
-from plumbing import (find_data, load_checkpoint, load_data, pick_device, rng_state, save_atomic,
-                      seed_everything, set_rng_state, to_device)
+from plumbing import (device_flag, find_data, load_checkpoint, load_data, pick_device, report_data, rng_state,
+                      save_atomic, seed_everything, set_rng_state, to_device)
 
 SWITCHES = ("text_only", "fixed_beta", "no_probe_mask", "no_cpc_ii", "no_cpc_pr")
 RELEASE_EPOCHS = 11  # the reference trains 11 epochs (SPEC §10)
 SAMPLE_EPOCHS = 5  # the built-in sample: the main job stays within a few minutes on a laptop CPU
+
+
+def count(text):
+    """argparse type of the counts (epochs, batch size, patience, threads): a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be 1 or more")
+    return value
+
+
+def rate(text):
+    """argparse type of the learning rate: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"{value}: must be a number above 0, e.g. 1e-4")
+    return value
 
 
 def parse_args(argv=None):
@@ -38,13 +61,13 @@ def parse_args(argv=None):
     p.add_argument("--features", help="region-feature folder (default {data folder}/features)")
     p.add_argument("--compute-masks", action="store_true",
                    help="compute missing probe masks in this run (else: python probe_mask.py first)")
-    p.add_argument("--epochs", type=int, help=f"maximum epochs (default {RELEASE_EPOCHS} on the release, as the "
+    p.add_argument("--epochs", type=count, help=f"maximum epochs (default {RELEASE_EPOCHS} on the release, as the "
                    f"reference; {SAMPLE_EPOCHS} on the sample)")
-    p.add_argument("--patience", type=int, default=6, help="stop after this many epochs without a better dev MAP "
+    p.add_argument("--patience", type=count, default=6, help="stop after this many epochs without a better dev MAP "
                    "(default 6: the learning rate is halved after 5, then one more epoch is tried)")
-    p.add_argument("--lr", type=float, help="Adam learning rate at the start (default: Table 5 for the category); "
+    p.add_argument("--lr", type=rate, help="Adam learning rate at the start (default: Table 5 for the category); "
                    "halved after 5 epochs without a better dev MAP (ReduceLROnPlateau, as the reference)")
-    p.add_argument("--batch-size", type=int, help="review ROWS per batch, as Table 5 counts them (default 32 = 4 "
+    p.add_argument("--batch-size", type=count, help="review ROWS per batch, as Table 5 counts them (default 32 = 4 "
                    "groups of 1 positive + 7 negatives); rounded down to whole groups, at least one")
     p.add_argument("--freeze-embeddings", action="store_true", help="keep the GloVe vectors fixed (default: "
                    "trained from their GloVe start, as the paper and the reference do)")
@@ -52,10 +75,12 @@ def parse_args(argv=None):
     p.add_argument("--dropout", type=float, help="text embedding dropout (default: Table 5)")
     p.add_argument("--threshold", type=int, default=1, help="relevance threshold of the metrics: label > it")
     p.add_argument("--seed", type=int, default=0, help="seed of python, numpy and torch: same seed, same numbers")
-    p.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda, cuda:1, ...")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: the same seed gives the same "
+    p.add_argument("--device", default="auto", type=device_flag,
+                   help="auto (cuda if present, else cpu), cpu, cuda, cuda:1, ...")
+    p.add_argument("--threads", type=count, default=1, help="CPU threads (default 1: the same seed gives the same "
                    "bits; 2 threads train about 1.5x faster on 2 cores, reproducible to a few decimals only)")
-    p.add_argument("--out", help="run folder for checkpoints and config (default runs/{data})")
+    p.add_argument("--out", help="run folder for checkpoints and config (default runs/{data}-{switches}-s{seed}, "
+                   "e.g. runs/home_kitchen-text_only-s0); a folder that holds a run is never overwritten")
     p.add_argument("--resume", metavar="RUN", help="continue the run in this folder (its last.pt) exactly")
     p.add_argument("--text-only", action="store_true", help="ablation: no images (text-only SANCL of Table 1)")
     p.add_argument("--fixed-beta", action="store_true", help="ablation: beta fixed at 0.5 instead of Eq. (6)")
@@ -108,6 +133,43 @@ def epoch_groups(split, rng, negatives=NEGATIVES):
 
 
 # plumbing: settings, the loop, checkpoints
+def run_folder(args, category):
+    """--out, else runs/{data}[-{switches}]-s{seed} (e.g. runs/home_kitchen-text_only-s0), so that the
+    ablations and seeds do not overwrite each other. A new run refuses a folder that holds a run."""
+    switches = [s for s in SWITCHES + ("freeze_embeddings",) if getattr(args, s, False)]
+    out = Path(args.out or "runs/" + "-".join([category] + switches + [f"s{args.seed}"]))
+    if not args.resume and any((out / name).exists() for name in ("last.pt", "best.pt")):
+        status = "a finished run" if (out / "test.json").exists() else "an unfinished run"
+        raise data.DataError(f"{out} holds {status} already and is not overwritten: continue it with "
+                             f"`python train.py --resume {out}`, or pass --out NEW_FOLDER for a new run.")
+    return out
+
+
+def say_where(run, state, args):
+    """--resume: where the run continues, or that it had finished already."""
+    reason = ("all its epochs" if state["epoch"] >= args.epochs else
+              f"{state['bad_epochs']} epochs without a better dev MAP" if state["bad_epochs"] >= args.patience else "")
+    if reason:
+        more = f" (--epochs N above {state['epoch']} trains on)" if state["epoch"] >= args.epochs else ""
+        print(f"run {run} already finished after epoch {state['epoch']} ({reason}): nothing to train; its best dev "
+              f"epoch {state['best_epoch']} on test below{more}", flush=True)
+    else:
+        print(f"resuming {run} after epoch {state['epoch']} of {args.epochs} (best dev epoch {state['best_epoch']}, "
+              f"MAP {state['best_map']:.2f})", flush=True)
+
+
+def check_finite(losses, batch, split, epoch):
+    """Stop at the first batch whose loss is NaN or infinite, before it reaches the weights."""
+    bad = [name for name, loss in losses.items() if not torch.isfinite(loss).all()]
+    if bad:
+        rows = batch["review_rows"].tolist()
+        products = sorted({split.product_ids[int(split.review_product[row])] for row in rows})
+        raise data.DataError(f"epoch {epoch}: the {'/'.join(bad)} loss is not finite in the batch of products "
+                             f"{', '.join(products)} (reviews {', '.join(split.review_ids[row] for row in rows)}); "
+                             f"the run stopped before this batch changed the model. Check these items' text and "
+                             f"features, or lower --lr.")
+
+
 def settings(args, category):
     """Hyper-parameters: the flags where given, else Table 5 of the paper for the category."""
     table = sancl.TABLE5[category or "home_kitchen"]
@@ -116,7 +178,9 @@ def settings(args, category):
             "text_dropout": table["text_dropout"] if args.dropout is None else args.dropout}
 
 
-def train(args):
+def train(args, progress=None):
+    """`progress` (a dict) is told the run folder and the epoch, for main's Ctrl-C message."""
+    progress = {} if progress is None else progress
     device = pick_device(args.device)
     resume = load_checkpoint(Path(args.resume) / "last.pt") if args.resume else None
     if resume:  # the saved run's flags win: resuming continues the same run
@@ -129,8 +193,9 @@ def train(args):
     category = args.data or next((k for k, v in data.CATEGORIES.items() if v == source.prefix), None)
     hp = settings(args, category)
     args.epochs = args.epochs or (SAMPLE_EPOCHS if source.is_sample else RELEASE_EPOCHS)
-    out = Path(args.out or f"runs/{category or source.prefix}")
+    out = run_folder(args, category or source.prefix)
     out.mkdir(parents=True, exist_ok=True)
+    progress["run"] = out
 
     t0 = time.time()
     splits, vocab, embeddings, info = load_data(
@@ -149,6 +214,7 @@ def train(args):
         scheduler.load_state_dict(resume["scheduler"])
         state = resume["state"]
         set_rng_state(resume["rng"])
+        say_where(out, state, args)
     run_info = {"args": vars(args), "settings": hp, "config": dataclasses.asdict(config), "data": str(source.root),
                 "sample": source.is_sample}
     (out / "config.json").write_text(json.dumps(run_info, indent=2))
@@ -158,12 +224,13 @@ def train(args):
     dropped = [report.zero_vote_reviews for report in info["reports"].values()]
     print(f"labels: {info['label_rule']}" + (f" ({'/'.join(map(str, dropped))} in "
                                              f"{'/'.join(info['reports'])})" if any(dropped) else ""))
+    report_data(info)
     print(f"model: {model.num_params() / 1e6:.2f}M params without embeddings; device {device}; "
           f"lr {hp['lr']} batch {hp['batch_size']} kappa {hp['kappa']} dropout {hp['text_dropout']}; "
           f"switches: {', '.join(s for s in SWITCHES if getattr(args, s)) or 'none (full SANCL)'}")
 
     while state["epoch"] < args.epochs and state["bad_epochs"] < args.patience:
-        epoch = state["epoch"] + 1
+        epoch = progress["epoch"] = state["epoch"] + 1
         model.train()
         rng = np.random.default_rng([args.seed, epoch])  # the epoch's groups: same on resume
         sums, steps, reviews, t0 = {"task": 0.0, "cpc_ii": 0.0, "cpc_pr": 0.0}, 0, 0, time.time()
@@ -171,6 +238,7 @@ def train(args):
         for batch in splits["train"].train_batches(groups, hp["batch_size"], rng):
             batch = to_device(batch, device)
             losses = model.losses(batch, model(batch))
+            check_finite(losses, batch, splits["train"], epoch)
             optimizer.zero_grad(set_to_none=True)
             losses["total"].backward()
             optimizer.step()
@@ -219,12 +287,21 @@ def train(args):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args, progress = parse_args(argv), {}
     try:
-        train(args)
+        train(args, progress)
     except data.DataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # every checkpoint is written atomically: what is on disk is whole
+        run, epoch = progress.get("run"), progress.get("epoch")
+        if run is None or not (run / "last.pt").exists():
+            print("\ninterrupted before the first checkpoint: nothing to resume; run the same command again",
+                  file=sys.stderr)
+        else:
+            print(f"\ninterrupted {f'in epoch {epoch}' if epoch else 'before training'}: python train.py --resume "
+                  f"{run} continues exactly", file=sys.stderr)
+        return 130
     return 0
 
 
