@@ -1,7 +1,8 @@
 """The test suite: `python -m pytest -q test_sancl.py` (a few minutes on 2 CPU cores).
 
-Sections: data (data.py, sample.py), metrics (evaluate.py), model (sancl.py), probe masks
-(probe_mask.py), training (train.py, evaluate.py end to end on a tiny built-in sample).
+Sections, in the order of the code: data (data.py, features.py, sample.py), probe masks
+(probe_mask.py, probe_coref.py), model (sancl.py), metrics (evaluate.py), training (train.py,
+evaluate.py end to end on a tiny built-in sample), hostile input, and the import layout.
 """
 import hashlib
 import importlib.util
@@ -257,352 +258,6 @@ def test_pair_sampler_rules_on_a_hand_made_product():
     for review, weight in [(0, 4 / 7), (3, 6 / 7), (4, 6 / 7)]:
         assert draws[review] / (3000 * 7) == pytest.approx(weight / total, abs=0.01)
     assert train.product_groups(np.array([0, 1, 1, 0]), rng) == []  # fewer than 3 distinct labels
-
-
-# --- metrics (evaluate.py), on cases computed by hand ------------------------------------
-def test_average_precision_by_hand():
-    assert evaluate.average_precision([2, 0, 3]) == pytest.approx((1 / 1 + 2 / 3) / 2)
-    assert evaluate.average_precision([0, 1, 1]) == 0.0  # nothing above threshold 1
-    assert evaluate.average_precision([0, 1, 1], threshold=0) == pytest.approx((1 / 2 + 2 / 3) / 2)
-
-
-def test_ndcg_by_hand():
-    dcg = 7 / math.log(3) + 3 / math.log(4)  # labels 3 and 2 at ranks 1 and 2 (0-based)
-    ideal = 7 / math.log(2) + 3 / math.log(3)
-    assert evaluate.ndcg_at([0, 3, 2, 4], 3) == pytest.approx(dcg / (15 / math.log(2) + 7 / math.log(3) + 3 / math.log(4)))
-    assert evaluate.ndcg_at([0, 3, 2], 3) == pytest.approx(dcg / ideal)
-    assert evaluate.ndcg_at([1, 0], 3) == 0.0  # ideal DCG 0
-
-
-def test_ranking_metrics_ties_are_stable_and_empty_products_count():
-    ids = ["a", "a", "a", "b", "b"]
-    labels = [0, 3, 2, 1, 0]  # product b has no relevant review: counts as 0
-    m = evaluate.ranking_metrics(ids, labels, [0.5, 0.5, 0.1, 0.9, 0.2])  # tie: input order, 0 before 3
-    assert m["MAP"] == pytest.approx(100 * ((1 / 2 + 2 / 3) / 2 + 0) / 2)
-    assert m["N@3"] == pytest.approx(100 * (7 / math.log(3) + 3 / math.log(4)) / (7 / math.log(2) + 3 / math.log(3)) / 2)
-    perfect = evaluate.ranking_metrics(ids, labels, [0, 2, 1, 1, 0])
-    assert perfect["MAP"] == pytest.approx(50.0) and perfect["N@5"] == pytest.approx(50.0)
-    assert evaluate.ranking_metrics(ids, labels, [0, 2, 1, 1, 0], threshold=0)["MAP"] == pytest.approx(100.0)
-
-
-# --- model (sancl.py): each equation against a naive computation, switches, padding, seeds ---
-def tiny_config(**overrides):
-    sizes = dict(vocab_size=50, embed_dim=8, hidden=8, image_dim=8, region_dim=16, shared_dim=4)
-    return sancl.SANCLConfig(**{**sizes, **overrides})
-
-
-def tiny_model(seed=0, **overrides):
-    torch.manual_seed(seed)
-    config = tiny_config(**overrides)
-    return sancl.SANCL(config), config
-
-
-def naive_attention(h, mask, query, key):
-    """Eq. (3) as the reference computes it: a_ij = exp(q_i.k_j) / sum_{real k} exp(q_i.k_k),
-    q = W_q h + b_q, k = W_k h + b_k (no 1/sqrt(d)), one entry at a time."""
-    L = h.shape[0]
-    q = (h @ query.weight.T + query.bias).detach()
-    k = (h @ key.weight.T + key.bias).detach()
-    a = torch.zeros(L, L)
-    for i in range(L):
-        norm = sum(math.exp(q[i] @ k[j]) for j in range(L) if mask[j])
-        for j in range(L):
-            if mask[j]:
-                a[i, j] = math.exp(q[i] @ k[j]) / norm
-    return a
-
-
-# --- Sec. 3.3: encoders --------------------------------------------------------------
-
-def test_padded_gru_equals_the_packed_gru():
-    """Eq. (1) without packing: a uni-directional GRU's outputs at real tokens and its
-    h_seq do not depend on the padding after the last real token."""
-    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
-
-    torch.manual_seed(0)
-    encoder = sancl.TextEncoder(tiny_config()).eval()
-    x, lengths = torch.randn(5, 9, 8), torch.tensor([9, 1, 4, 7, 2])
-    h, h_seq = encoder(x, lengths)
-    packed, h_last = encoder.gru(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))
-    expected, _ = pad_packed_sequence(packed, batch_first=True, total_length=9)
-    assert torch.allclose(h, expected, atol=1e-6) and torch.allclose(h_seq, h_last[0], atol=1e-6)
-    assert torch.all(h[1, 1:] == 0)  # zeros on padding, as the packed GRU gives
-
-
-def test_image_encoder_ignores_padded_regions_and_is_shared():
-    torch.manual_seed(0)
-    config = tiny_config()
-    encoder = sancl.ImageEncoder(config).eval()
-    regions, mask = torch.randn(3, 4, config.region_dim), torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]]).bool()
-    h = encoder(regions, mask)
-    padded = torch.cat([regions, 100 * torch.randn(3, 3, config.region_dim)], dim=1)
-    h_padded = encoder(padded, torch.cat([mask, torch.zeros(3, 3, dtype=torch.bool)], dim=1))
-    assert torch.allclose(h, h_padded[:, :4], atol=1e-5) and torch.all(h_padded[:, 4:] == 0)
-    assert torch.all(h[~mask] == 0)
-    assert len(encoder.layers) == 3 and encoder.layers[0].attention.num_heads == 4
-    model, config = tiny_model()
-    encoders = [m for m in model.modules() if isinstance(m, sancl.ImageEncoder)]
-    calls = []
-    model.image_encoder.register_forward_hook(lambda module, args, output: calls.append(args[0].size(0)))
-    batch = sancl.random_batch(config, products=2, reviews_per_product=3)
-    model(batch)
-    assert encoders == [model.image_encoder] and calls == [2, 6]  # one encoder, products then reviews
-
-
-# --- Sec. 3.4: Eq. (2)-(8) ---------------------------------------------------------
-
-def test_eq2_to_eq5_reweighting_and_eq7():
-    torch.manual_seed(0)
-    config = tiny_config()
-    weights, attention = sancl.ProbeMaskWeights(config), sancl.SelectiveAttention(config.hidden)
-    h = torch.randn(1, 4, config.hidden)
-    h[0, 3] = 0  # padding (the GRU outputs zeros there)
-    mask = torch.tensor([[True, True, True, False]])
-    probe = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
-    m_prime, beta = weights(probe, mask, torch.randn(1, config.hidden))
-    alpha, b = config.alpha, beta[0].item()
-    assert torch.allclose(m_prime, torch.tensor([[alpha, b, b, 0.0]]))  # Eq. (2), 0 on padding
-    h_new, a_prime = attention(h, mask, m_prime)
-    a = naive_attention(h[0], mask[0], attention.query, attention.key)
-    # Eq. (5): (1,1) -> alpha^2 a, (1,0) -> alpha beta a, (0,0) -> beta^2 a
-    assert torch.allclose(a_prime[0, 0, 0], alpha ** 2 * a[0, 0], atol=1e-6)
-    assert torch.allclose(a_prime[0, 0, 1], alpha * b * a[0, 1], atol=1e-6)
-    assert torch.allclose(a_prime[0, 1, 0], alpha * b * a[1, 0], atol=1e-6)
-    assert torch.allclose(a_prime[0, 1, 2], b ** 2 * a[1, 2], atol=1e-6)
-    assert torch.all(a_prime[0, 3] == 0) and torch.all(a_prime[0, :, 3] == 0)
-    # Eq. (7): h'_i = h_i + sum_j a'_ij h_j; the padded row stays zero
-    for i in range(3):
-        expected = h[0, i] + sum(a_prime[0, i, j] * h[0, j] for j in range(4))
-        assert torch.allclose(h_new[0, i], expected, atol=1e-6)
-    assert torch.all(h_new[0, 3] == 0)
-
-
-def test_eq6_beta_in_open_unit_interval():
-    torch.manual_seed(0)
-    weights = sancl.ProbeMaskWeights(tiny_config())
-    mask = torch.ones(64, 5, dtype=torch.bool)
-    _, beta = weights(torch.zeros(64, 5), mask, 3 * torch.randn(64, 8))
-    assert beta.shape == (64,)
-    assert torch.all((beta > 0) & (beta < 1))
-    h_seq = torch.randn(1, 8)
-    w, b = weights.beta_generator.weight[0].detach(), weights.beta_generator.bias[0].detach()
-    expected = 1 / (1 + math.exp(-(float(w @ h_seq[0]) + float(b))))  # Eq. (6)
-    assert weights(torch.zeros(1, 5), mask[:1], h_seq)[1].item() == pytest.approx(expected, rel=1e-6)
-
-
-def test_eq8_weighted_pooling():
-    torch.manual_seed(0)
-    h, w = torch.randn(2, 5, 3), torch.tensor([[1.0, 0.5, 0.5, 0.0, 0.0], [0.3, 0.3, 1.0, 1.0, 0.3]])
-    pooled = sancl.weighted_mean(h, w)
-    for b in range(2):
-        expected = sum(w[b, i] * h[b, i] for i in range(5)) / sum(w[b, i] for i in range(5))
-        assert torch.allclose(pooled[b], expected, atol=1e-6)
-
-
-def test_eq10_phi():
-    a, b = torch.tensor([[1.0, 2.0, 2.0]]), torch.tensor([[2.0, 0.0, 1.0]])
-    cos = (2 + 0 + 2) / (3 * math.sqrt(5))
-    assert sancl.phi(a, b, 1.0).item() == pytest.approx(math.exp(cos), rel=1e-6)
-    assert sancl.phi(a, b, 0.5).item() == pytest.approx(math.exp(cos / 0.5), rel=1e-6)
-
-
-# --- Sec. 3.5-3.6: losses against loops --------------------------------------------
-
-def phi_scalar(a, b, tau=1.0):
-    a, b = a.detach(), b.detach()
-    return math.exp(float(a @ b) / (float(a.norm()) * float(b.norm())) / tau)
-
-
-def test_losses_against_loops():
-    model, config = tiny_model()
-    batch = sancl.random_batch(config, seed=1)
-    out = model(batch)
-    loss = model.losses(batch, out)
-    labels, rp = batch["labels"].tolist(), batch["review_product"].tolist()
-    P, R = batch["product_tokens"].size(0), len(labels)
-    assert 0 < sum(label >= 3 for label in labels) < R
-
-    # Eq. (16): hinge terms summed within a group (one positive), averaged over the groups
-    groups = {}
-    for i, j in batch["pairs"].tolist():
-        hinge = max(0.0, config.gamma * (labels[i] - labels[j]) - out["score"][i].item() + out["score"][j].item())
-        groups[i] = groups.get(i, 0.0) + hinge
-    assert len(groups) > 1 and loss["task"].item() == pytest.approx(sum(groups.values()) / len(groups), rel=1e-5)
-
-    # Eq. (11): instances are every product and every review
-    instances = [(out["t_ii_product"][p], out["v_ii_product"][p], True) for p in range(P)]
-    instances += [(out["t_ii_review"][r], out["v_ii_review"][r], labels[r] >= 3) for r in range(R)]
-    denominator = sum(phi_scalar(t, v) for t, v, _ in instances)
-    terms = [-math.log(phi_scalar(t, v) / denominator) for t, v, positive in instances if positive]
-    assert loss["cpc_ii"].item() == pytest.approx(sum(terms) / len(terms), rel=1e-5)
-
-    # Eq. (12)-(13): (review, its product) per modality, positives = helpful reviews
-    cpc_pr = 0.0
-    for m in ("t", "v"):
-        review, product = out[f"{m}_pr_review"], out[f"{m}_pr_product"]
-        denominator = sum(phi_scalar(review[r], product[rp[r]]) for r in range(R))
-        terms = [-math.log(phi_scalar(review[r], product[rp[r]]) / denominator) for r in range(R) if labels[r] >= 3]
-        cpc_pr += sum(terms) / len(terms)
-    assert loss["cpc_pr"].item() == pytest.approx(cpc_pr, rel=1e-5)
-    expected_total = loss["task"] + config.kappa * (loss["cpc_ii"] + loss["cpc_pr"])
-    assert torch.allclose(loss["total"], expected_total)
-
-
-def test_no_pairs_and_no_helpful_review_give_zero():
-    model, config = tiny_model()
-    batch = sancl.random_batch(config, seed=1)
-    batch["pairs"] = batch["pairs"][:0]
-    batch["labels"] = torch.zeros_like(batch["labels"])
-    loss = model.losses(batch, model(batch))
-    assert loss["task"].item() == 0 and loss["cpc_pr"].item() == 0
-    assert loss["cpc_ii"].item() > 0  # products are always positives
-    loss["total"].backward()
-
-
-def test_gradients_reach_every_part():
-    model, config = tiny_model()
-    batch = sancl.random_batch(config, seed=1)
-    model.losses(batch, model(batch))["total"].backward()
-    parts = [model.probe_weights.beta_generator, model.output, *model.projections.values(),
-             model.review_text_encoder, model.product_text_encoder, model.review_self_attention,
-             model.image_encoder, model.text_cross_attention, model.image_cross_attention, model.embedding]
-    for part in parts:
-        for p in part.parameters():
-            assert p.grad is not None and p.grad.abs().sum() > 0
-    frozen, config = tiny_model(freeze_embeddings=True)
-    frozen.losses(batch, frozen(batch))["total"].backward()
-    assert frozen.embedding.weight.grad is None  # --freeze-embeddings
-
-
-# --- switches -----------------------------------------------------------------------
-
-def test_no_cpc_ii_and_no_cpc_pr():
-    for switch in ("no_cpc_ii", "no_cpc_pr"):
-        model, config = tiny_model(**{switch: True})
-        batch = sancl.random_batch(config, seed=1)
-        loss = model.losses(batch, model(batch))
-        removed, kept = ("cpc_ii", "cpc_pr") if switch == "no_cpc_ii" else ("cpc_pr", "cpc_ii")
-        assert loss[removed].item() == 0 and loss[kept].item() > 0
-        assert torch.allclose(loss["total"], loss["task"] + config.kappa * loss[kept])
-
-
-def test_fixed_beta():
-    model, config = tiny_model(fixed_beta=True)
-    assert model.probe_weights.beta_generator is None
-    assert sum(p.numel() for p in model.probe_weights.parameters()) == 0
-    out = model(sancl.random_batch(config))
-    assert torch.all(out["beta"] == 0.5)
-
-
-def test_no_probe_mask_ignores_probe_mask():
-    model, config = tiny_model(no_probe_mask=True)
-    model.eval()
-    assert sum(p.numel() for p in model.probe_weights.parameters()) == 0
-    batch = sancl.random_batch(config, seed=2)
-    other = dict(batch, probe_mask=1 - batch["probe_mask"])
-    assert torch.equal(model(batch)["score"], model(other)["score"])
-
-
-def test_text_only():
-    model, config = tiny_model(text_only=True)
-    model.eval()
-    assert set(model.projections) == {"t_ii", "t_pr"}
-    assert not any("image" in name for name, _ in model.named_parameters())
-    batch = sancl.random_batch(config, seed=3)
-    assert batch["review_regions"] is None and batch["product_region_mask"] is None
-    with_images = sancl.random_batch(tiny_config(), seed=3)
-    score = model(batch)["score"]
-    assert torch.equal(score, model(with_images)["score"])
-    loss = model.losses(batch, model(batch))
-    assert loss["cpc_ii"].item() == 0 and loss["cpc_pr"].item() > 0
-
-
-def test_multimodal_model_asks_for_regions():
-    model, config = tiny_model()
-    batch = dict(sancl.random_batch(config), review_regions=None)
-    with pytest.raises(ValueError, match="text_only=True"):
-        model(batch)
-
-
-# --- plumbing: padding, indexing, seeds, counting -----------------------------------
-
-def test_padding_does_not_change_scores():
-    model, config = tiny_model()
-    model.eval()
-    batch = sancl.random_batch(config, seed=4)
-
-    def pad(x, extra, dim=1):
-        shape = list(x.shape)
-        shape[dim] = extra
-        return torch.cat([x, x.new_zeros(shape)], dim=dim)
-
-    extra = {"product_tokens": 7, "review_tokens": 5, "probe_mask": 5, "product_regions": 3,
-             "product_region_mask": 3, "review_regions": 4, "review_region_mask": 4}
-    padded = dict(batch, **{key: pad(batch[key], n) for key, n in extra.items()})
-    assert torch.allclose(model(batch)["score"], model(padded)["score"], atol=1e-5)
-
-
-def test_reviews_only_see_their_own_product():
-    model, config = tiny_model()
-    model.eval()
-    batch = sancl.random_batch(config, seed=5)
-    other = dict(batch, product_tokens=batch["product_tokens"].clone(),
-                 product_regions=batch["product_regions"].clone())
-    other["product_tokens"][1] = torch.where(other["product_tokens"][1] > 0, 7, 0)
-    other["product_regions"][1] += 1
-    before, after = model(batch)["score"], model(other)["score"]
-    product_1 = batch["review_product"] == 1
-    assert torch.equal(before[~product_1], after[~product_1])
-    assert not torch.allclose(before[product_1], after[product_1])
-
-
-def test_same_seed_same_outputs():
-    outputs = []
-    for _ in range(2):
-        model, config = tiny_model(seed=3)
-        torch.manual_seed(9)  # dropout
-        out = model(sancl.random_batch(config, seed=6))
-        outputs.append(out)
-    for key in ("score", "beta", "attention", "t_ii_review", "v_pr_product"):
-        assert torch.equal(outputs[0][key], outputs[1][key])
-
-
-def test_forward_shapes_and_param_count():
-    model, config = tiny_model()
-    batch = sancl.random_batch(config, products=3, reviews_per_product=5)
-    out = model(batch)
-    R, Lr = batch["review_tokens"].shape
-    assert out["score"].shape == (R,) and out["beta"].shape == (R,) and out["attention"].shape == (R, Lr, Lr)
-    assert out["t_ii_product"].shape == (3, config.shared_dim) and out["v_pr_review"].shape == (R, config.shared_dim)
-    total = sum(p.numel() for p in model.parameters())
-    assert model.num_params(non_embedding=False) == total
-    assert model.num_params() == total - config.vocab_size * config.embed_dim
-
-
-def test_pretrained_embeddings_are_used_trained_or_frozen():
-    config = tiny_config()
-    table = torch.randn(config.vocab_size, config.embed_dim)
-    model = sancl.SANCL(config, embeddings=table)
-    assert torch.equal(model.embedding.weight, table) and model.embedding.weight.requires_grad
-    model = sancl.SANCL(tiny_config(freeze_embeddings=True), embeddings=table)
-    assert torch.equal(model.embedding.weight, table) and not model.embedding.weight.requires_grad
-    with pytest.raises(ValueError, match="shape"):
-        sancl.SANCL(config, embeddings=table[:, :3])
-
-
-def test_model_pools_review_text_with_m_prime():
-    model, config = tiny_model()
-    model.eval()
-    captured = {}
-    model.text_cross_attention.register_forward_hook(lambda module, args, output: captured.update(h=output))
-    out = model(sancl.random_batch(config, seed=7))
-    h, m_prime = captured["h"], out["m_prime"]  # H'' (R, Lr, H), M' (R, Lr)
-    pooled = torch.stack([sum(m_prime[r, i] * h[r, i] for i in range(h.size(1))) / m_prime[r].sum()
-                          for r in range(h.size(0))])  # Eq. (8)
-    assert torch.allclose(model.projections["t_ii"](pooled), out["t_ii_review"], atol=1e-5)
-    beta = out["beta"][:, None].expand_as(m_prime)
-    probe, real = sancl.random_batch(config, seed=7)["probe_mask"], m_prime > 0
-    assert torch.allclose(m_prime[real], (config.alpha * probe + beta * (1 - probe))[real])  # Eq. (2)
 
 
 # --- probe masks (probe_mask.py, Algorithm 1) -------------------------------------------
@@ -1059,6 +714,352 @@ def test_an_interrupted_precompute_leaves_only_a_partial_file(stand_in_data, nlp
     assert summary["computed"] == 2 and len(masks) == 4 and pm.load_cache(path)[0] == masks
 
 
+# --- model (sancl.py): each equation against a naive computation, switches, padding, seeds ---
+def tiny_config(**overrides):
+    sizes = dict(vocab_size=50, embed_dim=8, hidden=8, image_dim=8, region_dim=16, shared_dim=4)
+    return sancl.SANCLConfig(**{**sizes, **overrides})
+
+
+def tiny_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    config = tiny_config(**overrides)
+    return sancl.SANCL(config), config
+
+
+def naive_attention(h, mask, query, key):
+    """Eq. (3) as the reference computes it: a_ij = exp(q_i.k_j) / sum_{real k} exp(q_i.k_k),
+    q = W_q h + b_q, k = W_k h + b_k (no 1/sqrt(d)), one entry at a time."""
+    L = h.shape[0]
+    q = (h @ query.weight.T + query.bias).detach()
+    k = (h @ key.weight.T + key.bias).detach()
+    a = torch.zeros(L, L)
+    for i in range(L):
+        norm = sum(math.exp(q[i] @ k[j]) for j in range(L) if mask[j])
+        for j in range(L):
+            if mask[j]:
+                a[i, j] = math.exp(q[i] @ k[j]) / norm
+    return a
+
+
+# --- Sec. 3.3: encoders --------------------------------------------------------------
+
+def test_padded_gru_equals_the_packed_gru():
+    """Eq. (1) without packing: a uni-directional GRU's outputs at real tokens and its
+    h_seq do not depend on the padding after the last real token."""
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    torch.manual_seed(0)
+    encoder = sancl.TextEncoder(tiny_config()).eval()
+    x, lengths = torch.randn(5, 9, 8), torch.tensor([9, 1, 4, 7, 2])
+    h, h_seq = encoder(x, lengths)
+    packed, h_last = encoder.gru(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))
+    expected, _ = pad_packed_sequence(packed, batch_first=True, total_length=9)
+    assert torch.allclose(h, expected, atol=1e-6) and torch.allclose(h_seq, h_last[0], atol=1e-6)
+    assert torch.all(h[1, 1:] == 0)  # zeros on padding, as the packed GRU gives
+
+
+def test_image_encoder_ignores_padded_regions_and_is_shared():
+    torch.manual_seed(0)
+    config = tiny_config()
+    encoder = sancl.ImageEncoder(config).eval()
+    regions, mask = torch.randn(3, 4, config.region_dim), torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]]).bool()
+    h = encoder(regions, mask)
+    padded = torch.cat([regions, 100 * torch.randn(3, 3, config.region_dim)], dim=1)
+    h_padded = encoder(padded, torch.cat([mask, torch.zeros(3, 3, dtype=torch.bool)], dim=1))
+    assert torch.allclose(h, h_padded[:, :4], atol=1e-5) and torch.all(h_padded[:, 4:] == 0)
+    assert torch.all(h[~mask] == 0)
+    assert len(encoder.layers) == 3 and encoder.layers[0].attention.num_heads == 4
+    model, config = tiny_model()
+    encoders = [m for m in model.modules() if isinstance(m, sancl.ImageEncoder)]
+    calls = []
+    model.image_encoder.register_forward_hook(lambda module, args, output: calls.append(args[0].size(0)))
+    batch = sancl.random_batch(config, products=2, reviews_per_product=3)
+    model(batch)
+    assert encoders == [model.image_encoder] and calls == [2, 6]  # one encoder, products then reviews
+
+
+# --- Sec. 3.4: Eq. (2)-(8) ---------------------------------------------------------
+
+def test_eq2_to_eq5_reweighting_and_eq7():
+    torch.manual_seed(0)
+    config = tiny_config()
+    weights, attention = sancl.ProbeMaskWeights(config), sancl.SelectiveAttention(config.hidden)
+    h = torch.randn(1, 4, config.hidden)
+    h[0, 3] = 0  # padding (the GRU outputs zeros there)
+    mask = torch.tensor([[True, True, True, False]])
+    probe = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
+    m_prime, beta = weights(probe, mask, torch.randn(1, config.hidden))
+    alpha, b = config.alpha, beta[0].item()
+    assert torch.allclose(m_prime, torch.tensor([[alpha, b, b, 0.0]]))  # Eq. (2), 0 on padding
+    h_new, a_prime = attention(h, mask, m_prime)
+    a = naive_attention(h[0], mask[0], attention.query, attention.key)
+    # Eq. (5): (1,1) -> alpha^2 a, (1,0) -> alpha beta a, (0,0) -> beta^2 a
+    assert torch.allclose(a_prime[0, 0, 0], alpha ** 2 * a[0, 0], atol=1e-6)
+    assert torch.allclose(a_prime[0, 0, 1], alpha * b * a[0, 1], atol=1e-6)
+    assert torch.allclose(a_prime[0, 1, 0], alpha * b * a[1, 0], atol=1e-6)
+    assert torch.allclose(a_prime[0, 1, 2], b ** 2 * a[1, 2], atol=1e-6)
+    assert torch.all(a_prime[0, 3] == 0) and torch.all(a_prime[0, :, 3] == 0)
+    # Eq. (7): h'_i = h_i + sum_j a'_ij h_j; the padded row stays zero
+    for i in range(3):
+        expected = h[0, i] + sum(a_prime[0, i, j] * h[0, j] for j in range(4))
+        assert torch.allclose(h_new[0, i], expected, atol=1e-6)
+    assert torch.all(h_new[0, 3] == 0)
+
+
+def test_eq6_beta_in_open_unit_interval():
+    torch.manual_seed(0)
+    weights = sancl.ProbeMaskWeights(tiny_config())
+    mask = torch.ones(64, 5, dtype=torch.bool)
+    _, beta = weights(torch.zeros(64, 5), mask, 3 * torch.randn(64, 8))
+    assert beta.shape == (64,)
+    assert torch.all((beta > 0) & (beta < 1))
+    h_seq = torch.randn(1, 8)
+    w, b = weights.beta_generator.weight[0].detach(), weights.beta_generator.bias[0].detach()
+    expected = 1 / (1 + math.exp(-(float(w @ h_seq[0]) + float(b))))  # Eq. (6)
+    assert weights(torch.zeros(1, 5), mask[:1], h_seq)[1].item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_eq8_weighted_pooling():
+    torch.manual_seed(0)
+    h, w = torch.randn(2, 5, 3), torch.tensor([[1.0, 0.5, 0.5, 0.0, 0.0], [0.3, 0.3, 1.0, 1.0, 0.3]])
+    pooled = sancl.weighted_mean(h, w)
+    for b in range(2):
+        expected = sum(w[b, i] * h[b, i] for i in range(5)) / sum(w[b, i] for i in range(5))
+        assert torch.allclose(pooled[b], expected, atol=1e-6)
+
+
+def test_eq10_phi():
+    a, b = torch.tensor([[1.0, 2.0, 2.0]]), torch.tensor([[2.0, 0.0, 1.0]])
+    cos = (2 + 0 + 2) / (3 * math.sqrt(5))
+    assert sancl.phi(a, b, 1.0).item() == pytest.approx(math.exp(cos), rel=1e-6)
+    assert sancl.phi(a, b, 0.5).item() == pytest.approx(math.exp(cos / 0.5), rel=1e-6)
+
+
+# --- Sec. 3.5-3.6: losses against loops --------------------------------------------
+
+def phi_scalar(a, b, tau=1.0):
+    a, b = a.detach(), b.detach()
+    return math.exp(float(a @ b) / (float(a.norm()) * float(b.norm())) / tau)
+
+
+def test_losses_against_loops():
+    model, config = tiny_model()
+    batch = sancl.random_batch(config, seed=1)
+    out = model(batch)
+    loss = model.losses(batch, out)
+    labels, rp = batch["labels"].tolist(), batch["review_product"].tolist()
+    P, R = batch["product_tokens"].size(0), len(labels)
+    assert 0 < sum(label >= 3 for label in labels) < R
+
+    # Eq. (16): hinge terms summed within a group (one positive), averaged over the groups
+    groups = {}
+    for i, j in batch["pairs"].tolist():
+        hinge = max(0.0, config.gamma * (labels[i] - labels[j]) - out["score"][i].item() + out["score"][j].item())
+        groups[i] = groups.get(i, 0.0) + hinge
+    assert len(groups) > 1 and loss["task"].item() == pytest.approx(sum(groups.values()) / len(groups), rel=1e-5)
+
+    # Eq. (11): instances are every product and every review
+    instances = [(out["t_ii_product"][p], out["v_ii_product"][p], True) for p in range(P)]
+    instances += [(out["t_ii_review"][r], out["v_ii_review"][r], labels[r] >= 3) for r in range(R)]
+    denominator = sum(phi_scalar(t, v) for t, v, _ in instances)
+    terms = [-math.log(phi_scalar(t, v) / denominator) for t, v, positive in instances if positive]
+    assert loss["cpc_ii"].item() == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+
+    # Eq. (12)-(13): (review, its product) per modality, positives = helpful reviews
+    cpc_pr = 0.0
+    for m in ("t", "v"):
+        review, product = out[f"{m}_pr_review"], out[f"{m}_pr_product"]
+        denominator = sum(phi_scalar(review[r], product[rp[r]]) for r in range(R))
+        terms = [-math.log(phi_scalar(review[r], product[rp[r]]) / denominator) for r in range(R) if labels[r] >= 3]
+        cpc_pr += sum(terms) / len(terms)
+    assert loss["cpc_pr"].item() == pytest.approx(cpc_pr, rel=1e-5)
+    expected_total = loss["task"] + config.kappa * (loss["cpc_ii"] + loss["cpc_pr"])
+    assert torch.allclose(loss["total"], expected_total)
+
+
+def test_no_pairs_and_no_helpful_review_give_zero():
+    model, config = tiny_model()
+    batch = sancl.random_batch(config, seed=1)
+    batch["pairs"] = batch["pairs"][:0]
+    batch["labels"] = torch.zeros_like(batch["labels"])
+    loss = model.losses(batch, model(batch))
+    assert loss["task"].item() == 0 and loss["cpc_pr"].item() == 0
+    assert loss["cpc_ii"].item() > 0  # products are always positives
+    loss["total"].backward()
+
+
+def test_gradients_reach_every_part():
+    model, config = tiny_model()
+    batch = sancl.random_batch(config, seed=1)
+    model.losses(batch, model(batch))["total"].backward()
+    parts = [model.probe_weights.beta_generator, model.output, *model.projections.values(),
+             model.review_text_encoder, model.product_text_encoder, model.review_self_attention,
+             model.image_encoder, model.text_cross_attention, model.image_cross_attention, model.embedding]
+    for part in parts:
+        for p in part.parameters():
+            assert p.grad is not None and p.grad.abs().sum() > 0
+    frozen, config = tiny_model(freeze_embeddings=True)
+    frozen.losses(batch, frozen(batch))["total"].backward()
+    assert frozen.embedding.weight.grad is None  # --freeze-embeddings
+
+
+# --- switches -----------------------------------------------------------------------
+
+def test_no_cpc_ii_and_no_cpc_pr():
+    for switch in ("no_cpc_ii", "no_cpc_pr"):
+        model, config = tiny_model(**{switch: True})
+        batch = sancl.random_batch(config, seed=1)
+        loss = model.losses(batch, model(batch))
+        removed, kept = ("cpc_ii", "cpc_pr") if switch == "no_cpc_ii" else ("cpc_pr", "cpc_ii")
+        assert loss[removed].item() == 0 and loss[kept].item() > 0
+        assert torch.allclose(loss["total"], loss["task"] + config.kappa * loss[kept])
+
+
+def test_fixed_beta():
+    model, config = tiny_model(fixed_beta=True)
+    assert model.probe_weights.beta_generator is None
+    assert sum(p.numel() for p in model.probe_weights.parameters()) == 0
+    out = model(sancl.random_batch(config))
+    assert torch.all(out["beta"] == 0.5)
+
+
+def test_no_probe_mask_ignores_probe_mask():
+    model, config = tiny_model(no_probe_mask=True)
+    model.eval()
+    assert sum(p.numel() for p in model.probe_weights.parameters()) == 0
+    batch = sancl.random_batch(config, seed=2)
+    other = dict(batch, probe_mask=1 - batch["probe_mask"])
+    assert torch.equal(model(batch)["score"], model(other)["score"])
+
+
+def test_text_only():
+    model, config = tiny_model(text_only=True)
+    model.eval()
+    assert set(model.projections) == {"t_ii", "t_pr"}
+    assert not any("image" in name for name, _ in model.named_parameters())
+    batch = sancl.random_batch(config, seed=3)
+    assert batch["review_regions"] is None and batch["product_region_mask"] is None
+    with_images = sancl.random_batch(tiny_config(), seed=3)
+    score = model(batch)["score"]
+    assert torch.equal(score, model(with_images)["score"])
+    loss = model.losses(batch, model(batch))
+    assert loss["cpc_ii"].item() == 0 and loss["cpc_pr"].item() > 0
+
+
+def test_multimodal_model_asks_for_regions():
+    model, config = tiny_model()
+    batch = dict(sancl.random_batch(config), review_regions=None)
+    with pytest.raises(ValueError, match="text_only=True"):
+        model(batch)
+
+
+# --- plumbing: padding, indexing, seeds, counting -----------------------------------
+
+def test_padding_does_not_change_scores():
+    model, config = tiny_model()
+    model.eval()
+    batch = sancl.random_batch(config, seed=4)
+
+    def pad(x, extra, dim=1):
+        shape = list(x.shape)
+        shape[dim] = extra
+        return torch.cat([x, x.new_zeros(shape)], dim=dim)
+
+    extra = {"product_tokens": 7, "review_tokens": 5, "probe_mask": 5, "product_regions": 3,
+             "product_region_mask": 3, "review_regions": 4, "review_region_mask": 4}
+    padded = dict(batch, **{key: pad(batch[key], n) for key, n in extra.items()})
+    assert torch.allclose(model(batch)["score"], model(padded)["score"], atol=1e-5)
+
+
+def test_reviews_only_see_their_own_product():
+    model, config = tiny_model()
+    model.eval()
+    batch = sancl.random_batch(config, seed=5)
+    other = dict(batch, product_tokens=batch["product_tokens"].clone(),
+                 product_regions=batch["product_regions"].clone())
+    other["product_tokens"][1] = torch.where(other["product_tokens"][1] > 0, 7, 0)
+    other["product_regions"][1] += 1
+    before, after = model(batch)["score"], model(other)["score"]
+    product_1 = batch["review_product"] == 1
+    assert torch.equal(before[~product_1], after[~product_1])
+    assert not torch.allclose(before[product_1], after[product_1])
+
+
+def test_same_seed_same_outputs():
+    outputs = []
+    for _ in range(2):
+        model, config = tiny_model(seed=3)
+        torch.manual_seed(9)  # dropout
+        out = model(sancl.random_batch(config, seed=6))
+        outputs.append(out)
+    for key in ("score", "beta", "attention", "t_ii_review", "v_pr_product"):
+        assert torch.equal(outputs[0][key], outputs[1][key])
+
+
+def test_forward_shapes_and_param_count():
+    model, config = tiny_model()
+    batch = sancl.random_batch(config, products=3, reviews_per_product=5)
+    out = model(batch)
+    R, Lr = batch["review_tokens"].shape
+    assert out["score"].shape == (R,) and out["beta"].shape == (R,) and out["attention"].shape == (R, Lr, Lr)
+    assert out["t_ii_product"].shape == (3, config.shared_dim) and out["v_pr_review"].shape == (R, config.shared_dim)
+    total = sum(p.numel() for p in model.parameters())
+    assert model.num_params(non_embedding=False) == total
+    assert model.num_params() == total - config.vocab_size * config.embed_dim
+
+
+def test_pretrained_embeddings_are_used_trained_or_frozen():
+    config = tiny_config()
+    table = torch.randn(config.vocab_size, config.embed_dim)
+    model = sancl.SANCL(config, embeddings=table)
+    assert torch.equal(model.embedding.weight, table) and model.embedding.weight.requires_grad
+    model = sancl.SANCL(tiny_config(freeze_embeddings=True), embeddings=table)
+    assert torch.equal(model.embedding.weight, table) and not model.embedding.weight.requires_grad
+    with pytest.raises(ValueError, match="shape"):
+        sancl.SANCL(config, embeddings=table[:, :3])
+
+
+def test_model_pools_review_text_with_m_prime():
+    model, config = tiny_model()
+    model.eval()
+    captured = {}
+    model.text_cross_attention.register_forward_hook(lambda module, args, output: captured.update(h=output))
+    out = model(sancl.random_batch(config, seed=7))
+    h, m_prime = captured["h"], out["m_prime"]  # H'' (R, Lr, H), M' (R, Lr)
+    pooled = torch.stack([sum(m_prime[r, i] * h[r, i] for i in range(h.size(1))) / m_prime[r].sum()
+                          for r in range(h.size(0))])  # Eq. (8)
+    assert torch.allclose(model.projections["t_ii"](pooled), out["t_ii_review"], atol=1e-5)
+    beta = out["beta"][:, None].expand_as(m_prime)
+    probe, real = sancl.random_batch(config, seed=7)["probe_mask"], m_prime > 0
+    assert torch.allclose(m_prime[real], (config.alpha * probe + beta * (1 - probe))[real])  # Eq. (2)
+
+
+# --- metrics (evaluate.py), on cases computed by hand ------------------------------------
+def test_average_precision_by_hand():
+    assert evaluate.average_precision([2, 0, 3]) == pytest.approx((1 / 1 + 2 / 3) / 2)
+    assert evaluate.average_precision([0, 1, 1]) == 0.0  # nothing above threshold 1
+    assert evaluate.average_precision([0, 1, 1], threshold=0) == pytest.approx((1 / 2 + 2 / 3) / 2)
+
+
+def test_ndcg_by_hand():
+    dcg = 7 / math.log(3) + 3 / math.log(4)  # labels 3 and 2 at ranks 1 and 2 (0-based)
+    ideal = 7 / math.log(2) + 3 / math.log(3)
+    assert evaluate.ndcg_at([0, 3, 2, 4], 3) == pytest.approx(dcg / (15 / math.log(2) + 7 / math.log(3) + 3 / math.log(4)))
+    assert evaluate.ndcg_at([0, 3, 2], 3) == pytest.approx(dcg / ideal)
+    assert evaluate.ndcg_at([1, 0], 3) == 0.0  # ideal DCG 0
+
+
+def test_ranking_metrics_ties_are_stable_and_empty_products_count():
+    ids = ["a", "a", "a", "b", "b"]
+    labels = [0, 3, 2, 1, 0]  # product b has no relevant review: counts as 0
+    m = evaluate.ranking_metrics(ids, labels, [0.5, 0.5, 0.1, 0.9, 0.2])  # tie: input order, 0 before 3
+    assert m["MAP"] == pytest.approx(100 * ((1 / 2 + 2 / 3) / 2 + 0) / 2)
+    assert m["N@3"] == pytest.approx(100 * (7 / math.log(3) + 3 / math.log(4)) / (7 / math.log(2) + 3 / math.log(3)) / 2)
+    perfect = evaluate.ranking_metrics(ids, labels, [0, 2, 1, 1, 0])
+    assert perfect["MAP"] == pytest.approx(50.0) and perfect["N@5"] == pytest.approx(50.0)
+    assert evaluate.ranking_metrics(ids, labels, [0, 2, 1, 1, 0], threshold=0)["MAP"] == pytest.approx(100.0)
+
+
 # --- training and evaluation end to end (train.py, evaluate.py) on the tiny sample ----------
 def run_train(tiny_root, out, *flags):
     return train.train(train.parse_args(["--data-dir", str(tiny_root), "--out", str(out), "--epochs", "1",
@@ -1184,54 +1185,6 @@ def test_explain_runs_without_matplotlib(tiny_run, tmp_path, monkeypatch, capsys
     assert "    1  1.00  I bought these to pin the loose material on a sofa cover" in out  # Table 3's marked sentence
     assert "    0  " in out and "Prediction: " in out
     assert "matplotlib is not installed; the attention map would be at" in out and not list(tmp_path.iterdir())
-
-
-# --- layout: imports go one way, from the paper's building blocks up to the entry points ---
-def project_imports():
-    """{script: set of project scripts it imports}, from the source, imports inside functions
-    included (a lazy import hides a circle from Python, not from this test)."""
-    import ast
-
-    scripts = {path.stem: path for path in Path(__file__).parent.glob("*.py") if not path.stem.startswith("test_")}
-    graph = {}
-    for name, path in scripts.items():
-        imported = set()
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.Import):
-                imported |= {alias.name.split(".")[0] for alias in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                imported.add(node.module.split(".")[0])
-        graph[name] = imported & set(scripts) - {name}
-    return graph
-
-
-def test_imports_have_no_circle():
-    graph = project_imports()
-    assert {"data", "sancl", "probe_mask", "plumbing", "evaluate", "train"} <= set(graph)
-    done, path = set(), []
-
-    def visit(name):
-        assert name not in path, f"import circle: {' -> '.join(path[path.index(name):] + [name])}"
-        if name in done:
-            return
-        path.append(name)
-        for imported in sorted(graph[name]):
-            visit(imported)
-        path.pop()
-        done.add(name)
-
-    for name in sorted(graph):
-        visit(name)
-    assert graph["data"] == set() and graph["sancl"] == set(), "the building blocks import no other script"
-    assert "train" not in set().union(*graph.values()), "train.py is the top: nothing imports it"
-
-
-def test_the_circle_check_catches_a_circle(monkeypatch):
-    monkeypatch.setattr(sys.modules[__name__], "project_imports",
-                        lambda: {"data": {"sample"}, "sample": {"data"}, "sancl": set(), "probe_mask": set(),
-                                 "plumbing": set(), "evaluate": set(), "train": set()})
-    with pytest.raises(AssertionError, match="import circle: data -> sample -> data"):
-        test_imports_have_no_circle()
 
 
 # --- hostile input (issue 11): safe files, honest failures, no silent fallbacks ---------------
@@ -1469,3 +1422,51 @@ def test_ctrl_c_says_how_to_resume(tiny_root, tmp_path, monkeypatch, capsys):
     assert train.main(["--resume", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
     assert f"resuming {tmp_path / 'run'} after epoch 1 of 2" in out and "epoch  2 " in out
+
+
+# --- layout: imports go one way, from the paper's building blocks up to the entry points ---
+def project_imports():
+    """{script: set of project scripts it imports}, from the source, imports inside functions
+    included (a lazy import hides a circle from Python, not from this test)."""
+    import ast
+
+    scripts = {path.stem: path for path in Path(__file__).parent.glob("*.py") if not path.stem.startswith("test_")}
+    graph = {}
+    for name, path in scripts.items():
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                imported.add(node.module.split(".")[0])
+        graph[name] = imported & set(scripts) - {name}
+    return graph
+
+
+def test_imports_have_no_circle():
+    graph = project_imports()
+    assert {"data", "sancl", "probe_mask", "plumbing", "evaluate", "train"} <= set(graph)
+    done, path = set(), []
+
+    def visit(name):
+        assert name not in path, f"import circle: {' -> '.join(path[path.index(name):] + [name])}"
+        if name in done:
+            return
+        path.append(name)
+        for imported in sorted(graph[name]):
+            visit(imported)
+        path.pop()
+        done.add(name)
+
+    for name in sorted(graph):
+        visit(name)
+    assert graph["data"] == set() and graph["sancl"] == set(), "the building blocks import no other script"
+    assert "train" not in set().union(*graph.values()), "train.py is the top: nothing imports it"
+
+
+def test_the_circle_check_catches_a_circle(monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "project_imports",
+                        lambda: {"data": {"sample"}, "sample": {"data"}, "sancl": set(), "probe_mask": set(),
+                                 "plumbing": set(), "evaluate": set(), "train": set()})
+    with pytest.raises(AssertionError, match="import circle: data -> sample -> data"):
+        test_imports_have_no_circle()
