@@ -11,7 +11,7 @@ drives the learning-rate schedule; the best dev epoch is kept and reported on te
 import os
 
 # plumbing: above the other imports on purpose. OpenMP reads OMP_WAIT_POLICY once, when torch (imported
-# by data.py too) starts its thread pool; with the default policy each idle worker spins on its core
+# by data.py too) starts its thread pool; by default an idle worker spins on its core for a while
 # between two parallel regions, which on 2 shared cores takes CPU from the other thread and from other
 # jobs. PASSIVE makes them sleep instead. With --threads 1 there are no workers and nothing changes.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -161,7 +161,7 @@ def product_batches(split, groups, batch_size, rng):
     Why count groups and not rows: task_loss averages over the groups, so a batch of ~4 groups weighs a
     step as the reference's does, and the number of steps stays as close to the reference's as whole
     products allow. It cannot match it: a product of the sample has 7 groups (median), so on the
-    sample an epoch takes about half the reference's steps (185 instead of 352), each on more groups."""
+    sample an epoch takes about half the reference's steps (186-193 instead of 352), each on more groups."""
     per_batch = max(1, batch_size // max(len(g) for g in groups)) if groups else 1
     by_product = {}
     for group in groups:
@@ -189,7 +189,8 @@ def group_batch(split, chosen):
 # plumbing: settings, the loop, checkpoints
 def run_folder(args, category):
     """--out, else runs/{data}[-{switches}]-s{seed} (e.g. runs/home_kitchen-text_only-s0,
-    runs/home_kitchen-products-s0), so that the ablations, batchings and seeds do not overwrite each other. A new run refuses a folder that holds a run."""
+    runs/home_kitchen-products-s0), so that the ablations, batchings and seeds do not overwrite each
+    other. A new run refuses a folder that holds a run."""
     switches = [s for s in SWITCHES + ("freeze_embeddings", "amp") if getattr(args, s, False)]
     switches += ["products"] if getattr(args, "batching", "groups") == "products" else []
     out = Path(args.out or "runs/" + "-".join([category] + switches + [f"s{args.seed}"]))
