@@ -1081,9 +1081,34 @@ def without_seconds(history):
     return [{k: v for k, v in entry.items() if k not in ("train_s", "dev_s")} for entry in history]
 
 
-def test_resume_continues_exactly(tiny_root, tmp_path):
-    straight = run_train(tiny_root, tmp_path / "a", "--epochs", "2", "--patience", "9")
-    run_train(tiny_root, tmp_path / "b", "--epochs", "1")
+def test_product_batches_cover_every_group_once_and_encode_each_review_once(tiny_root):
+    source = data.resolve_data(data_dir=tiny_root)
+    splits, _, _, _ = plumbing.load_data(source, with_images=False, with_masks=False, with_embeddings=False)
+    split = splits["train"]
+    groups = train.epoch_groups(split, np.random.default_rng(0))
+    batches = list(train.product_batches(split, groups, 32, np.random.default_rng(1)))
+    seen_groups, seen_rows = [], []
+    for batch in batches:
+        rows = batch["review_rows"].tolist()
+        assert len(set(rows)) == len(rows)  # each review once per batch
+        by_positive = {}
+        for pos, neg in batch["pairs"].tolist():
+            by_positive.setdefault(rows[pos], []).append(rows[neg])
+        seen_groups += [(pos, sorted(negs)) for pos, negs in by_positive.items()]
+        products = {int(split.review_product[row]) for row in rows}
+        assert len(by_positive) <= 4 or len(products) == 1  # the reference's 4 groups, or one product alone
+        seen_rows += rows
+    assert sorted(seen_groups) == sorted((g[0], sorted(g[1:])) for g in groups)  # every group once
+    assert len(set(seen_rows)) == len(seen_rows)  # each review once per epoch
+    assert len(batches) <= len({int(split.review_product[g[0]]) for g in groups})  # whole products
+    again = list(train.product_batches(split, groups, 32, np.random.default_rng(1)))
+    assert all(torch.equal(a["review_rows"], b["review_rows"]) for a, b in zip(batches, again))
+
+
+@pytest.mark.parametrize("flags", [[], ["--batching", "products"]])
+def test_resume_continues_exactly(tiny_root, tmp_path, flags):
+    straight = run_train(tiny_root, tmp_path / "a", "--epochs", "2", "--patience", "9", *flags)
+    run_train(tiny_root, tmp_path / "b", "--epochs", "1", *flags)
     resumed = train.train(train.parse_args(["--resume", str(tmp_path / "b"), "--epochs", "2"]))
     assert straight == resumed
     a, b = (plumbing.load_checkpoint(tmp_path / run / "last.pt") for run in "ab")
@@ -1097,11 +1122,24 @@ def test_missing_run_or_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert capsys.readouterr().err.count("not found: train.py writes best.pt and last.pt") == 2
 
 
-def test_same_seed_same_numbers(tiny_root, tmp_path):
-    assert run_train(tiny_root, tmp_path / "a") == run_train(tiny_root, tmp_path / "b")
+@pytest.mark.parametrize("flags", [[], ["--batching", "products"]])
+def test_same_seed_same_numbers(tiny_root, tmp_path, flags):
+    assert run_train(tiny_root, tmp_path / "a", *flags) == run_train(tiny_root, tmp_path / "b", *flags)
     a, b = (plumbing.load_checkpoint(tmp_path / run / "last.pt") for run in "ab")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])  # to the last bit
     assert without_seconds(a["state"]["history"]) == without_seconds(b["state"]["history"])
+
+
+def test_amp_trains_on_cpu_or_is_refused_in_one_line(tiny_root, tmp_path, monkeypatch, capsys):
+    if torch.amp.is_autocast_available("cpu"):
+        test = run_train(tiny_root, tmp_path / "amp", "--amp")
+        assert all(math.isfinite(v) for v in test.values())
+        assert "bfloat16 autocast" in capsys.readouterr().out
+        assert plumbing.load_checkpoint(tmp_path / "amp" / "last.pt")["args"]["amp"] is True
+    monkeypatch.setattr(torch.amp, "is_autocast_available", lambda device_type: False)
+    assert train.main(["--data-dir", str(tiny_root), "--out", str(tmp_path / "no"), "--amp"]) == 2
+    assert capsys.readouterr().err == "error: --amp: this torch cannot run bfloat16 autocast on cpu; train without --amp\n"
+    assert not (tmp_path / "no").exists()
 
 
 def test_evaluate_checkpoint_predict_and_baselines(tiny_root, tmp_path, capsys):

@@ -8,7 +8,16 @@ Each epoch: the reference's training groups (1 positive + 7 lower-scored reviews
 product, `product_groups`), batches of 32 review rows, Adam; dev MAP / N@3 / N@5, which also
 drives the learning-rate schedule; the best dev epoch is kept and reported on test (SPEC §6, §10).
 """
+import os
+
+# plumbing: above the other imports on purpose. OpenMP reads OMP_WAIT_POLICY once, when torch (imported
+# by data.py too) starts its thread pool; by default an idle worker spins on its core for a while
+# between two parallel regions, which on 2 shared cores takes CPU from the other thread and from other
+# jobs. PASSIVE makes them sleep instead. With --threads 1 there are no workers and nothing changes.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -78,7 +87,17 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", type=device_flag,
                    help="auto (cuda if present, else cpu), cpu, cuda, cuda:1, ...")
     p.add_argument("--threads", type=count, default=1, help="CPU threads (default 1: the same seed gives the same "
-                   "bits; 2 threads train about 1.5x faster on 2 cores, reproducible to a few decimals only)")
+                   "bits). 2 threads train about 1.5x faster on 2 free cores but are reproducible to a few decimals "
+                   "only, and on cores other jobs use the gain shrinks; idle threads sleep (OMP_WAIT_POLICY=PASSIVE, "
+                   "set by train.py unless the environment sets it) instead of spinning on the other core")
+    p.add_argument("--batching", choices=("groups", "products"), default="groups",
+                   help="groups (default, the reference's): each batch takes random groups, so a review is encoded "
+                   "in several batches per epoch. products: the same groups, but a batch holds WHOLE products "
+                   "(shuffled, and their groups shuffled within them), as many as fit in the groups of a "
+                   "--batch-size batch (4), or one product alone when it has more: each review is encoded once "
+                   "per epoch, in fewer, larger steps (see product_batches; a resumed run keeps its own)")
+    p.add_argument("--amp", action="store_true", help="train in bfloat16 autocast (off by default: float32); "
+                   "refused where the device cannot; dev and test are scored in float32")
     p.add_argument("--out", help="run folder for checkpoints and config (default runs/{data}-{switches}-s{seed}, "
                    "e.g. runs/home_kitchen-text_only-s0); a folder that holds a run is never overwritten")
     p.add_argument("--resume", metavar="RUN", help="continue the run in this folder (its last.pt) exactly")
@@ -132,11 +151,48 @@ def epoch_groups(split, rng, negatives=NEGATIVES):
     return groups
 
 
+def product_batches(split, groups, batch_size, rng):
+    """--batching products: this epoch's groups (all of them, each once), batched by product. The
+    reference's batch takes 4 random groups (batch_size // 8), so a review sits in the groups of several
+    batches and is encoded in each. Here a batch holds whole products, in random order, with their
+    groups in random order: products are added while the batch stays within the reference's 4 groups;
+    a product with more groups fills a batch alone. Each review is then encoded once per epoch.
+
+    Why count groups and not rows: task_loss averages over the groups, so a batch of ~4 groups weighs a
+    step as the reference's does, and the number of steps stays as close to the reference's as whole
+    products allow. It cannot match it: a product of the sample has 7 groups (median), so on the
+    sample an epoch takes about half the reference's steps (186-193 instead of 352), each on more groups."""
+    per_batch = max(1, batch_size // max(len(g) for g in groups)) if groups else 1
+    by_product = {}
+    for group in groups:
+        by_product.setdefault(int(split.review_product[group[0]]), []).append(group)
+    products = list(by_product.values())
+    chosen = []
+    for p in rng.permutation(len(products)):
+        own = [products[p][i] for i in rng.permutation(len(products[p]))]
+        if chosen and len(chosen) + len(own) > per_batch:
+            yield group_batch(split, chosen)
+            chosen = []
+        chosen += own
+    if chosen:
+        yield group_batch(split, chosen)
+
+
+def group_batch(split, chosen):
+    """The batch of some groups, as Split.train_batches makes it: each review row once, however many
+    groups hold it; "pairs" holds (positive, negative) local rows, one per draw."""
+    rows = sorted({row for group in chosen for row in group})
+    local = {row: i for i, row in enumerate(rows)}
+    return split.batch(rows, [(local[g[0]], local[neg]) for g in chosen for neg in g[1:]])
+
+
 # plumbing: settings, the loop, checkpoints
 def run_folder(args, category):
-    """--out, else runs/{data}[-{switches}]-s{seed} (e.g. runs/home_kitchen-text_only-s0), so that the
-    ablations and seeds do not overwrite each other. A new run refuses a folder that holds a run."""
-    switches = [s for s in SWITCHES + ("freeze_embeddings",) if getattr(args, s, False)]
+    """--out, else runs/{data}[-{switches}]-s{seed} (e.g. runs/home_kitchen-text_only-s0,
+    runs/home_kitchen-products-s0), so that the ablations, batchings and seeds do not overwrite each
+    other. A new run refuses a folder that holds a run."""
+    switches = [s for s in SWITCHES + ("freeze_embeddings", "amp") if getattr(args, s, False)]
+    switches += ["products"] if getattr(args, "batching", "groups") == "products" else []
     out = Path(args.out or "runs/" + "-".join([category] + switches + [f"s{args.seed}"]))
     if not args.resume and any((out / name).exists() for name in ("last.pt", "best.pt")):
         status = "a finished run" if (out / "test.json").exists() else "an unfinished run"
@@ -159,7 +215,10 @@ def say_where(run, state, args):
 
 
 def check_finite(losses, batch, split, epoch):
-    """Stop at the first batch whose loss is NaN or infinite, before it reaches the weights."""
+    """Stop at the first batch whose loss is NaN or infinite, before it reaches the weights. The one
+    device-to-host copy of a step (one bool), the price of stopping before the bad step."""
+    if bool(torch.isfinite(torch.stack(list(losses.values()))).all()):
+        return
     bad = [name for name, loss in losses.items() if not torch.isfinite(loss).all()]
     if bad:
         rows = batch["review_rows"].tolist()
@@ -178,17 +237,28 @@ def settings(args, category):
             "text_dropout": table["text_dropout"] if args.dropout is None else args.dropout}
 
 
+def autocast(device, amp):
+    """--amp: bfloat16 autocast on the device, refused with one line where torch cannot do it."""
+    if not amp:
+        return contextlib.nullcontext()
+    if not torch.amp.is_autocast_available(device.type) or (device.type == "cuda"
+                                                             and not torch.cuda.is_bf16_supported()):
+        raise data.DataError(f"--amp: this torch cannot run bfloat16 autocast on {device}; train without --amp")
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
 def train(args, progress=None):
     """`progress` (a dict) is told the run folder and the epoch, for main's Ctrl-C message."""
     progress = {} if progress is None else progress
     device = pick_device(args.device)
     resume = load_checkpoint(Path(args.resume) / "last.pt") if args.resume else None
     if resume:  # the saved run's flags win: resuming continues the same run
-        saved = resume["args"]
+        saved = {"batching": "groups", "amp": False, **resume["args"]}  # runs from before these flags
         saved.update(resume=args.resume, out=args.resume, device=args.device, threads=args.threads,
                      epochs=args.epochs or saved["epochs"])
         args = argparse.Namespace(**saved)
     seed_everything(args.seed, args.threads)
+    autocast(device, args.amp)  # --amp refused here, before the data loads, where it cannot work
     source = find_data(args.data, args.data_dir, args.glove, args.features)
     category = args.data or next((k for k, v in data.CATEGORIES.items() if v == source.prefix), None)
     hp = settings(args, category)
@@ -227,32 +297,39 @@ def train(args, progress=None):
     report_data(info)
     print(f"model: {model.num_params() / 1e6:.2f}M params without embeddings; device {device}; "
           f"lr {hp['lr']} batch {hp['batch_size']} kappa {hp['kappa']} dropout {hp['text_dropout']}; "
-          f"switches: {', '.join(s for s in SWITCHES if getattr(args, s)) or 'none (full SANCL)'}")
+          f"switches: {', '.join(s for s in SWITCHES if getattr(args, s)) or 'none (full SANCL)'}"
+          + (f"; batching {args.batching}" if args.batching != "groups" else "")
+          + ("; bfloat16 autocast" if args.amp else ""))
 
     while state["epoch"] < args.epochs and state["bad_epochs"] < args.patience:
         epoch = progress["epoch"] = state["epoch"] + 1
         model.train()
         rng = np.random.default_rng([args.seed, epoch])  # the epoch's groups: same on resume
-        sums, steps, reviews, t0 = {"task": 0.0, "cpc_ii": 0.0, "cpc_pr": 0.0}, 0, 0, time.time()
+        # loss sums stay on the device (float64: the same sums as Python floats) until the epoch ends
+        sums = {k: torch.zeros((), dtype=torch.float64, device=device) for k in ("task", "cpc_ii", "cpc_pr")}
+        steps, reviews, t0 = 0, 0, time.time()
         groups = epoch_groups(splits["train"], rng)
-        for batch in splits["train"].train_batches(groups, hp["batch_size"], rng):
+        batches = (product_batches(splits["train"], groups, hp["batch_size"], rng) if args.batching == "products"
+                   else splits["train"].train_batches(groups, hp["batch_size"], rng))
+        for batch in batches:
             batch = to_device(batch, device)
-            losses = model.losses(batch, model(batch))
+            with autocast(device, args.amp):
+                losses = model.losses(batch, model(batch))
             check_finite(losses, batch, splits["train"], epoch)
             optimizer.zero_grad(set_to_none=True)
             losses["total"].backward()
             optimizer.step()
             for k in sums:
-                sums[k] += losses[k].item()
+                sums[k] += losses[k].detach().double()
             steps, reviews = steps + 1, reviews + len(batch["labels"])
             if steps % 20 == 0 and sys.stderr.isatty():
-                print(f"\r  epoch {epoch} step {steps}  loss {sums['task'] / steps:.4f}  "
+                print(f"\r  epoch {epoch} step {steps}  loss {sums['task'].item() / steps:.4f}  "
                       f"{reviews / (time.time() - t0):.0f} reviews/s", end="", file=sys.stderr)
         train_time, t0 = time.time() - t0, time.time()
         dev = evaluate_split(model, splits["dev"], device, args.threshold)
         dev_time = time.time() - t0
         state["epoch"] = epoch
-        means = {k: v / max(1, steps) for k, v in sums.items()}
+        means = {k: v.item() / max(1, steps) for k, v in sums.items()}
         state["history"].append({"epoch": epoch, **means, "dev": dev, "lr": optimizer.param_groups[0]["lr"],
                                  "train_s": train_time, "dev_s": dev_time})
         plots.write_history_csv(state["history"], out / "history.csv")  # rewritten each epoch: resume-safe
