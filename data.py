@@ -420,19 +420,20 @@ class Split:
                 [self.review_ids[i] for i in review_rows])  # (R, Nr, 2048), (R, Nr)
         return batch
 
+    def group_batch(self, chosen):
+        """The batch of some groups: each review row encoded once, however many groups hold it or
+        draws picked it; "pairs" holds (positive, negative) local rows, one per draw."""
+        rows = sorted({row for group in chosen for row in group})
+        local = {row: i for i, row in enumerate(rows)}
+        return self.batch(rows, [(local[g[0]], local[neg]) for g in chosen for neg in g[1:]])
+
     def train_batches(self, groups, batch_size, rng):
         """Batches of about `batch_size` review ROWS made of whole groups ([positive, negatives...]
-        split rows, from train.py's sampler), in random order: Table 5's 32 = 4 groups of 1 + 7.
-        A review is encoded once per batch even when it sits in several groups or is drawn
-        twice; "pairs" holds (positive, negative) local rows, one per draw."""
+        split rows, from train.py's sampler), in random order: Table 5's 32 = 4 groups of 1 + 7."""
         per_batch = max(1, batch_size // max(len(g) for g in groups)) if groups else 1
         order = rng.permutation(len(groups))
         for start in range(0, len(order), per_batch):
-            chosen = [groups[g] for g in order[start:start + per_batch]]
-            rows = sorted({row for group in chosen for row in group})
-            local = {row: i for i, row in enumerate(rows)}
-            pairs = [(local[g[0]], local[neg]) for g in chosen for neg in g[1:]]
-            yield self.batch(rows, pairs)
+            yield self.group_batch([groups[g] for g in order[start:start + per_batch]])
 
     def eval_batches(self, max_reviews=256):
         """All reviews of all products, whole products per batch, in split order."""

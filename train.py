@@ -171,19 +171,11 @@ def product_batches(split, groups, batch_size, rng):
     for p in rng.permutation(len(products)):
         own = [products[p][i] for i in rng.permutation(len(products[p]))]
         if chosen and len(chosen) + len(own) > per_batch:
-            yield group_batch(split, chosen)
+            yield split.group_batch(chosen)
             chosen = []
         chosen += own
     if chosen:
-        yield group_batch(split, chosen)
-
-
-def group_batch(split, chosen):
-    """The batch of some groups, as Split.train_batches makes it: each review row once, however many
-    groups hold it; "pairs" holds (positive, negative) local rows, one per draw."""
-    rows = sorted({row for group in chosen for row in group})
-    local = {row: i for i, row in enumerate(rows)}
-    return split.batch(rows, [(local[g[0]], local[neg]) for g in chosen for neg in g[1:]])
+        yield split.group_batch(chosen)
 
 
 # plumbing: settings, the loop, checkpoints
