@@ -1,19 +1,40 @@
-"""How fast is a training step? `python benchmark.py` times SANCL's full step against its input
-encoding alone, on a random batch of the paper's size (nothing to download, no data needed).
+"""How fast is training? Two benchmarks, nothing downloaded:
 
-    python benchmark.py                 # multimodal, Table 5's batch of 32 review rows
-    python benchmark.py --text-only     # the text-only model
+    python benchmark.py                 # a training step vs. its input encoding alone, random batch
+    python benchmark.py --text-only     # the same for the text-only model
     python benchmark.py --products 32   # a bigger batch: 32 products x 8 reviews
+    python benchmark.py --release DIR   # the whole pipeline at the release's size (Table 4)
 
-Numbers on a shared machine are noisy: the two steps take turns, so their ratio is the number to
-quote; give `uptime`'s load beside any time.
+`--release DIR` writes a synthetic folder of Home & Kitchen's size into DIR when it is not there
+(`python sample.py --size release`, ~10 minutes), then measures what a user of the real release
+waits for: loading (seconds, peak memory), steps per epoch, seconds per step and the projected
+epoch for text-only and multimodal, each batching, the share of a step spent waiting for region
+features (.npz files read in the step, the same with the next batch prefetched, and the float16
+pack of `python features.py --pack`), and dev-scoring throughput.
+
+Numbers on a shared machine are noisy: the steps compared take turns where they can, so quote
+ratios and give `uptime`'s load beside any time.
 """
-import argparse
-import time
+import os
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as train.py: before torch starts its threads
+
+import argparse
+import contextlib
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
 import torch
 
+import data
+import evaluate
+import features
+import plumbing
+import sample
 import sancl
+import train
 
 
 def time_steps(steps, repeats, warmup):
@@ -60,18 +81,124 @@ def benchmark(config, products=4, repeats=20, warmup=3):
     print(f"  ratio full / encoders-only: {full / encoders:.2f}")
 
 
+def peak_memory_gb():
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+def time_training(split, plan, model, optimizer, steps, warmup=2, ahead=True):
+    """Median seconds per step over `steps` batches of `plan` (after `warmup`), and the share of the
+    time spent waiting for a batch: with `ahead`, batches are built by plumbing.Prefetch as in
+    train.py; without, in the step (what train.py did before it prefetched)."""
+    plan = plan[:warmup + steps]
+    times, waits = [], []
+    with plumbing.Prefetch(split.group_batch, plan) if ahead else contextlib.nullcontext() as prefetched:
+        batches = iter(prefetched) if ahead else map(split.group_batch, plan)
+        for n in range(len(plan)):
+            start, before = time.perf_counter(), prefetched.waited if ahead else 0.0
+            batch = next(batches)
+            waited = prefetched.waited - before if ahead else time.perf_counter() - start
+            train.train_step(model, optimizer, batch, False, split, 1)
+            if n >= warmup:
+                times.append(time.perf_counter() - start)
+                waits.append(waited)
+    return sorted(times)[len(times) // 2], sum(waits) / sum(times)
+
+
+def release_benchmark(folder, category, steps):
+    """What a user of the release waits for, measured on a synthetic folder of its size."""
+    folder = Path(folder)
+    prefix = data.CATEGORIES[category]
+    if not (folder / f"{prefix}.prd.train").exists():
+        t0 = time.time()
+        sample.write_sample(folder, category, size="release")
+        print(f"wrote a release-size synthetic {prefix} into {folder} in {time.time() - t0:.0f}s")
+    source = data.resolve_data(category, folder)
+    print(f"release-size benchmark on {folder} ({torch.get_num_threads()} thread(s), load average "
+          f"{os.getloadavg()[0]:.1f} at start)")
+
+    t0, cpu0 = time.time(), time.process_time()
+    splits, vocab, embeddings, _ = plumbing.load_data(source, with_images=False, with_masks=False)
+    print(f"load: {time.time() - t0:.1f}s wall ({time.process_time() - cpu0:.1f}s CPU), peak memory "
+          f"{peak_memory_gb():.2f} GB: " + ", ".join(f"{n} {len(s.products)}/{len(s.labels)}" for n, s in
+                                                    splits.items()) + f" products/reviews, {len(vocab)} words")
+    split, table = splits["train"], sancl.TABLE5[category]
+    groups = train.epoch_groups(split, np.random.default_rng([0, 1]))
+    plans = {"groups": train.group_plan(groups, table["batch_size"], np.random.default_rng(0)),
+             "products": train.product_plan(split, groups, table["batch_size"], np.random.default_rng(0))}
+    for name, plan in plans.items():
+        encoded = sum(len({row for group in batch for row in group}) for batch in plan)
+        print(f"--batching {name}: {len(plan)} steps per epoch, each review encoded {encoded / len(split.labels):.2f} "
+              f"times per epoch ({len(groups)} groups)")
+
+    # the featured products (the only ones with region files) for the multimodal model
+    store = features.RegionStore(source.features, keep=False)
+    featured = [p for p in split.products if (source.features / p.product_id).is_dir()]
+    index = {w: i for i, w in enumerate(vocab)}
+    images = data.Split("featured", featured, index, None, store)
+    image_groups = train.epoch_groups(images, np.random.default_rng([0, 1]))
+    packed = None
+    rows = []
+    for text_only in (True, False):
+        config = sancl.SANCLConfig(vocab_size=len(vocab), text_dropout=table["text_dropout"], kappa=table["kappa"],
+                                   text_only=text_only)
+        torch.manual_seed(0)
+        model = sancl.SANCL(config, embeddings).train()
+        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=table["lr"])
+        where, batch_groups = (split, groups) if text_only else (images, image_groups)
+        for name in plans:
+            plan = (train.product_plan(where, batch_groups, table["batch_size"], np.random.default_rng(0))
+                    if name == "products" else train.group_plan(batch_groups, table["batch_size"],
+                                                               np.random.default_rng(0)))
+            if text_only:
+                rows.append(("text-only", name, "-", *time_training(where, plan, model, optimizer, steps)))
+                continue
+            store.pack = None
+            for how, ahead in ((".npz in the step", False), (".npz prefetched", True)):
+                rows.append(("multimodal", name, how, *time_training(where, plan, model, optimizer, steps, ahead=ahead)))
+            packed = packed or features.pack(source.features)
+            store.pack = packed
+            rows.append(("multimodal", name, "pack prefetched", *time_training(where, plan, model, optimizer, steps)))
+    print(f"training steps (median of {steps}, Table 5 batch {table['batch_size']} rows; multimodal on the "
+          f"{len(featured)} products with region files):")
+    print(f"  {'model':10} {'batching':9} {'features':17} {'s/step':>7} {'epoch (projected)':>18} {'waiting':>8}")
+    for model_name, name, how, step, wait in rows:
+        epoch = step * len(plans[name])
+        print(f"  {model_name:10} {name:9} {how:17} {step:7.3f} {epoch / 3600:15.2f} h {wait:8.1%}")
+
+    for what, where, text_only in (("dev", splits["dev"], True), ("featured train", images, False)):
+        config = sancl.SANCLConfig(vocab_size=len(vocab), text_only=text_only)
+        model = sancl.SANCL(config, embeddings)
+        subset = data.Split(what, where.products[:200], index, None, None if text_only else store)
+        t0 = time.time()
+        evaluate.predict_scores(model, subset, torch.device("cpu"))
+        rate = len(subset.labels) / (time.time() - t0)
+        print(f"scoring ({'text-only' if text_only else 'multimodal'}, {what}): {rate:.0f} reviews/s; the whole dev "
+              f"split ({len(splits['dev'].labels)} reviews) in {len(splits['dev'].labels) / rate / 60:.1f} min")
+    print(f"peak memory of the whole benchmark: {peak_memory_gb():.2f} GB")
+
+
 def main():
-    parser = argparse.ArgumentParser(description="Time a SANCL training step against its input encoding alone.")
+    parser = argparse.ArgumentParser(description="Time a SANCL training step against its input encoding alone, "
+                                     "or (--release DIR) the whole pipeline at the release's size.")
     parser.add_argument("--category", choices=sorted(sancl.TABLE5), default="clothing",
                         help="Table 5 column for text dropout and kappa (default: clothing)")
     parser.add_argument("--text-only", action="store_true", help="time the text-only model")
     parser.add_argument("--products", type=int, default=4, help="products of 8 reviews in the batch "
                         "(default 4: Table 5's 32 review rows)")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
-                        help="CPU threads (default: all torch would use)")
+    parser.add_argument("--threads", type=int, help="CPU threads (default: all torch would use; with --release "
+                        "1, as train.py)")
+    parser.add_argument("--release", metavar="DIR", help="benchmark the pipeline on a release-size synthetic "
+                        "folder in DIR, written there first when DIR holds none (~10 minutes, ~2 GB)")
+    parser.add_argument("--data", choices=sorted(data.CATEGORIES), default="home_kitchen",
+                        help="--release: the category whose Table 4 sizes and Table 5 settings to use")
+    parser.add_argument("--steps", type=int, default=20, help="--release: training steps timed per setting")
     args = parser.parse_args()
     torch.manual_seed(0)
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or (1 if args.release else torch.get_num_threads()))
+    if args.release:
+        release_benchmark(args.release, args.data, args.steps)
+        return
     table = sancl.TABLE5[args.category]
     benchmark(sancl.SANCLConfig(vocab_size=20000, text_dropout=table["text_dropout"], kappa=table["kappa"],
                                 text_only=args.text_only), args.products)

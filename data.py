@@ -31,6 +31,7 @@ CATEGORIES = {  # CLI name -> the release's folder and file prefix
     "electronics": "Electronics",
     "clothing": "Clothing_Shoes_and_Jewelry",
 }
+NAMES = {prefix: name for name, prefix in CATEGORIES.items()}  # "Home_and_Kitchen" -> "home_kitchen"
 SPLITS = ("train", "dev", "test")
 DEFAULT_DATA_DIR = Path("data")
 SAMPLE_DIR = DEFAULT_DATA_DIR / "sample"
@@ -73,11 +74,6 @@ class DataSource:
 
     def table(self, kind, split):
         return self.root / f"{self.prefix}.{kind}.{split}"
-
-
-def _name_of(prefix):
-    """The CLI name of a release prefix: "Home_and_Kitchen" -> "home_kitchen"."""
-    return next((name for name, p in CATEGORIES.items() if p == prefix), None)
 
 
 def _prefix_in(folder):
@@ -244,7 +240,7 @@ def read_split(source, split, report=None, rule=None):
     if source.is_sample and not (source.root / "SAMPLE").exists():
         raise DataError(f"no Amazon-MRHP release in {DEFAULT_DATA_DIR / source.prefix}/ and the built-in sample "
                         f"is not written yet: the first `python train.py` run writes it, or "
-                        f"`python sample.py --data {_name_of(source.prefix)} --out {source.root}`.")
+                        f"`python sample.py --data {NAMES.get(source.prefix)} --out {source.root}`.")
     prd_path, rvw_path, rel_path = (source.table(k, split) for k in ("prd", "rvw", "rel"))
     prd = read_table(prd_path, ["product_id", "name", "description"])
     products = {pid: Product(pid, str(row["name"] or ""), str(row["description"] or ""))
@@ -344,51 +340,59 @@ PAD, UNK = 0, 1
 MIN_COUNT = 5  # the reference keeps the tokens seen at least 5 times in train (SPEC §10)
 
 
-def build_vocab(train_products, min_count=MIN_COUNT):
-    """The vocabulary, from the TRAINING split only (as the reference): the tokens the model
-    reads (texts cut to their max length) seen at least `min_count` times. Every other token
-    becomes <unk> (the reference deletes such tokens; we keep their place, so that probe masks
-    stay aligned with the tokens). Sorted by frequency, then alphabetically."""
-    counts = Counter()
-    for p in train_products:
-        counts.update(tokenize(p.text)[:MAX_PRODUCT_TOKENS])
-        for r in p.reviews:
-            counts.update(tokenize(r.text)[:MAX_REVIEW_TOKENS])
-    kept = [w for w, n in counts.items() if n >= min_count]
-    return ["<pad>", "<unk>"] + sorted(kept, key=lambda w: (-counts[w], w))
+def build_vocab(train, words, min_count=MIN_COUNT):
+    """The vocabulary, from the TRAINING split only (as the reference): the tokens the model reads
+    seen at least `min_count` times, by frequency then alphabetically. Every other token becomes <unk>
+    (the reference deletes them; we keep their place, so that probe masks stay aligned). Each text is
+    tokenised once: `train` is the training Split encoded with grow=True into `words` (every word of
+    the run, numbered as first seen). Returns the vocabulary and each number's id in it (or <unk>)."""
+    counts = np.zeros(len(words), np.int64)
+    for tokens, lengths in ((train.product_tokens, train.product_lengths), (train.review_tokens, train.review_lengths)):
+        counts += np.bincount(tokens[torch.arange(tokens.shape[1]) < lengths[:, None]].numpy(), minlength=len(words))
+    names = list(words)  # a dict keeps insertion order: names[i] is the word numbered i
+    kept = sorted((i for i in range(2, len(names)) if counts[i] >= min_count), key=lambda i: (-counts[i], names[i]))
+    new_id = np.full(len(names), UNK, np.int32)
+    new_id[PAD], new_id[kept] = PAD, np.arange(2, len(kept) + 2)
+    return ["<pad>", "<unk>"] + [names[i] for i in kept], new_id
 
 
-def encode(texts, max_len, index):
-    """(B, max_len) token ids (0 = padding) and (B,) lengths; an empty text becomes one <unk>."""
-    ids = torch.zeros(len(texts), max_len, dtype=torch.long)
-    lengths = torch.ones(len(texts), dtype=torch.long)
+def encode(texts, max_len, index, grow=False):
+    """(B, max_len) int32 token ids (0 = padding) and (B,) lengths; an empty text becomes one <unk>.
+    A word not in `index` is <unk>, or with grow=True gets the next number in it (see build_vocab)."""
+    ids, lengths = np.zeros((len(texts), max_len), np.int32), np.ones(len(texts), np.int64)
     for row, text in enumerate(texts):
-        tokens = [index.get(t, UNK) for t in tokenize(text)[:max_len]] or [UNK]
-        ids[row, : len(tokens)] = torch.tensor(tokens)
+        words = tokenize(text)[:max_len]
+        tokens = [index.setdefault(w, len(index)) if grow else index.get(w, UNK) for w in words] or [UNK]
+        ids[row, : len(tokens)] = tokens
         lengths[row] = len(tokens)
-    return ids, lengths
+    return torch.from_numpy(ids), torch.from_numpy(lengths)
 
 
 class Split:
-    """One split, encoded once into tensors; batches are slices of them. Reviews are stored product
-    after product: the reviews of product p are the rows review_start[p] .. review_start[p + 1] - 1."""
+    """One split, encoded once into tensors (int32 token ids, bool probe masks); batches are slices of
+    them. Reviews are stored product after product: product p's are rows review_start[p] .. [p + 1] - 1."""
 
-    def __init__(self, name, products, index, masks=None, regions=None):
+    def __init__(self, name, products, index, masks=None, regions=None, grow=False):
         self.name, self.products, self.regions = name, products, regions
         reviews = [r for p in products for r in p.reviews]
         self.product_ids = [p.product_id for p in products]
         self.review_ids = [r.review_id for r in reviews]
-        self.product_tokens, self.product_lengths = encode([p.text for p in products], MAX_PRODUCT_TOKENS, index)
-        self.review_tokens, self.review_lengths = encode([r.text for r in reviews], MAX_REVIEW_TOKENS, index)
+        self.product_tokens, self.product_lengths = encode([p.text for p in products], MAX_PRODUCT_TOKENS, index, grow)
+        self.review_tokens, self.review_lengths = encode([r.text for r in reviews], MAX_REVIEW_TOKENS, index, grow)
         counts = torch.tensor([len(p.reviews) for p in products])
         self.review_product = torch.repeat_interleave(torch.arange(len(products)), counts)  # (R,)
         self.review_start = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
         self.labels = torch.tensor([r.score for r in reviews])  # (R,)
-        self.probe_mask = torch.zeros(len(reviews), MAX_REVIEW_TOKENS)  # (R, Lr): Algorithm 1's M
+        self.probe_mask = torch.zeros(len(reviews), MAX_REVIEW_TOKENS, dtype=torch.bool)  # (R, Lr): Algorithm 1's M
         for row, (p, r) in enumerate((p, r) for p in products for r in p.reviews):
             for start, end in (masks or {}).get((p.product_id, r.review_id), ()):
-                self.probe_mask[row, start:end] = 1.0
-        self.probe_mask *= torch.arange(MAX_REVIEW_TOKENS) < self.review_lengths[:, None]
+                self.probe_mask[row, start:end] = True
+        self.probe_mask &= torch.arange(MAX_REVIEW_TOKENS) < self.review_lengths[:, None]
+
+    def renumber(self, new_id):
+        """Token numbers of a grow=True encoding -> vocabulary ids (build_vocab's `new_id`)."""
+        self.product_tokens = torch.from_numpy(new_id[self.product_tokens.numpy()])
+        self.review_tokens = torch.from_numpy(new_id[self.review_tokens.numpy()])
 
     def review_product_ids(self):
         """The product id of every review, in split order (the queries of evaluate.py)."""
@@ -401,11 +405,11 @@ class Split:
         lp = int(self.product_lengths[product_rows].max())  # trim padding to this batch's longest text
         lr = int(self.review_lengths[review_rows].max())
         batch = {
-            "product_tokens": self.product_tokens[product_rows, :lp],  # (P, Lp)
+            "product_tokens": self.product_tokens[product_rows, :lp].long(),  # (P, Lp)
             "product_lengths": self.product_lengths[product_rows],  # (P,)
-            "review_tokens": self.review_tokens[review_rows, :lr],  # (R, Lr)
+            "review_tokens": self.review_tokens[review_rows, :lr].long(),  # (R, Lr)
             "review_lengths": self.review_lengths[review_rows],  # (R,)
-            "probe_mask": self.probe_mask[review_rows, :lr],  # (R, Lr)
+            "probe_mask": self.probe_mask[review_rows, :lr].float(),  # (R, Lr) 0/1
             "review_product": review_product,  # (R,) index into the batch's products
             "labels": self.labels[review_rows],  # (R,)
             "pairs": torch.as_tensor(pairs if pairs is not None else [], dtype=torch.long).reshape(-1, 2),
@@ -427,23 +431,16 @@ class Split:
         local = {row: i for i, row in enumerate(rows)}
         return self.batch(rows, [(local[g[0]], local[neg]) for g in chosen for neg in g[1:]])
 
-    def train_batches(self, groups, batch_size, rng):
-        """Batches of about `batch_size` review ROWS made of whole groups ([positive, negatives...]
-        split rows, from train.py's sampler), in random order: Table 5's 32 = 4 groups of 1 + 7."""
-        per_batch = max(1, batch_size // max(len(g) for g in groups)) if groups else 1
-        order = rng.permutation(len(groups))
-        for start in range(0, len(order), per_batch):
-            yield self.group_batch([groups[g] for g in order[start:start + per_batch]])
-
-    def eval_batches(self, max_reviews=256):
-        """All reviews of all products, whole products per batch, in split order."""
-        p = 0
+    def eval_plan(self, max_reviews=256):
+        """All reviews as review rows, whole products per batch, in split order (for `batch`)."""
+        plan, p = [], 0
         while p < len(self.products):
             q = p + 1
             while q < len(self.products) and self.review_start[q + 1] - self.review_start[p] <= max_reviews:
                 q += 1
-            yield self.batch(torch.arange(int(self.review_start[p]), int(self.review_start[q])))
+            plan.append(torch.arange(int(self.review_start[p]), int(self.review_start[q])))
             p = q
+        return plan
 
 
 # --- 6. command line: stats ------------------------------------------------
@@ -452,9 +449,9 @@ def print_stats(source):
     print(f"data: {source.root}{'  (BUILT-IN SYNTHETIC SAMPLE)' if source.is_sample else ''}")
     reports = {split: SplitReport() for split in SPLITS}
     products = {split: read_split(source, split, reports[split]) for split in SPLITS}
-    vocab = build_vocab(products["train"])
-    index = {w: i for i, w in enumerate(vocab)}
-    splits = {split: Split(split, products[split], index) for split in SPLITS}
+    words = {"<pad>": PAD, "<unk>": UNK}
+    splits = {split: Split(split, products[split], words, grow=True) for split in SPLITS}
+    vocab = build_vocab(splits["train"], words)[0]
     oov = glove_matrix(source, vocab)[1] if source.glove.exists() else None
     print(f"{'split':6} {'products':>9} {'reviews':>9} {'rev/prod min/mean/max':>22}  "
           f"scores 0/1/2/3/4 (%)            with images: products / reviews")

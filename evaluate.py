@@ -22,8 +22,8 @@ import plots
 import probe_mask
 import sancl
 from features import RegionStore
-from plumbing import (device_flag, find_data, load_checkpoint, load_data, pick_device, report_data, seed_everything,
-                      to_device)
+from plumbing import (Prefetch, device_flag, find_data, load_checkpoint, load_data, pick_device, report_data,
+                      seed_everything, to_device)
 
 
 # --- the metrics, written out ------------------------------------------------------------
@@ -76,8 +76,9 @@ def predict_scores(model, split, device):
     """xi for every review of `split`, in split order (R,)."""
     model.eval()
     scores = torch.zeros(len(split.labels))
-    for batch in split.eval_batches():
-        scores[batch["review_rows"]] = model(to_device(batch, device))["score"].float().cpu()
+    with Prefetch(split.batch, split.eval_plan()) as batches:
+        for batch in batches:
+            scores[batch["review_rows"]] = model(to_device(batch, device))["score"].float().cpu()
     return scores
 
 
@@ -176,7 +177,7 @@ def explain_file(model, checkpoint, path, device, plot_dir):
     split, skipped, folders = read_product_file(model, checkpoint, path, nlp)
     product, index = split.products[0], {w: i for i, w in enumerate(checkpoint["vocab"])}
     model.eval()
-    batch = next(split.eval_batches())  # whole products per batch: the file's one product
+    batch = split.batch(split.eval_plan()[0])  # whole products per batch: the file's one product
     out = model(to_device(batch, device))  # (R,) score, beta; (R, Lr) m_prime; (R, Lr, Lr) attention
     plot_dir = Path(plot_dir)
     plot_dir.mkdir(parents=True, exist_ok=True)

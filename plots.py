@@ -11,7 +11,7 @@ from pathlib import Path
 
 INSTALL_HINT = "pip install matplotlib (pinned in requirements.txt)"
 HISTORY_COLUMNS = ("epoch", "task", "cpc_ii", "cpc_pr", "dev_MAP", "dev_N@3", "dev_N@5", "lr",
-                   "train_s", "dev_s")
+                   "train_s", "dev_s", "wait_s")
 
 
 def _pyplot():
@@ -34,14 +34,15 @@ def history_rows(history):
     """train.py's state["history"] entries ({"epoch", losses, "dev": {...}, "lr", ...}) as flat rows."""
     rows = []
     for entry in history:
-        row = {k: entry.get(k, "") for k in ("epoch", "task", "cpc_ii", "cpc_pr", "lr", "train_s", "dev_s")}
+        row = {k: entry.get(k, "") for k in ("epoch", "task", "cpc_ii", "cpc_pr", "lr", "train_s", "dev_s", "wait_s")}
         row.update({f"dev_{name}": value for name, value in entry.get("dev", {}).items()})
         rows.append(row)
     return rows
 
 
 def write_history_csv(history, path):
-    """One line per epoch: losses, dev metrics, learning rate, seconds (HISTORY_COLUMNS)."""
+    """One line per epoch: losses, dev metrics, learning rate, seconds training, scoring dev and (within
+    the training seconds) waiting for batches (HISTORY_COLUMNS)."""
     path = Path(path)
     with open(path, "w", newline="") as file:
         writer = csv.DictWriter(file, HISTORY_COLUMNS, extrasaction="ignore")

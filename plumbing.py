@@ -1,6 +1,6 @@
 """Plumbing shared by train.py and evaluate.py: nothing of the paper lives here.
 
-  1. seeding and devices: same seed, same numbers; CPU first, CUDA when present
+  1. seeding, devices and batches built ahead: same seed, same numbers; CPU first, CUDA when present
   2. which data a run reads: the release, else the built-in sample (written on first use),
      with probe masks from probe_mask.py's cache (computed now for the sample) and region
      features from features.py
@@ -12,9 +12,12 @@ evaluate.py and train.py use it; nothing below imports it.
 import argparse
 import os
 import pickle
+import queue
 import random
 import re
 import sys
+import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -27,7 +30,7 @@ import sample
 from features import RegionStore, scan_regions
 
 
-# --- 1. seeding and devices --------------------------------------------------------------
+# --- 1. seeding, devices, batches built ahead -----------------------------------------------
 def seed_everything(seed, threads=1):
     """Same seed, same numbers: python, numpy and torch seeded in one place, and `threads`
     CPU threads. With more than one, MKL splits the sums of its matrix products differently
@@ -65,6 +68,55 @@ def to_device(batch, device):
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+class Prefetch:
+    """The batches of a plan, built in a background thread while the model works on the one before:
+    reading region features and slicing the split's tensors overlap the step. The batches are the
+    same, in the same order, as building them in the loop (they are built from the plan alone, which
+    the loop drew from its seeded generator), so same seed, same numbers. `waited` is the time the
+    loop spent waiting for a batch: its share of the epoch says whether data or model is the bottleneck.
+    Use it in a `with` block: leaving it early (an error, Ctrl-C) stops the thread."""
+
+    def __init__(self, make, plan, ahead=2):
+        self.waited, self.queue, self.stop = 0.0, queue.Queue(ahead), threading.Event()
+        self.thread = threading.Thread(target=self._fill, args=(make, plan), daemon=True)
+        self.thread.start()
+
+    def _offer(self, item):
+        while not self.stop.is_set():
+            try:
+                return self.queue.put(item, timeout=0.1)
+            except queue.Full:
+                continue
+
+    def _fill(self, make, plan):
+        try:
+            for entry in plan:
+                if self.stop.is_set():
+                    return
+                self._offer(("batch", make(entry)))
+            self._offer(("end", None))
+        except BaseException as error:  # a bad feature file: raised in the loop, where it can be reported
+            self._offer(("error", error))
+
+    def __iter__(self):
+        while True:
+            start = time.perf_counter()
+            kind, value = self.queue.get()
+            self.waited += time.perf_counter() - start
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+
 # --- 2. which data a run reads -------------------------------------------------------------
 def find_data(name=None, data_dir=None, glove=None, features=None, quiet=False):
     """data.resolve_data, and when it falls back to the built-in sample: write the sample on
@@ -93,24 +145,27 @@ def load_data(source, vocab=None, with_images=True, with_masks=True, compute_mas
     A new run builds its vocabulary from the training split and reads GloVe; a saved run
     passes its own vocabulary (its embeddings are in its checkpoint), so only `split_names`
     are read. The label rule is decided once, on the votes of every split."""
-    names = split_names if vocab is not None else data.SPLITS
+    new = vocab is None
+    names = data.SPLITS if new else split_names
     rule = data.release_label_rule(source)
     reports = {split: data.SplitReport() for split in names}
     raw = {split: data.read_split(source, split, reports[split], rule) for split in names}
+    regions = RegionStore(source.features, keep=source.is_sample) if with_images else None
+    images = scan_regions(regions, {name: raw[name] for name in split_names}) if with_images else None
+    index = {"<pad>": data.PAD, "<unk>": data.UNK} if new else {w: i for i, w in enumerate(vocab)}
+    splits = {name: data.Split(name, raw.pop(name), index, load_masks(source, name, compute_masks)
+                               if with_masks else None, regions, grow=new) for name in names}
     embeddings, oov = None, None
-    if vocab is None:
-        vocab = data.build_vocab(raw["train"])
+    if new:  # every text was read once, numbering its words; the vocabulary comes from train's counts
+        vocab, new_id = data.build_vocab(splits["train"], index)
+        for split in splits.values():
+            split.renumber(new_id)
         if with_embeddings:
             embeddings, oov = data.glove_matrix(source, vocab)
-    index = {w: i for i, w in enumerate(vocab)}
-    regions = RegionStore(source.features, keep=source.is_sample) if with_images else None
+    splits = {name: splits[name] for name in split_names}
     info = {"reports": reports, "oov": oov, "vocab": len(vocab) - 2, "glove": source.glove.name,
-            "label_rule": data.LABEL_RULES[rule], "features": source.features,
-            "images": scan_regions(regions, {name: raw[name] for name in split_names}) if with_images else None}
-    splits = {name: data.Split(name, raw[name], index,
-                               load_masks(source, name, compute_masks) if with_masks else None, regions)
-              for name in split_names}
-    info["unknown"] = {name: unknown_share(split) for name, split in splits.items()}
+            "label_rule": data.LABEL_RULES[rule], "features": source.features, "images": images,
+            "unknown": {name: unknown_share(split) for name, split in splits.items()}}
     return splits, vocab, embeddings, info
 
 

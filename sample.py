@@ -35,6 +35,17 @@ from data import CATEGORIES, tokenize  # the sample is written in the layout dat
 SAMPLE_VERSION = 4
 SPLIT_PRODUCTS = {"train": 200, "dev": 50, "test": 50}
 REVIEWS_PER_PRODUCT = (5, 30)
+SENTENCES_PER_REVIEW = (3, 7)
+# --size release: Table 4's products/reviews per split (SPEC §2), reviews of ~100 tokens (as the release's),
+# for benchmark.py; region features only for the first RELEASE_FEATURED train products and their reviews
+# (the whole release's features would take ~270 GB), with 10-100 boxes per image, float32, as extracted.
+RELEASE_SIZES = {
+    "clothing": {"train": (12074, 277308), "dev": (3019, 122148), "test": (3966, 87492)},
+    "electronics": {"train": (10564, 240505), "dev": (2641, 84402), "test": (3327, 79750)},
+    "home_kitchen": {"train": (14570, 369518), "dev": (3616, 92707), "test": (4529, 111593)},
+}
+RELEASE_SENTENCES_PER_REVIEW = (6, 14)
+RELEASE_FEATURED = 100
 
 TOPICS = {  # category -> {product noun: the words its reviews and description use}
     "home_kitchen": {
@@ -100,9 +111,9 @@ def _other(rng, nouns, noun):
     return nouns[(nouns.index(noun) + int(rng.integers(1, len(nouns)))) % len(nouns)]
 
 
-def _review(rng, t, noun, words, other_noun, other_words):
+def _review(rng, t, noun, words, other_noun, other_words, sentences=SENTENCES_PER_REVIEW):
     """Review text with t product sentences, maybe other-product sentences, decoys and filler."""
-    n_sentences = int(rng.integers(3, 8))
+    n_sentences = int(rng.integers(sentences[0], sentences[1] + 1))
     about = [_fill(rng.choice(PRODUCT_SENTENCES), rng, noun, words) for _ in range(t)]
     other = []
     if t <= 1 and rng.random() < 0.6:
@@ -115,9 +126,12 @@ def _review(rng, t, noun, words, other_noun, other_words):
     return " ".join(sentences)
 
 
-def _regions(rng, prototype, n):
-    """n Faster-R-CNN-like regions (non-negative, 2048-d) around a topic's visual prototype."""
-    return np.maximum(0, prototype + rng.normal(0, 1.0, (n, prototype.size))).astype(np.float16)
+def _regions(rng, prototype, release, low, high):
+    """Faster-R-CNN-like regions (non-negative, 2048-d) of one image around a topic's visual prototype:
+    low..high-1 of them in float16 on the sample; 10-100 in float32, as extracted, at release size."""
+    n = int(rng.integers(10, 101)) if release else int(rng.integers(low, high))
+    x = np.maximum(0, prototype + rng.normal(0, 1.0, (n, prototype.size)))
+    return x.astype(np.float32 if release else np.float16)
 
 
 def _write_image(folder, x):
@@ -141,47 +155,65 @@ def _glove_lines(rng, topics, vocabulary):
     return lines
 
 
-def write_sample(root, category="home_kitchen", split_products=None, seed=0):
-    """Write the sample for `category` into `root` (the release layout plus features/ and GloVe)."""
+def _review_counts(rng, n_products, n_reviews):
+    """--size release: reviews per product summing to exactly n_reviews, skewed like real products
+    (a few with many reviews): 3 each, the rest spread with gamma-distributed weights."""
+    weights = rng.gamma(1.0, size=n_products)
+    return 3 + rng.multinomial(n_reviews - 3 * n_products, weights / weights.sum())
+
+
+def write_sample(root, category="home_kitchen", split_products=None, seed=0, size="sample"):
+    """Write the sample for `category` into `root` (the release layout plus features/ and GloVe).
+    size="release": Table 4's sizes, ~100-token reviews, no 0-vote reviews (so the folder loads
+    to exactly Table 4's counts) and features for the first RELEASE_FEATURED train products only."""
     prefix, topics = CATEGORIES[category], TOPICS[category]
     rng = np.random.default_rng([seed, list(CATEGORIES).index(category)])
     nouns = sorted(topics)
     visual = {noun: rng.normal(0, 1, 2048) for noun in nouns}
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
+    release = size == "release"
+    sizes = RELEASE_SIZES[category] if release else {
+        split: (n, None) for split, n in (split_products or SPLIT_PRODUCTS).items()}
     vocabulary = set()
-    for split, n_products in (split_products or SPLIT_PRODUCTS).items():
+    for split, (n_products, n_reviews) in sizes.items():
         prd, rvw, rel = [], [], []
+        counts = _review_counts(rng, n_products, n_reviews) if release else None
         for p in range(n_products):
             noun = nouns[int(rng.integers(len(nouns)))]
             words = topics[noun].split()
-            pid = f"{split[:2].upper()}P{p:04d}"
+            pid = f"{split[:2].upper()}P{p:0{4 + release}d}"
             name = f"{rng.choice(BRANDS)} {rng.choice(ADJECTIVES)} {noun.capitalize()}, {rng.integers(1, 5)} Pack"
             description = " ".join(_fill(t, rng, noun, words) for t in [
                 "This {noun} has a {quality} {a} and a {quality2} {b} .", "Made for {a} and {b} ."])
             prd.append({"product_id": pid, "name": name, "description": description})
-            _write_image(root / "features" / pid, _regions(rng, visual[noun], int(rng.integers(4, 7))))
-            for r in range(int(rng.integers(*REVIEWS_PER_PRODUCT, endpoint=True))):
+            featured = not release or (split == "train" and p < RELEASE_FEATURED)
+            if featured:
+                _write_image(root / "features" / pid, _regions(rng, visual[noun], release, 4, 7))
+            n = counts[p] if release else rng.integers(*REVIEWS_PER_PRODUCT, endpoint=True)
+            for r in range(int(n)):
                 first = p == r == 0  # one 16+ vote review per split: votes are not all in 0..4
                 t = 3 if first else int(rng.choice(4, p=[0.35, 0.3, 0.2, 0.15]))
                 other_noun = _other(rng, nouns, noun)
-                text = _review(rng, t, noun, words, other_noun, topics[other_noun].split())
+                text = _review(rng, t, noun, words, other_noun, topics[other_noun].split(),
+                               RELEASE_SENTENCES_PER_REVIEW if release else SENTENCES_PER_REVIEW)
                 has_image = first or rng.random() < 0.5
                 i = int(has_image and (first or rng.random() < 0.5))  # the image shows the product
                 score = 4 if first else int(np.clip(t + i + rng.choice([-1, 0, 1], p=[0.1, 0.8, 0.1]), 0, 4))
-                votes = int(rng.integers(0, 2)) if score == 0 else int(rng.integers(2 ** score, 2 ** (score + 1)))
-                rid = f"{pid}R{r:02d}"
+                votes = int(rng.integers(release, 2)) if score == 0 else int(rng.integers(2 ** score, 2 ** (score + 1)))
+                rid = f"{pid}R{r:0{2 + release}d}"
                 rvw.append({"review_id": rid, "content": text, "time": f"2018-{r % 12 + 1:02d}-15"})
                 rel.append({"product_id": pid, "review_id": rid, "upvotes": votes})
-                if has_image:
+                if has_image and featured:
                     shown = noun if i else _other(rng, nouns, noun)
-                    _write_image(root / "features" / rid, _regions(rng, visual[shown], int(rng.integers(2, 5))))
+                    _write_image(root / "features" / rid, _regions(rng, visual[shown], release, 2, 5))
                 vocabulary.update(tokenize(text))
             vocabulary.update(tokenize(f"{name} {description}"))
         for kind, rows in (("prd", prd), ("rvw", rvw), ("rel", rel)):
             (root / f"{prefix}.{kind}.{split}").write_text(json.dumps(rows, indent=0))
     (root / "glove.sample.300d.txt").write_text("\n".join(_glove_lines(rng, topics, vocabulary)) + "\n")
-    (root / "SAMPLE").write_text(f"built-in synthetic sample, version {SAMPLE_VERSION}, seed {seed}\n")
+    (root / "SAMPLE").write_text(f"built-in synthetic sample, version {SAMPLE_VERSION}, seed {seed}"
+                                 + (", release size" if release else "") + "\n")
 
 
 def ensure_sample(root, category):
@@ -203,9 +235,13 @@ def main(argv=None):
     parser.add_argument("--data", choices=sorted(CATEGORIES), default="home_kitchen",
                         help="category whose products and words to use (default home_kitchen)")
     parser.add_argument("--out", required=True, metavar="DIR", help="folder to write it to")
+    parser.add_argument("--size", choices=("sample", "release"), default="sample",
+                        help="sample (default: 200/50/50 products, what train.py uses) or release: Table 4's "
+                        "sizes with ~100-token reviews, for benchmark.py (about 10 minutes and 2 GB; region "
+                        f"features for the first {RELEASE_FEATURED} train products only)")
     args = parser.parse_args(argv)
-    write_sample(Path(args.out), args.data)
-    print(f"wrote the built-in {args.data} sample to {args.out}")
+    write_sample(Path(args.out), args.data, size=args.size)
+    print(f"wrote the built-in {args.data} sample ({args.size} size) to {args.out}")
     return 0
 
 

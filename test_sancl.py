@@ -202,6 +202,87 @@ def test_regions_wrong_shape_and_pickled_code_are_errors(tmp_path):
         features.read_regions(tmp_path / "evil")
 
 
+def copy_features(tiny_root, tmp_path):
+    """The tiny sample's feature folders, copied: a pack is written inside the folder it packs."""
+    return Path(shutil.copytree(tiny_root / "features", tmp_path / "features"))
+
+
+def test_pack_holds_what_the_npz_files_hold_and_is_read_instead(tiny_root, tmp_path):
+    folder = copy_features(tiny_root, tmp_path)
+    assert features.RegionStore(folder).pack is None  # nothing packed yet: the .npz files are read
+    packed = features.pack(folder)
+    store = features.RegionStore(folder, keep=False)
+    assert packed.complete and store.pack is not None
+    items = sorted(p.name for p in folder.iterdir() if p.name != features.PACK_DIR)
+    assert sorted(store.pack.where) == items
+    for item in items:  # the sample's features are float16 already: the pack holds them exactly
+        assert np.array_equal(store.get(item), features.read_regions(folder / item))
+    assert store.get("not-an-item").shape == (1, 2048)  # no images: the one zero region, as before
+
+
+def test_pack_resumes_and_repacks_only_what_changed(tiny_root, tmp_path, monkeypatch, capsys):
+    folder = copy_features(tiny_root, tmp_path)
+    items = sorted(p.name for p in folder.iterdir())
+    real, calls = features.read_regions, []
+
+    def interrupted(path):
+        calls.append(path)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(path)
+
+    monkeypatch.setattr(features, "read_regions", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        features.pack(folder, save_every=2)
+    monkeypatch.setattr(features, "read_regions", real)
+    partial = features.Pack(folder / features.PACK_DIR)
+    assert not partial.complete and len(partial.where) == 2  # the index saved after the 2nd item
+    assert features.RegionStore(folder).pack is None  # an incomplete pack is not read
+    capsys.readouterr()
+    features.pack(folder)  # resumes: rows past the saved index are dropped, the rest packed
+    assert f"{len(items) - 2} of {len(items)} items" in capsys.readouterr().err
+    store = features.RegionStore(folder, keep=False)
+    assert all(np.array_equal(store.get(i), real(folder / i)) for i in items)
+    changed = folder / items[0] / "0.npz"
+    np.savez(changed, x=np.full((2, 2048), 7, np.float16))
+    products = {"train": [data.Product(items[0], "", "", [])]}
+    with pytest.raises(data.DataError, match=r"1 items' feature folders changed since .*features.py --pack"):
+        features.scan_regions(features.RegionStore(folder), products)
+    features.pack(folder)
+    assert "packing the region features of 1 of" in capsys.readouterr().err
+    assert (features.RegionStore(folder).get(items[0]) == 7).all()
+    assert features.scan_regions(features.RegionStore(folder), products) == {"products": 1.0, "reviews": 0.0}
+
+
+def test_pack_refuses_values_float16_cannot_hold(tmp_path):
+    (tmp_path / "r1").mkdir()
+    np.savez(tmp_path / "r1" / "0.npz", x=np.full((2, 2048), 1e6, np.float32))
+    with pytest.raises(data.DataError, match=r"1 bad region-feature files.*r1: region-feature values above 65504"):
+        features.pack(tmp_path)
+    assert not features.Pack(tmp_path / features.PACK_DIR).complete
+
+
+def test_prefetch_gives_the_same_batches_and_raises_where_they_are_used():
+    plan = list(range(10))
+    with plumbing.Prefetch(lambda n: {"n": n}, plan) as batches:
+        assert [b["n"] for b in batches] == plan and batches.waited >= 0
+
+    def broken(n):
+        if n == 3:
+            raise data.DataError("bad file for batch 3")
+        return n
+
+    seen = []
+    with pytest.raises(data.DataError, match="bad file for batch 3"):
+        with plumbing.Prefetch(broken, plan) as batches:
+            for batch in batches:
+                seen.append(batch)
+    assert seen == [0, 1, 2]  # the batches before the bad one arrive, then its error
+    with plumbing.Prefetch(lambda n: n, range(10 ** 6), ahead=1) as batches:
+        next(iter(batches))  # leaving early stops the thread
+    assert not batches.thread.is_alive()
+
+
 def test_sample_is_deterministic(tmp_path):
     def digest(root):
         return hashlib.sha1(b"".join(p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file())).hexdigest()
@@ -215,9 +296,25 @@ def test_sample_is_deterministic(tmp_path):
 def test_vocabulary_is_the_frequent_training_tokens():
     products = [data.Product("p", "kettle", "", [data.Review(f"r{i}", "kettle boils" + " rare" * (i == 0), 1)
                                                  for i in range(5)])]
-    vocab = data.build_vocab(products)
+    words = {"<pad>": data.PAD, "<unk>": data.UNK}
+    split = data.Split("train", products, words, grow=True)  # each text tokenised once, words numbered
+    vocab, new_id = data.build_vocab(split, words)
     assert vocab == ["<pad>", "<unk>", "kettle", "boils"]  # "kettle" 6 times, "boils" 5, "rare" once
-    assert data.build_vocab(products, min_count=1)[-1] == "rare"
+    assert data.build_vocab(split, words, min_count=1)[0][-1] == "rare"
+    split.renumber(new_id)
+    assert split.review_tokens.dtype == torch.int32 and split.review_tokens[0, :3].tolist() == [2, 3, data.UNK]
+
+
+def test_one_tokenisation_gives_what_the_finished_vocabulary_gives(tiny_root):
+    """A new run numbers the words as it reads them, then renumbers: the same ids as encoding
+    again with the vocabulary (what a saved run does)."""
+    source = data.resolve_data(data_dir=tiny_root)
+    splits, vocab, _, _ = plumbing.load_data(source, with_images=False, with_masks=False, with_embeddings=False)
+    index = {w: i for i, w in enumerate(vocab)}
+    for name, split in splits.items():
+        again = data.Split(name, split.products, index)
+        assert torch.equal(split.review_tokens, again.review_tokens)
+        assert torch.equal(split.product_tokens, again.product_tokens)
 
 
 def test_group_sampling_and_batches(tiny_root):
@@ -230,14 +327,14 @@ def test_group_sampling_and_batches(tiny_root):
         assert all(split.labels[n] <= split.labels[positive] - 2 for n in negatives)
         assert all(split.review_product[n] == split.review_product[positive] for n in negatives)
     n_pairs, n_batches = 0, 0
-    for batch in split.train_batches(groups, 32, np.random.default_rng(0)):
+    for batch in map(split.group_batch, train.group_plan(groups, 32, np.random.default_rng(0))):
         pos, neg = batch["pairs"].T
         assert (batch["labels"][pos] >= batch["labels"][neg] + 2).all()
         assert (batch["review_product"][pos] == batch["review_product"][neg]).all()
         assert len(set(batch["review_rows"].tolist())) == len(batch["review_rows"]) <= 32  # encoded once
         n_pairs, n_batches = n_pairs + len(pos), n_batches + 1
     assert n_pairs == 7 * len(groups) and n_batches == math.ceil(len(groups) / 4)  # 4 groups of 8 rows
-    seen = torch.cat([b["review_rows"] for b in splits["test"].eval_batches(max_reviews=20)])
+    seen = torch.cat([splits["test"].batch(rows)["review_rows"] for rows in splits["test"].eval_plan(max_reviews=20)])
     assert seen.tolist() == list(range(len(splits["test"].labels)))  # every review once, in order
 
 
@@ -1078,7 +1175,7 @@ def test_one_epoch_smoke_run_of_every_switch(tiny_root, tmp_path, switch, capsys
 
 def without_seconds(history):
     """The history entries minus their wall-clock seconds: everything a seed fixes."""
-    return [{k: v for k, v in entry.items() if k not in ("train_s", "dev_s")} for entry in history]
+    return [{k: v for k, v in entry.items() if k not in ("train_s", "dev_s", "wait_s")} for entry in history]
 
 
 def test_product_batches_cover_every_group_once_and_encode_each_review_once(tiny_root):
@@ -1086,7 +1183,7 @@ def test_product_batches_cover_every_group_once_and_encode_each_review_once(tiny
     splits, _, _, _ = plumbing.load_data(source, with_images=False, with_masks=False, with_embeddings=False)
     split = splits["train"]
     groups = train.epoch_groups(split, np.random.default_rng(0))
-    batches = list(train.product_batches(split, groups, 32, np.random.default_rng(1)))
+    batches = list(map(split.group_batch, train.product_plan(split, groups, 32, np.random.default_rng(1))))
     seen_groups, seen_rows = [], []
     for batch in batches:
         rows = batch["review_rows"].tolist()
@@ -1101,8 +1198,8 @@ def test_product_batches_cover_every_group_once_and_encode_each_review_once(tiny
     assert sorted(seen_groups) == sorted((g[0], sorted(g[1:])) for g in groups)  # every group once
     assert len(set(seen_rows)) == len(seen_rows)  # each review once per epoch
     assert len(batches) <= len({int(split.review_product[g[0]]) for g in groups})  # whole products
-    again = list(train.product_batches(split, groups, 32, np.random.default_rng(1)))
-    assert all(torch.equal(a["review_rows"], b["review_rows"]) for a, b in zip(batches, again))
+    again = train.product_plan(split, groups, 32, np.random.default_rng(1))
+    assert all(torch.equal(a["review_rows"], split.group_batch(b)["review_rows"]) for a, b in zip(batches, again))
 
 
 @pytest.mark.parametrize("flags", [[], ["--batching", "products"]])
@@ -1499,7 +1596,8 @@ def test_imports_have_no_circle():
     for name in sorted(graph):
         visit(name)
     assert graph["data"] == set() and graph["sancl"] == set(), "the building blocks import no other script"
-    assert "train" not in set().union(*graph.values()), "train.py is the top: nothing imports it"
+    importers = {name for name, imported in graph.items() if "train" in imported}
+    assert importers <= {"benchmark"}, "train.py is the top: only benchmark.py, which times its step, imports it"
 
 
 def test_the_circle_check_catches_a_circle(monkeypatch):

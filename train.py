@@ -32,8 +32,8 @@ import data
 import plots
 import sancl
 from evaluate import evaluate_split, format_metrics
-from plumbing import (device_flag, find_data, load_checkpoint, load_data, pick_device, report_data, rng_state,
-                      save_atomic, seed_everything, set_rng_state, to_device)
+from plumbing import (Prefetch, device_flag, find_data, load_checkpoint, load_data, pick_device, report_data,
+                      rng_state, save_atomic, seed_everything, set_rng_state, to_device)
 
 SWITCHES = ("text_only", "fixed_beta", "no_probe_mask", "no_cpc_ii", "no_cpc_pr")
 RELEASE_EPOCHS = 11  # the reference trains 11 epochs (SPEC §10)
@@ -151,7 +151,16 @@ def epoch_groups(split, rng, negatives=NEGATIVES):
     return groups
 
 
-def product_batches(split, groups, batch_size, rng):
+def group_plan(groups, batch_size, rng):
+    """The reference's batches (--batching groups): whole groups, about `batch_size` review ROWS each, in
+    random order: Table 5's 32 = 4 groups of 1 + 7. A batch is listed as its groups (Split.group_batch
+    turns one into the model's input); a review sits in the groups of several batches."""
+    per_batch = max(1, batch_size // max(len(g) for g in groups)) if groups else 1
+    order = rng.permutation(len(groups))
+    return [[groups[g] for g in order[start:start + per_batch]] for start in range(0, len(order), per_batch)]
+
+
+def product_plan(split, groups, batch_size, rng):
     """--batching products: this epoch's groups (all of them, each once), batched by product. The
     reference's batch takes 4 random groups (batch_size // 8), so a review sits in the groups of several
     batches and is encoded in each. Here a batch holds whole products, in random order, with their
@@ -167,15 +176,14 @@ def product_batches(split, groups, batch_size, rng):
     for group in groups:
         by_product.setdefault(int(split.review_product[group[0]]), []).append(group)
     products = list(by_product.values())
-    chosen = []
+    plan, chosen = [], []
     for p in rng.permutation(len(products)):
         own = [products[p][i] for i in rng.permutation(len(products[p]))]
         if chosen and len(chosen) + len(own) > per_batch:
-            yield split.group_batch(chosen)
+            plan.append(chosen)
             chosen = []
         chosen += own
-    if chosen:
-        yield split.group_batch(chosen)
+    return plan + [chosen] if chosen else plan
 
 
 # plumbing: settings, the loop, checkpoints
@@ -221,6 +229,18 @@ def check_finite(losses, batch, split, epoch):
                              f"features, or lower --lr.")
 
 
+def train_step(model, optimizer, batch, amp, split, epoch):
+    """One optimizer step on a batch (on the model's device): the losses of Eq. (16)-(18), checked to be
+    finite before they reach the weights, backward, Adam. Returns the losses."""
+    with autocast(batch["labels"].device, amp):
+        losses = model.losses(batch, model(batch))
+    check_finite(losses, batch, split, epoch)
+    optimizer.zero_grad(set_to_none=True)
+    losses["total"].backward()
+    optimizer.step()
+    return losses
+
+
 def settings(args, category):
     """Hyper-parameters: the flags where given, else Table 5 of the paper for the category."""
     table = sancl.TABLE5[category or "home_kitchen"]
@@ -252,7 +272,7 @@ def train(args, progress=None):
     seed_everything(args.seed, args.threads)
     autocast(device, args.amp)  # --amp refused here, before the data loads, where it cannot work
     source = find_data(args.data, args.data_dir, args.glove, args.features)
-    category = args.data or next((k for k, v in data.CATEGORIES.items() if v == source.prefix), None)
+    category = args.data or data.NAMES.get(source.prefix)
     hp = settings(args, category)
     args.epochs = args.epochs or (SAMPLE_EPOCHS if source.is_sample else RELEASE_EPOCHS)
     out = run_folder(args, category or source.prefix)
@@ -301,29 +321,25 @@ def train(args, progress=None):
         sums = {k: torch.zeros((), dtype=torch.float64, device=device) for k in ("task", "cpc_ii", "cpc_pr")}
         steps, reviews, t0 = 0, 0, time.time()
         groups = epoch_groups(splits["train"], rng)
-        batches = (product_batches(splits["train"], groups, hp["batch_size"], rng) if args.batching == "products"
-                   else splits["train"].train_batches(groups, hp["batch_size"], rng))
-        for batch in batches:
-            batch = to_device(batch, device)
-            with autocast(device, args.amp):
-                losses = model.losses(batch, model(batch))
-            check_finite(losses, batch, splits["train"], epoch)
-            optimizer.zero_grad(set_to_none=True)
-            losses["total"].backward()
-            optimizer.step()
-            for k in sums:
-                sums[k] += losses[k].detach().double()
-            steps, reviews = steps + 1, reviews + len(batch["labels"])
-            if steps % 20 == 0 and sys.stderr.isatty():
-                print(f"\r  epoch {epoch} step {steps}  loss {sums['task'].item() / steps:.4f}  "
-                      f"{reviews / (time.time() - t0):.0f} reviews/s", end="", file=sys.stderr)
+        plan = (product_plan(splits["train"], groups, hp["batch_size"], rng) if args.batching == "products"
+                else group_plan(groups, hp["batch_size"], rng))
+        with Prefetch(splits["train"].group_batch, plan) as batches:  # the next batch is built during this step
+            for batch in batches:
+                losses = train_step(model, optimizer, to_device(batch, device), args.amp, splits["train"], epoch)
+                for k in sums:
+                    sums[k] += losses[k].detach().double()
+                steps, reviews = steps + 1, reviews + len(batch["labels"])
+                if steps % 20 == 0 and sys.stderr.isatty():
+                    print(f"\r  epoch {epoch} step {steps}/{len(plan)}  loss {sums['task'].item() / steps:.4f}  "
+                          f"{reviews / (time.time() - t0):.0f} reviews/s", end="", file=sys.stderr)
+        waited = batches.waited
         train_time, t0 = time.time() - t0, time.time()
         dev = evaluate_split(model, splits["dev"], device, args.threshold)
         dev_time = time.time() - t0
         state["epoch"] = epoch
         means = {k: v.item() / max(1, steps) for k, v in sums.items()}
         state["history"].append({"epoch": epoch, **means, "dev": dev, "lr": optimizer.param_groups[0]["lr"],
-                                 "train_s": train_time, "dev_s": dev_time})
+                                 "train_s": train_time, "dev_s": dev_time, "wait_s": waited})
         plots.write_history_csv(state["history"], out / "history.csv")  # rewritten each epoch: resume-safe
         scheduler.step(dev["MAP"])
         better = dev["MAP"] > state["best_map"]
@@ -342,7 +358,8 @@ def train(args, progress=None):
         print(f"epoch {epoch:2d}  " + "  ".join(f"{k} {v:.4f}" for k, v in means.items()) + "  |  "
               + format_metrics("dev", dev)
               + f"  |  train {train_time:.1f}s {reviews / train_time:.0f} reviews/s, dev {dev_time:.1f}s "
-              f"{len(splits['dev'].labels) / dev_time:.0f} reviews/s{'  *best' if better else ''}", flush=True)
+              f"{len(splits['dev'].labels) / dev_time:.0f} reviews/s, waiting for data {waited / train_time:.0%}"
+              + ("  *best" if better else ""), flush=True)
 
     drawn = plots.draw_curves(state["history"], out / "curves.png", f"{out}: loss and dev MAP per epoch")
     print(f"history {out / 'history.csv'}" + (f", curves {drawn}" if drawn else ""))
