@@ -86,12 +86,26 @@ def peak_memory_gb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
-def time_training(split, plan, model, optimizer, steps, warmup=2, ahead=True):
+def drop_page_cache():
+    """--cold: empty Linux's page cache (root only), so that region files come from the disk, as the
+    release's (~270 GB, more than any memory) do, not from memory as a freshly written folder does."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError as error:
+        raise SystemExit(f"--cold: cannot empty the page cache ({error}); it needs root on Linux") from None
+
+
+def time_training(split, plan, model, optimizer, steps, warmup=2, ahead=True, cold=False):
     """Median seconds per step over `steps` batches of `plan` (after `warmup`), and the share of the
     time spent waiting for a batch: with `ahead`, batches are built by plumbing.Prefetch as in
     train.py; without, in the step (what train.py did before it prefetched)."""
     plan = plan[:warmup + steps]
+    if len(plan) <= warmup:
+        raise SystemExit(f"only {len(plan)} batches in the folder: too few to time after {warmup} warm-up steps")
     times, waits = [], []
+    if cold:
+        drop_page_cache()
     with plumbing.Prefetch(split.group_batch, plan) if ahead else contextlib.nullcontext() as prefetched:
         batches = iter(prefetched) if ahead else map(split.group_batch, plan)
         for n in range(len(plan)):
@@ -105,7 +119,7 @@ def time_training(split, plan, model, optimizer, steps, warmup=2, ahead=True):
     return sorted(times)[len(times) // 2], sum(waits) / sum(times)
 
 
-def release_benchmark(folder, category, steps):
+def release_benchmark(folder, category, steps, cold=False):
     """What a user of the release waits for, measured on a synthetic folder of its size."""
     folder = Path(folder)
     prefix = data.CATEGORIES[category]
@@ -115,7 +129,7 @@ def release_benchmark(folder, category, steps):
         print(f"wrote a release-size synthetic {prefix} into {folder} in {time.time() - t0:.0f}s")
     source = data.resolve_data(category, folder)
     print(f"release-size benchmark on {folder} ({torch.get_num_threads()} thread(s), load average "
-          f"{os.getloadavg()[0]:.1f} at start)")
+          f"{os.getloadavg()[0]:.1f} at start{', page cache emptied before each multimodal timing' if cold else ''})")
 
     t0, cpu0 = time.time(), time.process_time()
     splits, vocab, embeddings, _ = plumbing.load_data(source, with_images=False, with_masks=False)
@@ -155,10 +169,22 @@ def release_benchmark(folder, category, steps):
                 continue
             store.pack = None
             for how, ahead in ((".npz in the step", False), (".npz prefetched", True)):
-                rows.append(("multimodal", name, how, *time_training(where, plan, model, optimizer, steps, ahead=ahead)))
+                rows.append(("multimodal", name, how, *time_training(where, plan, model, optimizer, steps, ahead, cold)))
             packed = packed or features.pack(source.features)
             store.pack = packed
-            rows.append(("multimodal", name, "pack prefetched", *time_training(where, plan, model, optimizer, steps)))
+            rows.append(("multimodal", name, "pack prefetched", *time_training(where, plan, model, optimizer, steps,
+                                                                              cold=cold)))
+    items = [e.name for e in os.scandir(source.features) if e.is_dir() and e.name != features.PACK_DIR]
+    every = sum(len(s.products) + len(s.labels) for s in splits.values())  # products and reviews of the release
+    for name, read in (("the .npz files", lambda i: features.read_regions(source.features / i)),
+                       ("the pack", packed.regions)):
+        if cold:
+            drop_page_cache()
+        t0 = time.perf_counter()
+        for item in items:
+            read(item)
+        print(f"reading the features of {len(items)} items from {name}: {len(items) / (time.perf_counter() - t0):.0f} "
+              f"items/s (the release's {every} items once: {every / len(items) * (time.perf_counter() - t0) / 60:.0f} min)")
     print(f"training steps (median of {steps}, Table 5 batch {table['batch_size']} rows; multimodal on the "
           f"{len(featured)} products with region files):")
     print(f"  {'model':10} {'batching':9} {'features':17} {'s/step':>7} {'epoch (projected)':>18} {'waiting':>8}")
@@ -193,11 +219,13 @@ def main():
     parser.add_argument("--data", choices=sorted(data.CATEGORIES), default="home_kitchen",
                         help="--release: the category whose Table 4 sizes and Table 5 settings to use")
     parser.add_argument("--steps", type=int, default=20, help="--release: training steps timed per setting")
+    parser.add_argument("--cold", action="store_true", help="--release: empty the page cache before each multimodal "
+                        "timing (Linux, root), so that region files are read from disk as on the real release")
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads or (1 if args.release else torch.get_num_threads()))
     if args.release:
-        release_benchmark(args.release, args.data, args.steps)
+        release_benchmark(args.release, args.data, args.steps, args.cold)
         return
     table = sancl.TABLE5[args.category]
     benchmark(sancl.SANCLConfig(vocab_size=20000, text_dropout=table["text_dropout"], kappa=table["kappa"],

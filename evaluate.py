@@ -93,6 +93,14 @@ def baseline_scores(products, seed=0):
     return {"random": np.random.default_rng(seed).random(len(lengths)), "length": np.asarray(lengths, float)}
 
 
+def baseline_metrics(products, threshold=1):
+    """{"random": metrics, "length": metrics} of the two rankers on a split's products."""
+    review_products = [p.product_id for p in products for _ in p.reviews]
+    labels = [r.score for p in products for r in p.reviews]
+    return {name: ranking_metrics(review_products, labels, scores, threshold)
+            for name, scores in baseline_scores(products).items()}
+
+
 # plumbing: saved runs
 def load_run(checkpoint_path, data_dir=None, split_names=data.SPLITS, device="cpu"):
     """The model of a saved run and its data, encoded with the run's own vocabulary."""
@@ -231,10 +239,8 @@ def main(argv=None):
     try:
         if args.baselines:
             products = data.read_split(find_data(args.data, args.data_dir), args.split)
-            review_products = [p.product_id for p in products for _ in p.reviews]
-            labels = [r.score for p in products for r in p.reviews]
-            for name, scores in baseline_scores(products).items():
-                print(format_metrics(f"{name:7}", ranking_metrics(review_products, labels, scores, args.threshold)))
+            for name, metrics in baseline_metrics(products, args.threshold).items():
+                print(format_metrics(f"{name:7}", metrics))
         elif args.checkpoint and args.explain:
             model, checkpoint, _ = load_run(args.checkpoint, split_names=(), device=device)
             explain_file(model, checkpoint, args.explain, device,

@@ -134,9 +134,12 @@ def _regions(rng, prototype, release, low, high):
     return x.astype(np.float32 if release else np.float16)
 
 
-def _write_image(folder, x):
+def _write_images(folder, rng, prototype, release, low, high):
+    """An item's images: one on the sample; 1-3 at release size (~440 KB of float32 an item, as real ones)."""
     folder.mkdir(parents=True, exist_ok=True)
-    np.savez(folder / "0.npz", x=x, bbox=np.zeros((len(x), 4), np.float32), image_h=480, image_w=640)
+    for k in range(int(rng.integers(1, 4)) if release else 1):
+        x = _regions(rng, prototype, release, low, high)
+        np.savez(folder / f"{k}.npz", x=x, bbox=np.zeros((len(x), 4), np.float32), image_h=480, image_w=640)
 
 
 def _glove_lines(rng, topics, vocabulary):
@@ -189,7 +192,7 @@ def write_sample(root, category="home_kitchen", split_products=None, seed=0, siz
             prd.append({"product_id": pid, "name": name, "description": description})
             featured = not release or (split == "train" and p < RELEASE_FEATURED)
             if featured:
-                _write_image(root / "features" / pid, _regions(rng, visual[noun], release, 4, 7))
+                _write_images(root / "features" / pid, rng, visual[noun], release, 4, 7)
             n = counts[p] if release else rng.integers(*REVIEWS_PER_PRODUCT, endpoint=True)
             for r in range(int(n)):
                 first = p == r == 0  # one 16+ vote review per split: votes are not all in 0..4
@@ -206,7 +209,7 @@ def write_sample(root, category="home_kitchen", split_products=None, seed=0, siz
                 rel.append({"product_id": pid, "review_id": rid, "upvotes": votes})
                 if has_image and featured:
                     shown = noun if i else _other(rng, nouns, noun)
-                    _write_image(root / "features" / rid, _regions(rng, visual[shown], release, 2, 5))
+                    _write_images(root / "features" / rid, rng, visual[shown], release, 2, 5)
                 vocabulary.update(tokenize(text))
             vocabulary.update(tokenize(f"{name} {description}"))
         for kind, rows in (("prd", prd), ("rvw", rvw), ("rel", rel)):

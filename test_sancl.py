@@ -293,6 +293,27 @@ def test_sample_is_deterministic(tmp_path):
     assert (tmp_path / "a" / "Electronics.prd.train").exists()
 
 
+def test_release_size_folder_has_exactly_the_sizes_asked(tmp_path, monkeypatch):
+    """sample.py --size release, scaled down: Table 4's counts exactly (no 0-vote review to drop),
+    ~100-token reviews, and float32 features of 1-3 images for the first featured train products only."""
+    sizes = {"train": (6, 60), "dev": (2, 15), "test": (2, 9)}
+    monkeypatch.setitem(sample.RELEASE_SIZES, "home_kitchen", sizes)
+    monkeypatch.setattr(sample, "RELEASE_FEATURED", 2)
+    sample.write_sample(tmp_path, "home_kitchen", size="release")
+    source = data.resolve_data(data_dir=tmp_path)
+    for split, (n_products, n_reviews) in sizes.items():
+        report = data.SplitReport()
+        products = data.read_split(source, split, report)
+        assert (len(products), sum(len(p.reviews) for p in products)) == (n_products, n_reviews)
+        assert report.zero_vote_reviews == 0
+    tokens = [len(data.tokenize(r.text)) for p in data.read_split(source, "train") for r in p.reviews]
+    assert 80 <= np.mean(tokens) <= 130
+    featured = {p.name for p in (tmp_path / "features").iterdir()}
+    assert {"TRP00000", "TRP00001"} <= featured and not any(i.startswith(("TRP00002", "DE", "TE")) for i in featured)
+    x = np.load(next((tmp_path / "features" / "TRP00000").glob("*.npz")))["x"]
+    assert x.dtype == np.float32 and 10 <= len(x) <= 100
+
+
 def test_vocabulary_is_the_frequent_training_tokens():
     products = [data.Product("p", "kettle", "", [data.Review(f"r{i}", "kettle boils" + " rare" * (i == 0), 1)
                                                  for i in range(5)])]
@@ -1161,6 +1182,46 @@ def test_ranking_metrics_ties_are_stable_and_empty_products_count():
 def run_train(tiny_root, out, *flags):
     return train.train(train.parse_args(["--data-dir", str(tiny_root), "--out", str(out), "--epochs", "1",
                                          "--batch-size", "8", *flags]))
+
+
+def test_ablation_table_trains_every_setting_and_reuses_finished_runs(tiny_root, tmp_path, capsys):
+    argv = ["--data-dir", str(tiny_root), "--ablations", "--seeds", "1", "--jobs", "2", "--epochs", "1",
+            "--batch-size", "8", "--out", str(tmp_path)]
+    assert train.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "7 settings x 1 seeds = 7 runs, 2 at a time" in out and "[7/7] no_cpc_ii_no_cpc_pr-s0: test  MAP" in out
+    table = (tmp_path / "table2.md").read_text().splitlines()
+    assert table[2] == "| setting | MAP | N@3 | N@5 |"
+    assert [row.split(" | ")[0] for row in table[4:]] == ["| " + name for name in list(train.TABLE2) + ["random", "length"]]
+    text_only = json.loads((tmp_path / "text_only-s0" / "test.json").read_text())["test"]
+    assert f"| text-only | {text_only['MAP']:.2f} | {text_only['N@3']:.2f} | {text_only['N@5']:.2f} |" in table
+    assert json.loads((tmp_path / "text_only-s0" / "config.json").read_text())["config"]["text_only"]
+    csv_rows = (tmp_path / "table2.csv").read_text().splitlines()
+    assert csv_rows[0].startswith("setting,runs,MAP,MAP_std") and len(csv_rows) == 1 + 7 + 2
+    again = ["--data-dir", str(tiny_root), "--ablations", "--seeds=1", "--jobs=1", "--epochs", "1", "--batch-size",
+             "8", f"--out={tmp_path}"]
+    assert train.main(again) == 0  # the same table again: every run is read back, none trained
+    assert capsys.readouterr().out.count("finished before") == 7
+    assert (tmp_path / "table2.md").read_text().splitlines()[4:] == table[4:]
+
+
+def test_ablation_table_refuses_switches_and_resume(capsys):
+    for extra in (["--text-only"], ["--resume", "runs/x"]):
+        with pytest.raises(SystemExit):
+            train.parse_args(["--data", "home_kitchen", "--ablations", *extra])
+        assert "--ablations trains every setting itself" in capsys.readouterr().err
+
+
+def test_release_benchmark_runs_on_a_small_folder(tiny_root, tmp_path, capsys):
+    """benchmark.py --release on the tiny sample (a copy: the benchmark packs its features)."""
+    import benchmark
+    folder = Path(shutil.copytree(tiny_root, tmp_path / "Home_and_Kitchen"))
+    benchmark.release_benchmark(folder, "home_kitchen", steps=1)
+    out = capsys.readouterr().out
+    for line in ("load: ", "--batching groups: ", "--batching products: ", "text-only  products",
+                 "multimodal groups    .npz in the step", "multimodal products  pack prefetched", "scoring (multimodal"):
+        assert line in out
+    assert features.Pack(folder / "features" / features.PACK_DIR).complete
 
 
 @pytest.mark.parametrize("switch", [[], ["--text-only"], ["--fixed-beta"], ["--no-probe-mask"],

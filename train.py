@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import multiprocessing
 import sys
 import time
 from pathlib import Path
@@ -31,7 +32,7 @@ import torch
 import data
 import plots
 import sancl
-from evaluate import evaluate_split, format_metrics
+from evaluate import baseline_metrics, evaluate_split, format_metrics
 from plumbing import (Prefetch, device_flag, find_data, load_checkpoint, load_data, pick_device, report_data,
                       rng_state, save_atomic, seed_everything, set_rng_state, to_device)
 
@@ -106,7 +107,17 @@ def parse_args(argv=None):
     p.add_argument("--no-probe-mask", action="store_true", help="ablation: plain attention and pooling (M' = 1)")
     p.add_argument("--no-cpc-ii", action="store_true", help="ablation: drop the inner-instance loss, Eq. (11)")
     p.add_argument("--no-cpc-pr", action="store_true", help="ablation: drop the product-review loss, Eq. (12-13)")
+    p.add_argument("--ablations", action="store_true", help="Table 2 in one command: train the full model, "
+                   "--text-only and every ablation (each of the switches above, and both cpc switches together) "
+                   "for --seeds seeds, then print and write (Markdown, CSV) the table of test MAP / N@3 / N@5, mean "
+                   "+- std, with the random and length rankers; runs go to --out (default runs/{data}-table2/), "
+                   "finished ones are reused and unfinished ones resumed when the command is run again")
+    p.add_argument("--seeds", type=count, default=3, help="--ablations: seeds per setting, 0 .. N-1 (default 3)")
+    p.add_argument("--jobs", type=count, default=min(2, os.cpu_count() or 1), help="--ablations: runs trained "
+                   "at the same time, one process each (default 2, or 1 on one core); each keeps --threads")
     args = p.parse_args(argv)
+    if args.ablations and (args.resume or any(getattr(args, s) for s in SWITCHES)):
+        p.error("--ablations trains every setting itself: drop --resume and the ablation switches")
     if args.resume is None and args.data is None and args.data_dir is None:
         p.error("say which data: --data {home_kitchen,electronics,clothing} (or --data-dir DIR, or --resume RUN)")
     return args
@@ -372,16 +383,97 @@ def train(args, progress=None):
     return test
 
 
+# --- Table 2 in one command: every setting, several seeds -------------------------------------
+TABLE2 = {"SANCL (full)": [], "text-only": ["--text-only"], "w/o learned beta": ["--fixed-beta"],
+          "w/o probe mask": ["--no-probe-mask"], "w/o cpc_ii": ["--no-cpc-ii"], "w/o cpc_pr": ["--no-cpc-pr"],
+          "w/o cpc_ii and cpc_pr": ["--no-cpc-ii", "--no-cpc-pr"]}
+TABLE_FLAGS = {"--ablations": 0, "--seeds": 1, "--jobs": 1, "--seed": 1, "--out": 1}  # flag -> values it takes
+
+
+def run_name(flags, seed):
+    """A table run's folder: full-s0, text_only-s1, no_cpc_ii_no_cpc_pr-s2, ..."""
+    return f"{'_'.join(flag[2:].replace('-', '_') for flag in flags) or 'full'}-s{seed}"
+
+
+def table_run(job):
+    """One run of the table, in its own process, its output in its folder's train.log: the test metrics
+    (a finished run's are read back, an unfinished one is resumed) and the seconds it took."""
+    argv, out = job
+    start = time.time()
+    if (out / "test.json").exists():
+        return json.loads((out / "test.json").read_text())["test"], 0.0
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "train.log", "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        test = train(parse_args(["--resume", str(out)] if (out / "last.pt").exists() else argv))
+    return test, time.time() - start
+
+
+def ablation_table(args, argv):
+    """--ablations: TABLE2's settings x --seeds seeds, --jobs at a time; then the table."""
+    base, skip = [], 0
+    for item in argv:  # the run's own flags, without the table's
+        if skip:
+            skip -= 1
+        elif item.split("=")[0] in TABLE_FLAGS:
+            skip = 0 if "=" in item else TABLE_FLAGS[item]
+        else:
+            base.append(item)
+    source = find_data(args.data, args.data_dir, args.glove, args.features)  # the sample: written once, here
+    folder = Path(args.out or f"runs/{args.data or data.NAMES.get(source.prefix, source.prefix)}-table2")
+    jobs = [(base + flags + ["--seed", str(seed), "--out", str(folder / run_name(flags, seed))],
+             folder / run_name(flags, seed)) for flags in TABLE2.values() for seed in range(args.seeds)]
+    print(f"Table 2: {len(TABLE2)} settings x {args.seeds} seeds = {len(jobs)} runs, {args.jobs} at a time, in {folder}/ "
+          f"(each run's output in its train.log)", flush=True)
+    results, start = {}, time.time()
+    with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
+        for n, ((test, seconds), (_, out)) in enumerate(zip(pool.imap(table_run, jobs), jobs), 1):
+            results[out.name] = test
+            elapsed = time.time() - start
+            print(f"[{n}/{len(jobs)}] {out.name}: {format_metrics('test', test)}  "
+                  f"({'finished before' if seconds == 0 else f'{seconds / 60:.1f} min'}; ETA "
+                  f"{elapsed / n * (len(jobs) - n) / 60:.0f} min)", flush=True)
+    rows = {name: [results[run_name(flags, seed)] for seed in range(args.seeds)] for name, flags in TABLE2.items()}
+    rows.update({name: [m] for name, m in baseline_metrics(data.read_split(source, "test"), args.threshold).items()})
+    write_table(rows, folder, f"{source.root} ({'SAMPLE' if source.is_sample else 'release'}), test split, "
+                f"{args.seeds} seeds, {(time.time() - start) / 60:.1f} min")
+
+
+def write_table(rows, folder, title):
+    """Table 2's layout: a row per setting, MAP / N@3 / N@5 as mean +- std over seeds (std with n - 1);
+    printed, and written as table2.md and table2.csv into `folder`."""
+    lines = [f"Table 2 on {title}", "", "| setting | MAP | N@3 | N@5 |", "|---|---|---|---|"]
+    csv_lines = ["setting,runs,MAP,MAP_std,N@3,N@3_std,N@5,N@5_std"]
+    for name, runs in rows.items():
+        cells, values = [], []
+        for metric in ("MAP", "N@3", "N@5"):
+            scores = np.array([run[metric] for run in runs])
+            std = scores.std(ddof=1) if len(scores) > 1 else 0.0
+            cells.append(f"{scores.mean():.2f} ± {std:.2f}" if len(scores) > 1 else f"{scores.mean():.2f}")
+            values += [f"{scores.mean():.4f}", f"{std:.4f}"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        csv_lines.append(f"{name},{len(runs)}," + ",".join(values))
+    (folder / "table2.md").write_text("\n".join(lines) + "\n")
+    (folder / "table2.csv").write_text("\n".join(csv_lines) + "\n")
+    print("\n".join(lines) + f"\n(written to {folder / 'table2.md'} and {folder / 'table2.csv'})")
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     args, progress = parse_args(argv), {}
     try:
+        if args.ablations:
+            ablation_table(args, argv)
+            return 0
         train(args, progress)
     except data.DataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # every checkpoint is written atomically: what is on disk is whole
         run, epoch = progress.get("run"), progress.get("epoch")
-        if run is None or not (run / "last.pt").exists():
+        if args.ablations:
+            print("\ninterrupted: the same command continues the table (finished runs are read back, unfinished "
+                  "ones resumed exactly)", file=sys.stderr)
+        elif run is None or not (run / "last.pt").exists():
             print("\ninterrupted before the first checkpoint: nothing to resume; run the same command again",
                   file=sys.stderr)
         else:
