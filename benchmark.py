@@ -138,8 +138,8 @@ def release_benchmark(folder, category, steps, cold=False):
                                                     splits.items()) + f" products/reviews, {len(vocab)} words")
     split, table = splits["train"], sancl.TABLE5[category]
     groups = train.epoch_groups(split, np.random.default_rng([0, 1]))
-    plans = {"groups": train.group_plan(groups, table["batch_size"], np.random.default_rng(0)),
-             "products": train.product_plan(split, groups, table["batch_size"], np.random.default_rng(0))}
+    plans = {name: train.epoch_plan(split, groups, name, table["batch_size"], np.random.default_rng(0))
+             for name in ("groups", "products")}
     for name, plan in plans.items():
         encoded = sum(len({row for group in batch for row in group}) for batch in plan)
         print(f"--batching {name}: {len(plan)} steps per epoch, each review encoded {encoded / len(split.labels):.2f} "
@@ -161,9 +161,7 @@ def release_benchmark(folder, category, steps, cold=False):
         optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=table["lr"])
         where, batch_groups = (split, groups) if text_only else (images, image_groups)
         for name in plans:
-            plan = (train.product_plan(where, batch_groups, table["batch_size"], np.random.default_rng(0))
-                    if name == "products" else train.group_plan(batch_groups, table["batch_size"],
-                                                               np.random.default_rng(0)))
+            plan = train.epoch_plan(where, batch_groups, name, table["batch_size"], np.random.default_rng(0))
             if text_only:
                 rows.append(("text-only", name, "-", *time_training(where, plan, model, optimizer, steps)))
                 continue

@@ -19,7 +19,6 @@ import math
 import os
 import re
 import sys
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 

@@ -104,9 +104,8 @@ class RegionStore:
         self.folder, self.keep, self.cache = Path(folder), keep, {}
         self.folders = folders or {}  # item id -> its own folder, where it is not folder/{id}
         self.items_without_images = 0
-        self.pack = Pack(self.folder / PACK_DIR) if not folders else None
-        if self.pack is not None and not self.pack.complete:
-            self.pack = None
+        pack = None if folders else Pack(self.folder / PACK_DIR)  # --predict's own folders are never packed
+        self.pack = pack if pack is not None and pack.complete else None
 
     def folder_of(self, item_id):
         return self.folders.get(item_id, self.folder / item_id)
@@ -138,6 +137,11 @@ class RegionStore:
             regions[row, : len(a)] = torch.from_numpy(a)
             mask[row, : len(a)] = True
         return regions, mask
+
+
+def _listed(errors, most=10):
+    """The first `most` errors in one line, and how many more there are."""
+    return " | ".join(errors[:most]) + (f" ... and {len(errors) - most} more" if len(errors) > most else "")
 
 
 # --- 3. every item read once before training ---------------------------------------------
@@ -178,10 +182,8 @@ def scan_regions(store, products_by_split, most=10):
                         f"{', '.join(stale[:3])}): `python features.py --pack --features {store.folder}` packs them "
                         f"again (only those).")
     if bad:
-        more = f" ... and {len(bad) - most} more" if len(bad) > most else ""
         raise DataError(f"{len(bad)} bad region-feature file{'s' if len(bad) > 1 else ''}, fix or delete each "
-                        f"before training: "
-                        + " | ".join(bad[:most]) + more)
+                        f"before training: " + _listed(bad, most))
     if not any(found.values()):
         raise DataError(f"no image features: none of the {sum(total.values())} products and reviews of "
                         f"{'/'.join(products_by_split)} has a folder in {store.folder}/. Pass --features DIR (one "
@@ -282,9 +284,8 @@ def pack(features, save_every=5000):
     print(("\r" if tty else "") + f"packed {len(todo) - len(bad)} items in {time.time() - t0:.1f}s: "
           f"{store.rows} regions, {store.file.stat().st_size / 2 ** 30:.2f} GiB in {store.file}", file=sys.stderr)
     if bad:
-        more = f" ... and {len(bad) - 10} more" if len(bad) > 10 else ""
         raise DataError(f"{len(bad)} bad region-feature files were not packed; fix or delete each, then run "
-                        f"the same command again (it packs only those): " + " | ".join(bad[:10]) + more)
+                        f"the same command again (it packs only those): " + _listed(bad))
     return store
 
 

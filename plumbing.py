@@ -82,9 +82,11 @@ class Prefetch:
         self.thread.start()
 
     def _offer(self, item):
+        """Put `item` in the queue as soon as there is room, unless the loop has stopped listening."""
         while not self.stop.is_set():
             try:
-                return self.queue.put(item, timeout=0.1)
+                self.queue.put(item, timeout=0.1)
+                return
             except queue.Full:
                 continue
 

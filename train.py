@@ -197,6 +197,13 @@ def product_plan(split, groups, batch_size, rng):
     return plan + [chosen] if chosen else plan
 
 
+def epoch_plan(split, groups, batching, batch_size, rng):
+    """This epoch's batches as lists of groups: --batching groups (the reference's) or products."""
+    if batching == "products":
+        return product_plan(split, groups, batch_size, rng)
+    return group_plan(groups, batch_size, rng)
+
+
 # plumbing: settings, the loop, checkpoints
 def run_folder(args, category):
     """--out, else runs/{data}[-{switches}]-s{seed} (e.g. runs/home_kitchen-text_only-s0,
@@ -332,8 +339,7 @@ def train(args, progress=None):
         sums = {k: torch.zeros((), dtype=torch.float64, device=device) for k in ("task", "cpc_ii", "cpc_pr")}
         steps, reviews, t0 = 0, 0, time.time()
         groups = epoch_groups(splits["train"], rng)
-        plan = (product_plan(splits["train"], groups, hp["batch_size"], rng) if args.batching == "products"
-                else group_plan(groups, hp["batch_size"], rng))
+        plan = epoch_plan(splits["train"], groups, args.batching, hp["batch_size"], rng)
         with Prefetch(splits["train"].group_batch, plan) as batches:  # the next batch is built during this step
             for batch in batches:
                 losses = train_step(model, optimizer, to_device(batch, device), args.amp, splits["train"], epoch)
@@ -397,11 +403,12 @@ def run_name(flags, seed):
 
 def table_run(job):
     """One run of the table, in its own process, its output in its folder's train.log: the test metrics
-    (a finished run's are read back, an unfinished one is resumed) and the seconds it took."""
+    (a finished run's are read back, an unfinished one is resumed) and the seconds it took (None when
+    read back)."""
     argv, out = job
     start = time.time()
     if (out / "test.json").exists():
-        return json.loads((out / "test.json").read_text())["test"], 0.0
+        return json.loads((out / "test.json").read_text())["test"], None
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "train.log", "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         test = train(parse_args(["--resume", str(out)] if (out / "last.pt").exists() else argv))
@@ -430,7 +437,7 @@ def ablation_table(args, argv):
             results[out.name] = test
             elapsed = time.time() - start
             print(f"[{n}/{len(jobs)}] {out.name}: {format_metrics('test', test)}  "
-                  f"({'finished before' if seconds == 0 else f'{seconds / 60:.1f} min'}; ETA "
+                  f"({'finished before' if seconds is None else f'{seconds / 60:.1f} min'}; ETA "
                   f"{elapsed / n * (len(jobs) - n) / 60:.0f} min)", flush=True)
     rows = {name: [results[run_name(flags, seed)] for seed in range(args.seeds)] for name, flags in TABLE2.items()}
     rows.update({name: [m] for name, m in baseline_metrics(data.read_split(source, "test"), args.threshold).items()})
