@@ -896,6 +896,28 @@ def test_image_encoder_ignores_padded_regions_and_is_shared():
     assert encoders == [model.image_encoder] and calls == [2, 6]  # one encoder, products then reviews
 
 
+
+def test_image_encoder_buckets_give_the_padded_batch_result():
+    torch.manual_seed(0)
+    config = tiny_config()
+    encoder = sancl.ImageEncoder(config).eval()
+    counts = torch.tensor([1] * 6 + [40, 3, 2, 37, 1, 12, 40, 5])  # image-less items and items of 2-40 regions
+    mask = torch.arange(40)[None, :] < counts[:, None]
+    regions = torch.relu(torch.randn(len(counts), 40, config.region_dim)) * mask[..., None]
+    buckets = sancl.region_buckets(mask)
+    rows = torch.cat([r for r, _ in buckets])
+    assert sorted(rows.tolist()) == list(range(len(counts)))  # every item in exactly one bucket
+    assert all(n == int(counts[r].max()) for r, n in buckets) and len(buckets) > 1
+    assert buckets[0][1] <= 3 and len(buckets[0][0]) >= 7  # the image-less items with few-region ones
+    free = sancl.region_buckets(mask, overhead=0)  # buckets cost nothing: one per distinct count
+    assert [n for _, n in free] == sorted(set(counts.tolist())) and len(free[0][0]) == 7
+    assert sancl.region_buckets(mask, overhead=10 ** 6)[0][1] == 40  # a dear bucket: one padded batch
+    assert torch.allclose(encoder(regions, mask), encoder.encode(regions, mask), atol=1e-5)
+    encoder.train()
+    h = encoder(regions, mask)
+    h.sum().backward()  # gradients flow through the buckets into every weight
+    assert torch.all(h[~mask] == 0) and all(p.grad is not None for p in encoder.parameters())
+
 # --- Sec. 3.4: Eq. (2)-(8) ---------------------------------------------------------
 
 def test_eq2_to_eq5_reweighting_and_eq7():
