@@ -5,21 +5,21 @@ can watch each SANCL mechanism learn something. It is not the paper's data and n
 are not the paper's numbers. Everything is drawn from one seeded generator: same files, always.
 
 The signal, one line per SANCL mechanism (README "The built-in sample" says the same):
-- a review's score is t + i (plus noise): t in 0..3 is the number of its sentences that talk
-  about THIS product ("It ...", "The kettle ..."), i is 1 when its image shows the product
-  (half of the reviews have an image; half of those show the product). A text-only model
-  cannot see i: the images carry signal of their own (Table 1's text-only vs multimodal).
-- the other sentences never mention the product: filler (shipping, gifts) and decoys that use
-  the product's topic words without being about it ("The lid of the delivery box was bent").
-  Neither uses it/they/this or the product's noun, so where the product is mentioned twice or
-  more (a coreference cluster, t >= 2) the probe mask (Algorithm 1) marks exactly the product
-  sentences, and counting topic words over the whole review is misled by the decoys.
-- reviews with little to say often talk about ANOTHER product ("My old blender ..."): a
-  review must match its product's description (cross-field attention, cpc_pr).
-- topic words share a direction in the sample GloVe, and images are regions around the
-  topic's visual prototype: helpful reviews' text and image agree (cpc_ii) and match the
-  product's own (cpc_pr).
-- noise: 20% of the scores move by one. Reviews have 3-7 sentences whatever their score.
+- score = round(TEXT_WEIGHT * share + IMAGE_WEIGHT * i + Normal(0, NOISE)), clipped to 0..4.
+  share: how many of the review's 2-4 sentences about THIS product are informative ("My kettle
+  has a solid spout and a great lid .") rather than vague ("The kettle is okay I guess ."). i: its
+  image shows the product (half of the reviews have an image; half of those show the product,
+  the others one of three scenes): a text-only model cannot see i.
+- the rest of a review (0-6 sentences, so how much of it is off-topic varies) is mostly the
+  informative templates naming ANOTHER product, filled with this product's topic words, and
+  some filler. Only the noun tells the two apart. The probe mask (Algorithm 1) marks the
+  product's sentences (its noun, named 2-4 times, is the coreference cluster picked by the
+  product's name); without it the model must compare nouns with the product itself, and a
+  beta that stays at 0.5 lets half of the off-topic sentences into the pooled review (Eq. 8).
+- topic words share a direction in the sample GloVe, and images are regions around a visual
+  prototype, one per product noun and one per scene: the product's text and image agree, and
+  so do a helpful review's (cpc_ii), and a helpful review's match its product's (cpc_pr).
+  The noise is large enough (NOISE) that these losses do not pay on the sample (README, Table 2).
 """
 import argparse
 import json
@@ -32,10 +32,14 @@ import numpy as np
 
 from data import CATEGORIES, tokenize  # the sample is written in the layout data.py reads
 
-SAMPLE_VERSION = 4
-SPLIT_PRODUCTS = {"train": 200, "dev": 50, "test": 50}
-REVIEWS_PER_PRODUCT = (5, 30)
-SENTENCES_PER_REVIEW = (3, 7)
+SAMPLE_VERSION = 5
+SPLIT_PRODUCTS = {"train": 120, "dev": 60, "test": 100}
+REVIEWS_PER_PRODUCT = (5, 20)
+SENTENCES_PER_REVIEW = (3, 8)
+# score = round(TEXT_WEIGHT * share of informative product sentences + IMAGE_WEIGHT * [image shows
+# the product] + Normal(0, NOISE)), clipped to 0..4
+TEXT_WEIGHT, IMAGE_WEIGHT, NOISE = 3.0, 2.0, 0.9
+P_INFORMATIVE = 0.4  # chance that a sentence about the product is informative
 # --size release: Table 4's products/reviews per split (SPEC §2), reviews of ~100 tokens (as the release's),
 # for benchmark.py; region features only for the first RELEASE_FEATURED train products and their reviews
 # (the whole release's features would take ~270 GB), with 10-100 boxes per image, float32, as extracted.
@@ -70,29 +74,26 @@ TOPICS = {  # category -> {product noun: the words its reviews and description u
 BRANDS = "Nordvik Alcora Bellweather Quenby Tamsin Orrick Velda Castellan Brimley Ostara".split()
 ADJECTIVES = "Premium Classic Deluxe Compact Pro Essential Modern Everyday".split()
 QUALITY = "solid great decent sturdy lovely excellent".split()
-PRODUCT_SENTENCES = [  # about the product: always a pronoun or the noun, so coreference finds it
-    "The {noun} has a {quality} {a} and the {b} is {quality2} .",
-    "It handles {a} and {b} very well .",
-    "After two weeks it still has a {quality} {a} .",
-    "I like how the {noun} deals with {a} .",
-    "Its {a} feels {quality} compared to the {b} I expected .",
-    "This {noun} gets the {a} right every single day .",
+PRODUCT_SENTENCES = [  # informative: a product's noun and two of THIS product's topic words, never
+    # after "the"/"its"/"this" (which would make them the product's parts for probe_coref.py)
+    "My {noun} has a {quality} {a} and a {quality2} {b} .",
+    "I like how my {noun} deals with {a} and {b} .",
+    "After two weeks my {noun} still has {quality} {a} and {b} .",
+    "We find our {noun} {quality} for {a} and {b} .",
+    "Our {noun} gets {a} and {b} right every day .",
 ]
-OTHER_SENTENCES = [  # about some other product: unhelpful reviews drift there
-    "My old {noun} had a {quality} {a} and {b} .",
-    "I wish I had bought a {noun} with better {a} instead .",
+VAGUE_SENTENCES = [  # about THIS product too (its noun), but they say nothing about it
+    "The {noun} is okay I guess .", "This {noun} is fine for now .", "I got the {noun} for my {relative} .",
+    "The {noun} came in a big box .", "We use the {noun} most days .", "The {noun} looks like the picture .",
 ]
-DECOYS = [  # the product's topic words, but not about the product: no it/they/this, no noun
-    "The {a} on the delivery box was bent and dirty .", "My {relative} keeps talking about {a} and {b} .",
-    "I read a long magazine article about {a} last week .", "Our old house had problems with {a} and {b} .",
-]
-FILLER = [  # never mentions the product: no it/they/this, no topic word; as long as the above
+# Off-topic: an informative sentence about ANOTHER product, filled with THIS product's topic words
+# (the templates above with another noun): only which noun it names tells it apart.
+FILLER = [  # never mentions a product: no it/they/this, no topic word
     "Shipping took {n} days but the box was fine .", "I bought a gift for my {relative} last month .",
     "The seller sent a thank you note with my order .", "My {relative} asked me to write a review here .",
     "I will update my review later when I have time .", "The box arrived on a rainy {day} afternoon .",
     "Customer service answered my email very quickly .", "I ordered two during the holiday sale last year .",
-    "Five stars from me and from my {relative} .", "We moved house last {day} so I needed things .",
-    "I was in a hurry when ordering on my phone .", "The price was fine for me at the time .",
+    "We moved house last {day} so I needed things .", "The price was fine for me at the time .",
 ]
 RELATIVES = "sister brother mother father friend neighbour cousin".split()
 DAYS = "monday tuesday wednesday thursday friday saturday sunday".split()
@@ -111,19 +112,20 @@ def _other(rng, nouns, noun):
     return nouns[(nouns.index(noun) + int(rng.integers(1, len(nouns)))) % len(nouns)]
 
 
-def _review(rng, t, noun, words, other_noun, other_words, sentences=SENTENCES_PER_REVIEW):
-    """Review text with t product sentences, maybe other-product sentences, decoys and filler."""
-    n_sentences = int(rng.integers(sentences[0], sentences[1] + 1))
-    about = [_fill(rng.choice(PRODUCT_SENTENCES), rng, noun, words) for _ in range(t)]
-    other = []
-    if t <= 1 and rng.random() < 0.6:
-        other = [_fill(rng.choice(OTHER_SENTENCES), rng, other_noun, other_words)
-                 for _ in range(int(rng.integers(1, 3)))]
-    decoys = [_fill(rng.choice(DECOYS), rng, noun, words) for _ in range(int(rng.choice(3, p=[0.3, 0.4, 0.3])))]
-    rest = max(0, n_sentences - len(about) - len(other) - len(decoys))
-    sentences = about + other + decoys + [_fill(rng.choice(FILLER), rng, noun, words) for _ in range(rest)]
+def _review(rng, noun, words, nouns, sentences=SENTENCES_PER_REVIEW):
+    """(text, share): a review with 2-4 sentences about the product, of which a random share is
+    informative (the rest vague), and off-topic sentences (another product, or filler) filling
+    it up to its length: how much of it is off-topic varies from review to review."""
+    n_product = int(rng.integers(2, 5))
+    informative = int(rng.binomial(n_product, P_INFORMATIVE))
+    n_sentences = max(n_product, int(rng.integers(sentences[0], sentences[1] + 1)))
+    about = [_fill(rng.choice(PRODUCT_SENTENCES if k < informative else VAGUE_SENTENCES), rng, noun, words)
+             for k in range(n_product)]
+    off = [_fill(rng.choice(PRODUCT_SENTENCES), rng, _other(rng, nouns, noun), words) if rng.random() < 0.8
+           else _fill(rng.choice(FILLER), rng, noun, words) for _ in range(n_sentences - n_product)]
+    sentences = about + off
     rng.shuffle(sentences)
-    return " ".join(sentences)
+    return " ".join(sentences), informative / n_product
 
 
 def _regions(rng, prototype, release, low, high):
@@ -173,6 +175,7 @@ def write_sample(root, category="home_kitchen", split_products=None, seed=0, siz
     rng = np.random.default_rng([seed, list(CATEGORIES).index(category)])
     nouns = sorted(topics)
     visual = {noun: rng.normal(0, 1, 2048) for noun in nouns}
+    scenes = [rng.normal(0, 1, 2048) for _ in range(3)]  # what an image shows when not the product
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     release = size == "release"
@@ -196,20 +199,19 @@ def write_sample(root, category="home_kitchen", split_products=None, seed=0, siz
             n = counts[p] if release else rng.integers(*REVIEWS_PER_PRODUCT, endpoint=True)
             for r in range(int(n)):
                 first = p == r == 0  # one 16+ vote review per split: votes are not all in 0..4
-                t = 3 if first else int(rng.choice(4, p=[0.35, 0.3, 0.2, 0.15]))
-                other_noun = _other(rng, nouns, noun)
-                text = _review(rng, t, noun, words, other_noun, topics[other_noun].split(),
-                               RELEASE_SENTENCES_PER_REVIEW if release else SENTENCES_PER_REVIEW)
+                text, share = _review(rng, noun, words, nouns,
+                                      RELEASE_SENTENCES_PER_REVIEW if release else SENTENCES_PER_REVIEW)
                 has_image = first or rng.random() < 0.5
                 i = int(has_image and (first or rng.random() < 0.5))  # the image shows the product
-                score = 4 if first else int(np.clip(t + i + rng.choice([-1, 0, 1], p=[0.1, 0.8, 0.1]), 0, 4))
+                helpfulness = TEXT_WEIGHT * share + IMAGE_WEIGHT * i + rng.normal(0, NOISE)
+                score = 4 if first else int(np.clip(np.rint(helpfulness), 0, 4))
                 votes = int(rng.integers(release, 2)) if score == 0 else int(rng.integers(2 ** score, 2 ** (score + 1)))
                 rid = f"{pid}R{r:0{2 + release}d}"
                 rvw.append({"review_id": rid, "content": text, "time": f"2018-{r % 12 + 1:02d}-15"})
                 rel.append({"product_id": pid, "review_id": rid, "upvotes": votes})
                 if has_image and featured:
-                    shown = noun if i else _other(rng, nouns, noun)
-                    _write_images(root / "features" / rid, rng, visual[shown], release, 2, 5)
+                    shown = visual[noun] if i else scenes[int(rng.integers(len(scenes)))]
+                    _write_images(root / "features" / rid, rng, shown, release, 2, 5)
                 vocabulary.update(tokenize(text))
             vocabulary.update(tokenize(f"{name} {description}"))
         for kind, rows in (("prd", prd), ("rvw", rvw), ("rel", rel)):
