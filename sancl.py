@@ -200,7 +200,7 @@ class ProbeMaskWeights(nn.Module):
         if self.beta_generator is None:
             beta = torch.full_like(real[:, 0], self.fixed_beta_value)  # (R,)
         else:
-            # Eq. (6)
+            # Eq. (6). README exercise 1: one learned beta for every review (an nn.Parameter)
             beta = torch.sigmoid(self.beta_generator(h_seq)).squeeze(-1)  # (R,)
         # Eq. (2)
         m_prime = self.alpha * probe_mask + beta[:, None] * (1 - probe_mask)  # (R, Lr)
@@ -228,6 +228,7 @@ class SelectiveAttention(nn.Module):
         a = masked_softmax(scores, mask)  # (R, Lr, Lr)
         # Eq. (4): padded rows and columns get m' = 0, so padded query rows stay zero
         a_prime = m_prime[:, :, None] * m_prime[:, None, :] * a  # (R, Lr, Lr)
+        # README exercise 2: re-normalise the rows of A' here
         # Eq. (7)
         return h + a_prime @ h, a_prime  # (R, Lr, H), (R, Lr, Lr)
 
@@ -320,6 +321,7 @@ class SANCL(nn.Module):
         m_prime, beta = self.probe_weights(batch["probe_mask"], review_mask, h_seq)  # (R, Lr), (R,)
         h_r, attention = self.review_self_attention(h_r, review_mask, m_prime)  # (R, Lr, H)
         h_r = self.text_cross_attention(h_r, h_p, product_mask, rp)  # (R, Lr, H)
+        # README exercise 5: pool with weight 1 on every real token (M' stays in the attention)
         pooled_review = {"t": weighted_mean(h_r, m_prime)}  # (R, H)
         # product text: the mean of its GRU states (paper and reference have no product self-attention)
         pooled_product = {"t": weighted_mean(h_p, product_mask.float())}  # (P, H)
@@ -394,6 +396,7 @@ def task_loss(score, labels, pairs, gamma):
     if pairs.numel() == 0:
         return score.sum() * 0
     pos, neg = pairs[:, 0], pairs[:, 1]  # (K,), (K,)
+    # README exercise 4: one margin for every pair, whatever the label gap
     margin = gamma * (labels[pos] - labels[neg]).to(score.dtype)  # (K,)
     groups = pos.unique().numel()
     return torch.relu(margin - score[pos] + score[neg]).sum() / groups
@@ -402,6 +405,7 @@ def task_loss(score, labels, pairs, gamma):
 def phi(a, b, tau):
     """Eq. (10): phi(A, B) = exp(cos(A, B) / tau), row by row: (n, D), (n, D) -> (n,).
     cos is in [-1, 1], so phi cannot overflow for any sensible tau (the paper's is 1)."""
+    # README exercise 3: a dot product instead of the cosine
     return torch.exp(torch.cosine_similarity(a, b, dim=-1) / tau)
 
 

@@ -1689,3 +1689,14 @@ def test_the_circle_check_catches_a_circle(monkeypatch):
                                  "plumbing": set(), "evaluate": set(), "train": set()})
     with pytest.raises(AssertionError, match="import circle: data -> sample -> data"):
         test_imports_have_no_circle()
+
+
+def test_each_readme_exercise_has_its_marked_place_in_sancl():
+    """README "Exercises": each one is a change at one marked line of sancl.py; the marks and the
+    exercises must not drift apart."""
+    root = Path(__file__).parent
+    readme, code = (root / "README.md").read_text(), (root / "sancl.py").read_text()
+    exercises = [line.split()[2].rstrip(":.") for line in readme.splitlines() if line.startswith("### Exercise ")]
+    assert exercises == [str(n) for n in range(1, len(exercises) + 1)] and len(exercises) >= 5
+    for n in exercises:
+        assert code.count(f"README exercise {n}:") == 1, f"sancl.py has no single mark of README exercise {n}"
