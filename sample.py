@@ -241,7 +241,7 @@ def main(argv=None):
                         help="category whose products and words to use (default home_kitchen)")
     parser.add_argument("--out", required=True, metavar="DIR", help="folder to write it to")
     parser.add_argument("--size", choices=("sample", "release"), default="sample",
-                        help="sample (default: 200/50/50 products, what train.py uses) or release: Table 4's "
+                        help="sample (default: 120/60/100 products, what train.py uses) or release: Table 4's "
                         "sizes with ~100-token reviews, for benchmark.py (about 10 minutes and 2 GB; region "
                         f"features for the first {RELEASE_FEATURED} train products only)")
     args = parser.parse_args(argv)
