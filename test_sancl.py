@@ -4,6 +4,7 @@ Sections, in the order of the code: data (data.py, features.py, sample.py), prob
 (probe_mask.py, probe_coref.py), model (sancl.py), metrics (evaluate.py), training (train.py,
 evaluate.py end to end on a tiny built-in sample), hostile input, and the import layout.
 """
+import copy
 import hashlib
 import importlib.util
 import json
@@ -1238,12 +1239,33 @@ def test_release_benchmark_runs_on_a_small_folder(tiny_root, tmp_path, capsys):
     """benchmark.py --release on the tiny sample (a copy: the benchmark packs its features)."""
     import benchmark
     folder = Path(shutil.copytree(tiny_root, tmp_path / "Home_and_Kitchen"))
-    benchmark.release_benchmark(folder, "home_kitchen", steps=1)
+    benchmark.release_benchmark(folder, "home_kitchen", steps=1, vocab_rows=1000)
     out = capsys.readouterr().out
+    assert "padded to 1000 rows (--vocab)" in out  # the steps ran with a release-size embedding table
     for line in ("load: ", "--batching groups: ", "--batching products: ", "text-only  products",
                  "multimodal groups    .npz in the step", "multimodal products  pack prefetched", "scoring (multimodal"):
         assert line in out
     assert features.Pack(folder / "features" / features.PACK_DIR).complete
+
+
+def test_train_adam_is_fused_and_makes_the_for_loop_update():
+    """train.adam: fused on CPU (one pass per tensor, README "Speed"), and the same update as
+    torch's for-loop Adam up to float rounding, fed the same gradients for a few steps."""
+    torch.manual_seed(0)
+    fused_model = torch.nn.Linear(30, 20)
+    loop_model, initial = copy.deepcopy(fused_model), copy.deepcopy(fused_model)
+    fused = train.adam(fused_model, 1e-3, torch.device("cpu"))
+    loop = torch.optim.Adam(loop_model.parameters(), lr=1e-3)
+    assert fused.defaults["fused"] and not loop.defaults["fused"]
+    for step in range(5):
+        grads = [torch.randn_like(p) * 10 ** -step for p in fused_model.parameters()]
+        for model, optimizer in ((fused_model, fused), (loop_model, loop)):
+            for p, g in zip(model.parameters(), grads):
+                p.grad = g.clone()
+            optimizer.step()
+    for a, b, before in zip(fused_model.parameters(), loop_model.parameters(), initial.parameters()):
+        assert (a - before).abs().mean() > 1e-3  # they moved by a few learning rates...
+        assert torch.allclose(a, b, rtol=0, atol=1e-7)  # ...and the two agree to rounding
 
 
 @pytest.mark.parametrize("switch", [[], ["--text-only"], ["--fixed-beta"], ["--no-probe-mask"],
