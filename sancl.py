@@ -214,7 +214,9 @@ class SelectiveAttention(nn.Module):
     H' = H + A' H                                             (Eq. 7)
     The paper writes Eq. (3) as "softmax(W H)"; the query and key maps with bias and no
     1/sqrt(d) scaling are the reference code's. Like paper and reference, A' is not
-    re-normalised. Padded keys are masked (the reference forgets to: SPEC §10)."""
+    re-normalised. Padded keys are masked (the reference forgets to: SPEC §10).
+    b_k cannot change A: it adds q_i . b_k to every score of row i, which the softmax takes away,
+    so its gradient is zero up to rounding (about 1e-9 against 1e-2); kept, as in the reference."""
 
     def __init__(self, dim):
         super().__init__()

@@ -1248,6 +1248,23 @@ def test_release_benchmark_runs_on_a_small_folder(tiny_root, tmp_path, capsys):
     assert features.Pack(folder / "features" / features.PACK_DIR).complete
 
 
+def test_the_key_bias_of_eq3_cannot_change_the_selective_attention():
+    """SelectiveAttention's docstring: b_k shifts each row of scores by a constant, so A, A' and H'
+    stay the same whatever b_k is (the parameter is the reference's; its gradient is rounding)."""
+    torch.manual_seed(0)
+    attention = sancl.SelectiveAttention(8)
+    h, mask = torch.randn(3, 5, 8), torch.tensor([[1] * 5, [1] * 3 + [0] * 2, [1] * 4 + [0]]).bool()
+    m_prime = mask.float() * torch.rand(3, 5)
+    before = attention(h, mask, m_prime)
+    with torch.no_grad():
+        attention.key.bias.add_(torch.randn(8) * 3)
+    after = attention(h, mask, m_prime)
+    assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(before, after))
+    with torch.no_grad():
+        attention.query.bias.add_(torch.randn(8) * 3)  # the query bias does change it
+    assert not torch.allclose(before[1], attention(h, mask, m_prime)[1], atol=1e-3)
+
+
 def test_train_adam_is_fused_and_makes_the_for_loop_update():
     """train.adam: fused on CPU (one pass per tensor, README "Speed"), and the same update as
     torch's for-loop Adam up to float rounding, fed the same gradients for a few steps."""
