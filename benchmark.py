@@ -167,7 +167,7 @@ def release_benchmark(folder, category, steps, cold=False, vocab_rows=None):
                                    kappa=table["kappa"], text_only=text_only)
         torch.manual_seed(0)
         model = sancl.SANCL(config, embeddings).train()
-        optimizer = train.adam(model, table["lr"], torch.device("cpu"))
+        optimizer = plumbing.adam(model, table["lr"])
         where, batch_groups = (split, groups) if text_only else (images, image_groups)
         for name in plans:
             plan = train.epoch_plan(where, batch_groups, name, table["batch_size"], np.random.default_rng(0))

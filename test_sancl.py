@@ -1266,12 +1266,12 @@ def test_the_key_bias_of_eq3_cannot_change_the_selective_attention():
 
 
 def test_train_adam_is_fused_and_makes_the_for_loop_update():
-    """train.adam: fused on CPU (one pass per tensor, README "Speed"), and the same update as
+    """plumbing.adam: fused on CPU (one pass per tensor, README "Speed"), and the same update as
     torch's for-loop Adam up to float rounding, fed the same gradients for a few steps."""
     torch.manual_seed(0)
     fused_model = torch.nn.Linear(30, 20)
     loop_model, initial = copy.deepcopy(fused_model), copy.deepcopy(fused_model)
-    fused = train.adam(fused_model, 1e-3, torch.device("cpu"))
+    fused = plumbing.adam(fused_model, 1e-3)
     loop = torch.optim.Adam(loop_model.parameters(), lr=1e-3)
     assert fused.defaults["fused"] and not loop.defaults["fused"]
     for step in range(5):

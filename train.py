@@ -37,8 +37,8 @@ import data
 import plots
 import sancl
 from evaluate import baseline_metrics, evaluate_split, format_metrics
-from plumbing import (Prefetch, device_flag, find_data, load_checkpoint, load_data, pick_device, report_data,
-                      rng_state, save_atomic, seed_everything, set_rng_state, to_device)
+from plumbing import (Prefetch, adam, autocast, device_flag, find_data, load_checkpoint, load_data, pick_device,
+                      report_data, rng_state, save_atomic, seed_everything, set_rng_state, to_device)
 
 SWITCHES = ("text_only", "fixed_beta", "no_probe_mask", "no_cpc_ii", "no_cpc_pr")
 RELEASE_EPOCHS = 11  # the reference trains 11 epochs (SPEC §10)
@@ -271,25 +271,6 @@ def settings(args, category):
             "text_dropout": table["text_dropout"] if args.dropout is None else args.dropout}
 
 
-def adam(model, lr, device):
-    """Adam on the trainable parameters, as the reference. fused=True makes the same update in one pass
-    over each tensor instead of about ten: with the release's vocabulary the embedding table (60k x 300
-    floats, trained as in the paper) makes for-loop Adam the costliest part of a CPU step (195 ms against
-    17 ms here; README "Speed"). Same arithmetic; only the float rounding differs from the for-loop."""
-    fused = device.type in ("cpu", "cuda")  # where this torch has a fused Adam
-    return torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr, fused=fused or None)
-
-
-def autocast(device, amp):
-    """--amp: bfloat16 autocast on the device, refused with one line where torch cannot do it."""
-    if not amp:
-        return contextlib.nullcontext()
-    if not torch.amp.is_autocast_available(device.type) or (device.type == "cuda"
-                                                             and not torch.cuda.is_bf16_supported()):
-        raise data.DataError(f"--amp: this torch cannot run bfloat16 autocast on {device}; train without --amp")
-    return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
 def train(args, progress=None):
     """`progress` (a dict) is told the run folder and the epoch, for main's Ctrl-C message."""
     progress = {} if progress is None else progress
@@ -317,7 +298,7 @@ def train(args, progress=None):
     config = sancl.SANCLConfig(vocab_size=len(vocab), text_dropout=hp["text_dropout"], kappa=hp["kappa"],
                                freeze_embeddings=args.freeze_embeddings, **{s: getattr(args, s) for s in SWITCHES})
     model = sancl.SANCL(config, embeddings).to(device)
-    optimizer = adam(model, hp["lr"], device)
+    optimizer = adam(model, hp["lr"])
     # the reference's schedule: halve the learning rate after 5 epochs without a better dev score
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=4)
     state = {"epoch": 0, "best_map": -1.0, "best_epoch": 0, "bad_epochs": 0, "history": []}
