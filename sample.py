@@ -22,6 +22,7 @@ The signal, one line per SANCL mechanism (README "The built-in sample" says the 
   The noise is large enough (NOISE) that these losses do not pay on the sample (README, Table 2).
 """
 import argparse
+import gzip
 import json
 import os
 import shutil
@@ -234,6 +235,57 @@ def ensure_sample(root, category):
     os.replace(tmp, root)
 
 
+# --- the sample as a public Amazon dump, for build_data.py ---------------------------------------------
+def _dump_lines(root, category, year):
+    """(review lines, metadata lines) of the sample in `root`, in the `year` format (SPEC §11). Each
+    split's products and reviews, as build_data.py would find them in a downloaded dump."""
+    prefix, reviews, meta = CATEGORIES[category], [], []
+    for split in ("train", "dev", "test"):
+        tables = {kind: json.loads((root / f"{prefix}.{kind}.{split}").read_text()) for kind in ("prd", "rvw", "rel")}
+        texts = {row["review_id"]: row for row in tables["rvw"]}
+        for p in tables["prd"]:
+            title, image = p["name"], f"https://example.com/images/{p['product_id']}.jpg"
+            if year == 2014:  # Python literals, as the 2014 metadata is written
+                meta.append(repr({"asin": p["product_id"], "title": title, "description": p["description"],
+                                  "imUrl": image}))
+            elif year == 2018:
+                meta.append(json.dumps({"asin": p["product_id"], "title": title, "description": [p["description"]],
+                                        "imageURLHighRes": [image]}))
+            else:
+                meta.append(json.dumps({"parent_asin": p["product_id"], "title": title,
+                                        "description": [p["description"]], "images": [{"hi_res": image}]}))
+        for i, row in enumerate(tables["rel"]):
+            text, votes, stamp = texts[row["review_id"]]["content"], row["upvotes"], 1514764800 + 86400 * i
+            who = f"U{row['review_id']}"  # one reviewer a review
+            if year == 2014:
+                record = {"reviewerID": who, "asin": row["product_id"], "helpful": [votes, votes + 2],
+                          "reviewText": text, "summary": "Review", "unixReviewTime": stamp, "reviewTime": "01 1, 2018"}
+            elif year == 2018:
+                record = {"reviewerID": who, "asin": row["product_id"], "reviewText": text, "summary": "Review",
+                          "unixReviewTime": stamp, "reviewTime": "01 1, 2018"}
+                if votes:  # written as the dumps write it: a string, absent for none, "1,234" above 999
+                    record["vote"] = f"{votes:,}"
+            else:
+                record = {"user_id": who, "asin": row["product_id"], "parent_asin": row["product_id"], "text": text,
+                          "title": "Review", "helpful_vote": votes, "timestamp": stamp * 1000, "images": []}
+            reviews.append(json.dumps(record))
+    return reviews, meta
+
+
+def write_dump(root, category, out, year=2018):
+    """Write the sample in `root` as a reviews dump and a metadata dump of `year`'s format, gzip, into
+    `out`; returns their paths. Same sample, same bytes (gzip without a date)."""
+    names = {2014: ("reviews_{p}.json.gz", "meta_{p}.json.gz"), 2018: ("{p}.json.gz", "meta_{p}.json.gz"),
+             2023: ("{p}.jsonl.gz", "meta_{p}.jsonl.gz")}[year]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / name.format(p=CATEGORIES[category]) for name in names]
+    for path, lines in zip(paths, _dump_lines(Path(root), category, year)):
+        with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
+            f.write(("\n".join(lines) + "\n").encode())
+    return paths
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Write the built-in synthetic sample in the Amazon-MRHP "
                                      "layout (train.py writes it to data/sample/ on first use).")
@@ -244,9 +296,15 @@ def main(argv=None):
                         help="sample (default: 120/60/100 products, what train.py uses) or release: Table 4's "
                         "sizes with ~100-token reviews, for benchmark.py (about 10 minutes and 2 GB; region "
                         f"features for the first {RELEASE_FEATURED} train products only)")
+    parser.add_argument("--dump", type=int, choices=(2014, 2018, 2023), help="also write it as the public Amazon "
+                        "dumps of that year's format (reviews and metadata, gzip) into {out}/dump/, to try "
+                        "build_data.py on")
     args = parser.parse_args(argv)
     write_sample(Path(args.out), args.data, size=args.size)
     print(f"wrote the built-in {args.data} sample ({args.size} size) to {args.out}")
+    if args.dump:
+        paths = write_dump(args.out, args.data, Path(args.out) / "dump", args.dump)
+        print(f"wrote it as {args.dump} Amazon dumps: {' and '.join(map(str, paths))}")
     return 0
 
 

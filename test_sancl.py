@@ -1739,3 +1739,347 @@ def test_each_readme_exercise_has_its_marked_place_in_sancl():
     assert exercises == [str(n) for n in range(1, len(exercises) + 1)] and len(exercises) >= 5
     for n in exercises:
         assert code.count(f"README exercise {n}:") == 1, f"sancl.py has no single mark of README exercise {n}"
+
+
+# --- issue 19: from public Amazon dumps to a run (build_data.py, features.py --extract) -------------
+import gzip  # noqa: E402  (this section's own imports, kept beside it)
+import os  # noqa: E402
+import re  # noqa: E402
+
+import build_data  # noqa: E402
+import grid_features  # noqa: E402
+
+
+def dump_lines(path, records, literal=False):
+    """A dump as the public files hold it: one record a line (Python literals for 2014's metadata)."""
+    text = "\n".join(repr(r) if literal else json.dumps(r) for r in records) + "\n"
+    if str(path).endswith(".gz"):
+        path.write_bytes(gzip.compress(text.encode(), mtime=0))
+    else:
+        path.write_text(text)
+    return path
+
+
+LONG = "This kettle boils water fast, the spout pours cleanly and the lid stays shut."  # 77 characters
+
+
+def review_2018(asin, votes, text=LONG, who="A1", **extra):
+    record = {"reviewerID": who, "asin": asin, "reviewText": text, "summary": "ok", "reviewTime": "01 2, 2018",
+              "unixReviewTime": 1514851200, **extra}
+    if votes is not None:
+        record["vote"] = votes
+    return record
+
+
+def hand_checked_dump(tmp_path):
+    """A 2018 dump whose every rule's count is worked out by hand below (min 2 reviews, a top review of
+    3 votes or more, 64 characters)."""
+    reviews = [review_2018("P1", "1", who="A1"), review_2018("P1", "3", who="A2"),
+               review_2018("P1", "1,234", who="A3", image=["https://example.com/r.jpg"]),
+               review_2018("P1", None, who="A4"),  # no vote: 0
+               review_2018("P1", "5", text="Too short.", who="A5"),  # 10 characters
+               review_2018("P1", "1", who="A1"),  # the first line again: an exact duplicate
+               review_2018("P2", "1", who="A1"), review_2018("P2", "2", who="A2"),  # top vote 2: not > 2
+               review_2018("P3", "4", who="A1"), review_2018("P3", "4", who="A2"),  # no metadata
+               review_2018("P4", "5", who="A1"), review_2018("P4", "5", who="A2"),  # no title
+               review_2018("P5", "10", who="A1"),  # one review only
+               review_2018("P6", "3", who="A1"), review_2018("P6", "1", who="A2", text=LONG + " Really."),
+               review_2018("P7", "9", who="A1"), review_2018("P7", "0", who="A2"), review_2018("P7", "2", who="A3")]
+    meta = [{"asin": "P1", "title": "Steel Kettle", "description": ["Boils <b>water</b>."],
+             "imageURLHighRes": ["https://example.com/p1.jpg", "https://example.com/p1b.jpg"]},
+            {"asin": "P2", "title": "Knife", "description": []},
+            {"asin": "P4", "title": "<span> </span>", "description": ["x"]},
+            {"asin": "P5", "title": "Mug", "description": []},
+            {"asin": "P6", "title": "Pure &amp; Fresh <b>Ice Tray</b>", "description": ["Tray &quot;A&quot;"]},
+            {"asin": "P7", "title": "Lamp", "description": ["Bright."]}]
+    return (dump_lines(tmp_path / "Home_and_Kitchen.json.gz", reviews),
+            dump_lines(tmp_path / "meta_Home_and_Kitchen.json", meta))
+
+
+def build(reviews, meta, out, *flags):
+    return build_data.main(["--reviews", str(reviews), "--meta", str(meta), "--category", "home_kitchen",
+                            "--out", str(out), *flags])
+
+
+def test_build_data_rule_counts_checked_by_hand(tmp_path, capsys):
+    reviews, meta = hand_checked_dump(tmp_path)
+    assert build(reviews, meta, tmp_path / "out", "--min-reviews", "2") == 0
+    record = json.loads((tmp_path / "out" / "build.json").read_text())
+    # 18 lines; P1: one without a vote, one short, one duplicate; P7: one with "0"
+    assert record["reviews"]["lines"] == 18 and record["reviews"]["format"] == 2018
+    assert record["removed"]["reviews"] == {"no_votes": 2, "short": 1, "duplicates": 1}
+    assert list(record["removed"]["products"].values()) == [[2, 1], [2, 1], [1, 1], [2, 1]]  # P3, P4, P5, P2
+    assert sorted(record["splits"].values()) == [[1, 2], [1, 2], [1, 3]]  # P1 3 reviews, P6 and P7 2 each
+    out = capsys.readouterr().out
+    assert "exact duplicate (reviewer, product, text)" in out and "no review with 3 votes or more" in out
+    tables = {kind: [row for split in data.SPLITS for row in json.loads(
+        (tmp_path / "out" / f"Home_and_Kitchen.{kind}.{split}").read_text())] for kind in ("prd", "rvw", "rel")}
+    assert {r["product_id"] for r in tables["prd"]} == {"P1", "P6", "P7"}
+    names = {r["product_id"]: (r["name"], r["description"]) for r in tables["prd"]}
+    assert names["P6"] == ("Pure & Fresh Ice Tray", 'Tray "A"') and names["P1"] == ("Steel Kettle", "Boils water.")
+    assert {(r["review_id"], r["upvotes"]) for r in tables["rel"] if r["product_id"] == "P1"} == {
+        ("P1-0", 1), ("P1-1", 3), ("P1-2", 1234)}  # "1,234" read as a number
+    assert (tmp_path / "out" / "images.tsv").read_text().splitlines() == [
+        "item_id\timage\turl\tpath", "P1\t0\thttps://example.com/p1.jpg\timages/P1/0.jpg",
+        "P1\t1\thttps://example.com/p1b.jpg\timages/P1/1.jpg",
+        "P1-2\t0\thttps://example.com/r.jpg\timages/P1-2/0.jpg"]
+    source = data.resolve_data(data_dir=tmp_path / "out")
+    assert sum(len(data.read_split(source, s)) for s in data.SPLITS) == 3
+
+
+def test_build_data_same_input_same_bytes_and_nothing_overwritten(tmp_path, capsys):
+    reviews, meta = hand_checked_dump(tmp_path)
+    assert build(reviews, meta, tmp_path / "a", "--min-reviews", "2") == 0
+    assert build(reviews, meta, tmp_path / "b", "--min-reviews", "2") == 0
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert len(files) == 11 and all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+                                    for f in files)
+    before = (tmp_path / "a" / "build.json").read_bytes()
+    assert build(reviews, meta, tmp_path / "a", "--min-reviews", "2") == 2
+    assert "holds a data set: nothing is overwritten" in capsys.readouterr().err
+    assert (tmp_path / "a" / "build.json").read_bytes() == before
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_build_data_interrupted_leaves_nothing(tmp_path, monkeypatch):
+    reviews, meta = hand_checked_dump(tmp_path)
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build_data, "write_dataset", killed)
+    assert build(reviews, meta, tmp_path / "out", "--min-reviews", "2") == 130
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+@pytest.mark.parametrize("case, message", [
+    ("malformed", "line 2 is not a record"),
+    ("truncated_gzip", "the gzip stream is damaged or ends early"),
+    ("other_format", "a review in none of the three Amazon formats"),
+    ("csv", "is neither JSON nor a Python dict literal"),
+    ("swapped", "It looks like a metadata file: pass it as --meta"),
+    ("bad_votes", 'line 1: votes \'lots\' are not a count'),
+    ("float_votes", "line 1: votes 2.5 are not a count"),
+    ("code_in_meta", "is not a record"),
+    ("meta_of_2023", "2023 metadata beside 2018 reviews"),
+    ("empty", "no records in it"),
+])
+def test_build_data_bad_input_is_one_clear_error(tmp_path, capsys, case, message):
+    reviews, meta = hand_checked_dump(tmp_path)
+    lines = gzip.decompress(reviews.read_bytes()).decode().splitlines()
+    if case == "malformed":
+        reviews = dump_lines(tmp_path / "r.json", [])
+        reviews.write_text(lines[0] + "\n" + lines[1][:40] + "\n")
+    elif case == "truncated_gzip":
+        reviews.write_bytes(reviews.read_bytes()[:-30])
+    elif case == "other_format":
+        reviews = dump_lines(tmp_path / "r.json", [{"id": 1, "body": "text"}])
+    elif case == "csv":
+        (tmp_path / "r.csv").write_text("asin,text\nP1,hello\n")
+        reviews = tmp_path / "r.csv"
+    elif case == "swapped":
+        reviews, meta = meta, reviews
+    elif case in ("bad_votes", "float_votes"):
+        reviews = dump_lines(tmp_path / "r.json", [review_2018("P1", "lots" if case == "bad_votes" else 2.5)])
+    elif case == "code_in_meta":  # 2014 metadata is read with ast.literal_eval: a call is not a literal
+        marker = tmp_path / "ran"
+        meta = dump_lines(tmp_path / "m.json", [{"asin": "P1", "title": "Kettle"}], literal=True)
+        meta.write_text(meta.read_text() + f"__import__('pathlib').Path({str(marker)!r}).touch()\n")
+    elif case == "meta_of_2023":
+        meta = dump_lines(tmp_path / "m.json", [{"parent_asin": "P1", "title": "Kettle"}])
+    elif case == "empty":
+        reviews.write_bytes(gzip.compress(b"", mtime=0))
+    assert build(reviews, meta, tmp_path / "out", "--min-reviews", "2") == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()[-1]) < 400, err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "ran").exists()
+    if case in ("malformed", "bad_votes"):
+        assert f"{reviews}: line" in err  # names the file and the line
+
+
+def sample_dumps(tiny_root, folder):
+    """The tiny sample written as the dumps of each year, with the awkward cases of real dumps added:
+    an exact duplicate line, a review whose product has no metadata, 2023's HTML line breaks."""
+    paths = {}
+    for year in (2014, 2018, 2023):
+        reviews, meta = sample.write_dump(tiny_root, "home_kitchen", folder / str(year), year)
+        lines = gzip.decompress(reviews.read_bytes()).decode().splitlines()
+        stray = json.loads(lines[0])
+        stray["asin" if year != 2023 else "parent_asin"] = "NOMETA"
+        if year == 2023:
+            first = json.loads(lines[0])
+            first["text"] = first["text"].replace(" . ", " .<br /><br />", 1)
+            lines[0] = json.dumps(first)
+        reviews.write_bytes(gzip.compress(("\n".join(lines + [lines[1], json.dumps(stray)]) + "\n").encode(), mtime=0))
+        paths[year] = reviews, meta
+    return paths
+
+
+def test_build_data_reads_the_three_formats_alike_and_trains_text_only(tiny_root, tmp_path, capsys):
+    built = {}
+    for year, (reviews, meta) in sample_dumps(tiny_root, tmp_path).items():
+        assert build(reviews, meta, tmp_path / f"out{year}", "--min-reviews", "1", "--min-top-votes", "1") == 0
+        record = json.loads((tmp_path / f"out{year}" / "build.json").read_text())
+        assert record["reviews"]["format"] == year and record["meta"]["format"] == year
+        assert record["removed"]["reviews"]["duplicates"] == 1
+        assert record["removed"]["products"]["product not in the metadata"] == [1, 1]
+        built[year] = {kind: [(tmp_path / f"out{year}" / f"Home_and_Kitchen.{kind}.{s}").read_text()
+                              for s in data.SPLITS] for kind in ("prd", "rel")}
+    assert built[2014] == built[2018] == built[2023]  # the same products, reviews, votes and split
+    sample_source = data.resolve_data(data_dir=tiny_root)
+    original = [p for s in data.SPLITS for p in data.read_split(sample_source, s)]
+    rebuilt = [p for s in data.SPLITS for p in data.read_split(data.resolve_data(data_dir=tmp_path / "out2018"), s)]
+    assert sorted((p.product_id, p.name, p.description, len(p.reviews)) for p in rebuilt) == sorted(
+        (p.product_id, p.name, p.description, len(p.reviews)) for p in original)
+    glove = str(tiny_root / "glove.sample.300d.txt")
+    assert data.main(["--data-dir", str(tmp_path / "out2018"), "--glove", glove, "--stats"]) == 0
+    train_products = len(json.loads(built[2018]["prd"][0]))
+    assert re.search(rf"^train\s+{train_products}\s", capsys.readouterr().out, re.M)
+    assert train.main(["--data-dir", str(tmp_path / "out2023"), "--glove", glove, "--text-only", "--compute-masks",
+                       "--epochs", "1", "--batch-size", "8", "--out", str(tmp_path / "run")]) == 0
+    assert "test  MAP" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="session")
+def resnet_weights(tmp_path_factory):
+    """Random ResNet-101 weights saved as torchvision's file is laid out (float16: half the bytes)."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "resnet101-random.pth"
+    torch.save({k: v.half() if v.is_floating_point() else v for k, v in
+                grid_features.ResNet101().state_dict().items()}, path)
+    return path
+
+
+def test_resnet101_has_torchvisions_layout():
+    """Literal numbers of torchvision's resnet101 file (SPEC §11), not a recount by the same code."""
+    net = grid_features.ResNet101()
+    state = net.state_dict()
+    assert len(state) == 626 and sum(p.numel() for p in net.parameters()) == 44_549_160
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    assert shapes["conv1.weight"] == (64, 3, 7, 7) and shapes["fc.weight"] == (1000, 2048)
+    assert shapes["layer3.22.conv3.weight"] == (1024, 256, 1, 1) and "layer3.23.conv1.weight" not in shapes
+    assert shapes["layer4.0.downsample.0.weight"] == (2048, 1024, 1, 1) and "layer1.1.downsample.0.weight" not in shapes
+    assert net.layer2[0].conv2.stride == (2, 2) and net.layer2[0].conv1.stride == (1, 1)  # "ResNet v1.5"
+    assert "layer2.0.bn2.num_batches_tracked" in shapes
+    with torch.no_grad():
+        assert net.eval()(torch.zeros(1, 3, 64, 96)).shape == (1, 2048, 2, 3)  # stride 32
+
+
+def test_grid_regions_average_the_map_into_at_most_32_cells():
+    feature_map = torch.arange(2 * 2048 * 14 * 14, dtype=torch.float32).view(2, 2048, 14, 14)
+    regions = grid_features.grid_regions(feature_map)
+    assert regions.shape == (2, 25, 2048) and grid_features.GRID ** 2 <= features.MAX_REGIONS_PER_IMAGE
+    # cell (0, 0) averages rows 0-2 and columns 0-2 of 14 (adaptive pooling: floor(14/5*i) .. ceil(14/5*(i+1)))
+    assert torch.allclose(regions[1, 0], feature_map[1, :, :3, :3].mean((1, 2)))
+    assert torch.allclose(regions[0, 6], feature_map[0, :, 2:6, 2:6].mean((1, 2)))  # row 1, column 1
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (Path(self.marker),)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "1 missing keys (e.g. layer4.2.bn3.running_var)"),
+    ("shape", "1 of the wrong shape (e.g. fc.weight (10, 2048) (expected (1000, 2048))"),
+    ("code", "not a plain state dict of tensors"),
+    ("absent", "no such file. It must be the ImageNet weights torchvision publishes for resnet101"),
+    ("resnet50", "missing keys (e.g. layer3.6.conv1.weight"),
+])
+def test_weights_are_checked_before_use(resnet_weights, tmp_path, case, message):
+    state = torch.load(resnet_weights, weights_only=True)
+    path = tmp_path / "w.pth"
+    if case == "missing":
+        del state["layer4.2.bn3.running_var"]
+    elif case == "shape":
+        state["fc.weight"] = torch.zeros(10, 2048)
+    elif case == "code":
+        state = {"conv1.weight": _RunsCode(tmp_path / "ran")}
+    elif case == "resnet50":  # 6 blocks in layer3 instead of 23
+        state = {k: v for k, v in state.items() if not k.startswith("layer3.") or int(k.split(".")[1]) < 6}
+    if case != "absent":
+        torch.save(state, path)
+    with pytest.raises(data.DataError, match=re.escape(message)) as error:
+        grid_features.load_weights(path)
+    assert str(path) in str(error.value) and not (tmp_path / "ran").exists()
+
+
+def write_images(folder, ids):
+    """Images in the formats users bring, and broken ones; returns {path: what happens to it}."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    picture = Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))
+    made = {}
+
+    def save(item, name, write, expect="written"):
+        path = folder / item / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(path)
+        made[path] = expect
+
+    a, b, c = ids
+    save(a, "0.jpg", lambda p: picture.save(p, "JPEG"))
+    save(a, "1.jpg", lambda p: picture.save(p, "JPEG", progressive=True))
+    save(a, "2.jpg", lambda p: picture.convert("CMYK").save(p, "JPEG"))
+    save(b, "0.png", lambda p: picture.convert("RGBA").save(p))
+    save(b, "1.png", lambda p: picture.convert("P").save(p, transparency=0))
+    save(b, "2.gif", lambda p: picture.save(p, save_all=True, append_images=[picture.rotate(90)]))
+    save(b, "3.webp", lambda p: picture.save(p, "WEBP"))
+    save(b, "4.png", lambda p: Image.new("L", (1, 1), 128).save(p))
+    save(c, "0.jpg", lambda p: (picture.save(p, "JPEG"), p.write_bytes(p.read_bytes()[: p.stat().st_size // 3])),
+         "damaged or truncated image")
+    save(c, "1.jpg", lambda p: p.write_bytes(b""), "empty file")
+    save(c, "2.jpg", lambda p: p.write_text("<html>404 Not Found</html>"), "not an image Pillow can read")
+    save(c, "3.png", lambda p: Image.new("RGB", (80, 80)).save(p), "over Pillow's size limit")
+    save(c, "4.jpg", lambda p: os.mkfifo(p), "not read")  # a FIFO: reading it would wait for ever
+    return made
+
+
+def test_extract_reads_every_format_skips_broken_files_and_resumes(resnet_weights, tmp_path, monkeypatch, capsys):
+    from PIL import Image
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4000)  # 80x80 = 6400 pixels: over it; 64x48 under
+    made = write_images(tmp_path / "images", ["P1", "P1-0", "P2"])
+    argv = ["--extract", str(tmp_path / "images"), "--weights", str(resnet_weights), "--out", str(tmp_path / "f"),
+            "--image-size", "64", "--threads", "1", "--device", "cpu"]
+    assert features.main(argv) == 0
+    err = capsys.readouterr().err
+    for path, expect in made.items():
+        out = tmp_path / "f" / path.parent.name / f"{path.stem}.npz"
+        if expect == "written":
+            with np.load(out) as npz:
+                x = npz["x"]
+                assert x.shape == (25, 2048) and x.dtype == np.float16 and np.isfinite(x).all() and x.any()
+                assert npz["bbox"].shape == (25, 4)
+        else:
+            assert not out.exists() and (expect == "not read" or f"skipped {path}: {expect}" in err), (path, err)
+    assert "extracted 8 images" in err and "4 skipped" in err
+    assert features.main(argv) == 0  # resumed: nothing left to do, the bad ones are tried and listed again
+    assert "extracting grid features of 4 images" in capsys.readouterr().err
+    regions = features.read_regions(tmp_path / "f" / "P1")
+    assert regions.shape == (75, 2048)  # 3 images of 25 cells
+    assert features.main(argv[:-4] + ["--image-size", "96"]) == 2  # other settings: not mixed into the folder
+    assert "holds features made with other settings" in capsys.readouterr().err
+
+
+def test_from_dumps_and_images_to_a_multimodal_run(tiny_root, resnet_weights, tmp_path, capsys):
+    """The README's path on tiny files: dumps -> build_data.py -> images -> --extract -> --pack -> train."""
+    reviews, meta = sample_dumps(tiny_root, tmp_path)[2018]
+    out = tmp_path / "Home_and_Kitchen"
+    assert build(reviews, meta, out, "--min-reviews", "1", "--min-top-votes", "1") == 0
+    rows = [line.split("\t") for line in (out / "images.tsv").read_text().splitlines()[1:]]
+    train_products = [r["product_id"] for r in json.loads((out / "Home_and_Kitchen.prd.train").read_text())]
+    rvw = json.loads((out / "Home_and_Kitchen.rvw.train").read_text())
+    ids = train_products[:2] + [rvw[0]["review_id"]]
+    assert {r[0] for r in rows} >= set(train_products) and all(r[3] == f"images/{r[0]}/{r[1]}.jpg" for r in rows)
+    write_images(out / "images", ids)  # as if fetched to the paths images.tsv gives
+    assert features.main(["--extract", str(out / "images"), "--weights", str(resnet_weights), "--out",
+                          str(out / "features"), "--image-size", "64"]) == 0
+    assert features.main(["--pack", "--features", str(out / "features")]) == 0
+    glove = str(tiny_root / "glove.sample.300d.txt")
+    assert train.main(["--data-dir", str(out), "--glove", glove, "--compute-masks", "--epochs", "1",
+                       "--batch-size", "8", "--out", str(tmp_path / "run")]) == 0
+    printed = capsys.readouterr()
+    assert "test  MAP" in printed.out and f"packed in {out / 'features' / 'packed'}" in printed.err

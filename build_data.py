@@ -1,0 +1,477 @@
+"""Build Amazon-MRHP yourself, from the public Amazon review dumps: `python build_data.py`.
+
+The release of the dataset's authors is a zip behind a drive link; the files it was built from
+are public. This script applies their rules (../shared/SPEC.md §11) to a reviews file and a
+metadata file of one category and writes exactly the layout data.py reads:
+  1. read the two files, in any of the three public formats (2014, 2018, 2023), plain or gzip,
+     in one streaming pass each: memory grows with the reviews kept, not with the file
+  2. the authors' rules, in their order, each one counted: votes > 0, text of 64 characters or
+     more, (our addition: exact duplicates dropped), product in the metadata, a title, 20 reviews
+     or more, one review with more than 2 votes
+  3. a 64/16/20 split by product, as sklearn's train_test_split(random_state=0) twice
+  4. `{Category}.prd/.rvw/.rel.{train,dev,test}`, `images.tsv` (every image URL and the path to
+     save it to, for features.py --extract) and `build.json` (inputs with sizes and hashes, rules,
+     counts), written to a temporary folder that is renamed at the end: same input, same bytes.
+
+    python build_data.py --reviews Home_and_Kitchen.json.gz --meta meta_Home_and_Kitchen.json.gz \
+        --category home_kitchen --out data/Home_and_Kitchen
+"""
+import argparse
+import ast
+import gzip
+import hashlib
+import html
+import io
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+import zlib
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from data import CATEGORIES, SPLITS, DataError
+
+BUILD_VERSION = 1
+MAX_TITLE_CHARS = 1000  # a longer "title" is a page's HTML or script that the 2018 metadata holds, not a name
+
+
+# --- 1. reading a dump: plain or gzip, line by line, hashed as it is read --------------------------
+class _Counted(io.RawIOBase):
+    """A file's bytes as read, counted and hashed on the way (the progress line and build.json)."""
+
+    def __init__(self, path):
+        self.file, self.sha256, self.bytes = open(path, "rb"), hashlib.sha256(), 0
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        n = self.file.readinto(buffer)
+        self.sha256.update(memoryview(buffer)[:n])
+        self.bytes += n
+        return n
+
+    def close(self):
+        self.file.close()
+        super().close()
+
+
+class Progress:
+    """One line on stderr: lines, lines/s, MB read and the ETA from the file's size (rewritten in
+    place on a terminal, every 30 s in a log)."""
+
+    def __init__(self, label, total_bytes):
+        self.label, self.total, self.t0, self.last = label, total_bytes, time.time(), 0.0
+        self.tty = sys.stderr.isatty()
+
+    def show(self, lines, done_bytes, final=False):
+        now = time.time()
+        if not final and now - self.last < (1 if self.tty else 30):
+            return
+        self.last, seconds = now, max(now - self.t0, 1e-9)
+        eta = (self.total - done_bytes) / max(done_bytes / seconds, 1)
+        line = (f"{self.label}: {lines:,} lines, {lines / seconds:,.0f} lines/s, {done_bytes / 1e6:,.0f} of "
+                f"{self.total / 1e6:,.0f} MB" + (f" in {seconds:.0f}s" if final else f", ETA {eta:.0f}s"))
+        print(("\r" if self.tty else "") + line, end="\n" if final or not self.tty else "", file=sys.stderr)
+
+
+def read_records(path, role, info):
+    """(line number, dict) of each record of a dump; `info` gets the file's name, size, lines and
+    sha256 at the end. JSON lines, or Python dict literals (2014's metadata, read with
+    ast.literal_eval, which evaluates literals only and never runs code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"--{role} {path}: no such file. Pass the Amazon {role} dump (README 'Real data').")
+    info.update(name=path.name, bytes=path.stat().st_size)
+    counted = _Counted(path)
+    with open(path, "rb") as f:
+        zipped = f.read(2) == b"\x1f\x8b"
+    stream = io.BufferedReader(counted, 1 << 20)
+    lines = gzip.GzipFile(fileobj=stream) if zipped else stream
+    progress, parse, n = Progress(f"reading {path.name}", info["bytes"]), None, 0
+    try:
+        for n, raw in enumerate(lines, 1):
+            if not raw.strip():
+                continue
+            where = f"--{role} {path}: line {n}"
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DataError(f"{where} is not UTF-8 text; the file is damaged or not an Amazon dump: "
+                                f"download it again.") from None
+            if parse is None:
+                parse = _json_or_literal(text, where)
+            try:
+                record = parse(text)
+            except (ValueError, SyntaxError, RecursionError, MemoryError) as error:
+                raise DataError(f"{where} is not a record ({type(error).__name__}: {str(error)[:80]}): "
+                                f"{text[:60]!r}... A cut or damaged download: get the file again.") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{where} holds a {type(record).__name__}, expected one record (a dict) a line.")
+            yield n, record
+            if n % 4096 == 0:
+                progress.show(n, counted.bytes)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as error:
+        raise DataError(f"--{role} {path}: the gzip stream is damaged or ends early after line {n} "
+                        f"({type(error).__name__}: {error}); a cut download: get the file again.") from None
+    finally:
+        counted.close()
+    if parse is None:
+        raise DataError(f"--{role} {path}: no records in it; the file is empty or cut short: get it again.")
+    progress.show(n, counted.bytes, final=True)
+    info.update(lines=n, sha256=counted.sha256.hexdigest(), python_literals=parse is _literal)
+
+
+def _literal(text):
+    return ast.literal_eval(text)
+
+
+def _json_or_literal(text, where):
+    """json.loads for JSON lines; ast.literal_eval where the first record is a Python literal."""
+    try:
+        json.loads(text)
+        return json.loads
+    except ValueError:
+        try:
+            if isinstance(ast.literal_eval(text), dict):
+                return _literal
+        except (ValueError, SyntaxError, RecursionError, MemoryError):
+            pass
+    raise DataError(f"{where} is neither JSON nor a Python dict literal: {text[:60]!r}... Pass an Amazon review "
+                    f"dump (JSON lines, plain or .gz), not a csv or a zip.")
+
+
+# --- the three formats (SPEC §11), told apart by their fields -------------------------------------
+REVIEW_FORMATS = {  # format -> (product key, text, reviewer)
+    2014: ("asin", "reviewText", "reviewerID"), 2018: ("asin", "reviewText", "reviewerID"),
+    2023: ("parent_asin", "text", "user_id")}
+
+
+def review_format(record, where):
+    """2014 (`helpful` [yes, total]), 2018 (`vote` "1,234", often absent) or 2023 (`parent_asin`,
+    `helpful_vote`), from the fields of a review."""
+    if "parent_asin" in record and "helpful_vote" in record:
+        return 2023
+    if "asin" in record and "reviewerID" in record:
+        return 2014 if "helpful" in record else 2018
+    hint = (" It looks like a metadata file: pass it as --meta." if "title" in record and "user_id" not in record
+            else "")
+    raise DataError(f"{where}: a review in none of the three Amazon formats (fields {sorted(record)[:8]}); "
+                    f"expected 2014/2018 (asin, reviewerID, reviewText) or 2023 (parent_asin, user_id, text, "
+                    f"helpful_vote).{hint}")
+
+
+def votes_of(record, fmt, where):
+    """The helpful votes of a review as an integer: 2014 helpful[0], 2018 vote ("1,234"; absent = 0),
+    2023 helpful_vote."""
+    value = {2014: lambda: (record.get("helpful") or [0])[0], 2018: lambda: record.get("vote", 0),
+             2023: lambda: record.get("helpful_vote", 0)}[fmt]()
+    if isinstance(value, str):
+        value = value.replace(",", "").replace(" ", "")
+    try:
+        votes = int(value) if value is not None else 0
+    except (TypeError, ValueError):
+        votes = -1
+    if isinstance(value, bool) or isinstance(value, float) or votes < 0:
+        raise DataError(f"{where}: votes {value!r:.30} are not a count; fix or remove the line.")
+    return votes
+
+
+BLOCK_TAG = re.compile(r"</?(br|p|li|ul|ol|div|tr|td|th|table|h\d)\b[^>]*>", re.I)
+
+
+def strip_html(text):
+    """Titles and descriptions of the metadata hold HTML ("Pure &amp; Fresh", "<br>", "<i>"): tags
+    that break a line become a space, other tags nothing, entities their characters, runs of white
+    space one space."""
+    return " ".join(html.unescape(re.sub(r"<[^>]*>", "", BLOCK_TAG.sub(" ", text))).split())
+
+
+def _text(value):
+    """A metadata field as one string: 2014 gives a string, 2018 and 2023 a list of strings."""
+    if isinstance(value, list):
+        value = " ".join(v for v in value if isinstance(v, str))
+    return strip_html(value) if isinstance(value, str) else ""
+
+
+def _urls(value, keys):
+    """Image URLs: a string, a list of strings, or a list of dicts whose first of `keys` is a URL."""
+    if isinstance(value, str):
+        value = [value]
+    urls = []
+    for item in value if isinstance(value, list) else []:
+        if isinstance(item, dict):
+            if item.get("attachment_type", "IMAGE") != "IMAGE":
+                continue  # 2023 review videos
+            item = next((item[k] for k in keys if isinstance(item.get(k), str) and item[k]), None)
+        if isinstance(item, str) and item.startswith(("http://", "https://")) and "\t" not in item:
+            urls.append(item)
+    return urls
+
+
+def product_images(meta):
+    """Product image URLs, the largest kind first: 2014 imUrl, 2018 imageURLHighRes / imageURL /
+    image, 2023 images [{hi_res, large, thumb}]."""
+    for key in ("imageURLHighRes", "imageURL", "image", "imUrl", "images"):
+        urls = _urls(meta.get(key), ("hi_res", "large", "thumb"))
+        if urls:
+            return urls
+    return []
+
+
+def review_time(record, fmt):
+    if fmt == 2023:  # milliseconds since 1970, written as a date
+        stamp = record.get("timestamp")
+        return (datetime.fromtimestamp(stamp / 1000, timezone.utc).strftime("%Y-%m-%d")
+                if isinstance(stamp, (int, float)) and not isinstance(stamp, bool) else "")
+    return str(record.get("reviewTime") or "")
+
+
+# --- 2. the authors' rules, in their order ---------------------------------------------------------
+def read_reviews(path, min_chars):
+    """The reviews that pass the per-review rules (votes > 0, text of `min_chars` or more, not an
+    exact duplicate), grouped by product in file order, and the counts of what each rule removed."""
+    kept, counts, seen, fmt, info = {}, dict(lines=0, no_votes=0, short=0, duplicates=0), set(), None, {}
+    for n, record in read_records(path, "reviews", info):
+        where = f"--reviews {path}: line {n}"
+        fmt = fmt or review_format(record, where)
+        key, text_field, reviewer = REVIEW_FORMATS[fmt]
+        product = record.get(key)
+        if not isinstance(product, str) or not product:
+            raise DataError(f"{where}: no product id ({key}); the line is damaged or from another format "
+                            f"(the first line is {fmt}'s).")
+        counts["lines"] += 1
+        votes = votes_of(record, fmt, where)
+        if votes < 1:
+            counts["no_votes"] += 1
+            continue
+        text = record.get(text_field)
+        text = text if isinstance(text, str) else ""
+        if fmt == 2023:  # 2023 texts mark line breaks with HTML
+            text = re.sub(r"<br\s*/?>", "\n", text, flags=re.I)
+        if len(text) < min_chars:
+            counts["short"] += 1
+            continue
+        digest = hashlib.blake2b(repr((record.get(reviewer), product, text)).encode(), digest_size=16).digest()
+        if digest in seen:  # the same reviewer, product and text again
+            counts["duplicates"] += 1
+            continue
+        seen.add(digest)
+        images = _urls(record.get("image") or record.get("images"),
+                       ("large_image_url", "medium_image_url", "small_image_url"))
+        summary = record.get("summary" if fmt != 2023 else "title")
+        kept.setdefault(product, []).append({"content": text, "time": review_time(record, fmt),
+                                             "summary": summary if isinstance(summary, str) else "",
+                                             "image": images, "upvotes": votes})
+    info["format"] = counts["format"] = fmt
+    return kept, counts, info
+
+
+def read_meta(path, kept, wanted, review_fmt):
+    """Name, description and image URLs of the products in `wanted` (the rest stream by), and which
+    products of `kept` the metadata lists and which of those have a usable title."""
+    found, listed, titled, fmt, info = {}, set(), set(), None, {}
+    for n, record in read_records(path, "meta", info):
+        where = f"--meta {path}: line {n}"
+        if fmt is None:
+            if "asin" not in record and "parent_asin" not in record:
+                raise DataError(f"{where}: metadata in none of the three Amazon formats (fields "
+                                f"{sorted(record)[:8]}); expected asin (2014, 2018) or parent_asin (2023)."
+                                + (" It looks like a reviews file: pass it as --reviews." if "reviewerID" in
+                                   record or "user_id" in record else ""))
+            fmt = 2023 if "parent_asin" in record else 2014 if "imUrl" in record else 2018
+            if (fmt == 2023) != (review_fmt == 2023):
+                raise DataError(f"--meta {path}: {'2023' if fmt == 2023 else '2014/2018'} metadata beside "
+                                f"{review_fmt} reviews: their product ids do not join. Use the metadata file of "
+                                f"the same release as the reviews.")
+        product = record.get("parent_asin" if fmt == 2023 else "asin")
+        if not isinstance(product, str) or not product:
+            raise DataError(f"{where}: no product id; the line is damaged or from another format.")
+        if product not in kept:
+            continue
+        name = _text(record.get("title"))
+        listed.add(product)
+        if 0 < len(name) <= MAX_TITLE_CHARS:
+            titled.add(product)
+        if product in wanted and product not in found:
+            found[product] = {"name": name, "description": _text(record.get("description")),
+                              "image": product_images(record),
+                              "feature": [strip_html(f) for f in record.get("feature") or [] if isinstance(f, str)],
+                              "brand": strip_html(str(record.get("brand") or ""))}
+    info["format"] = 2014 if info["python_literals"] else fmt
+    return found, listed, titled, info
+
+
+def apply_rules(kept, listed, titled, min_reviews, min_top_votes):
+    """Product-level rules in the authors' order; returns the products kept and a table of counts."""
+    table, products = [], dict(kept)
+
+    def rule(name, keep):
+        nonlocal products
+        dropped = [p for p in products if not keep(p)]
+        table.append((name, sum(len(products[p]) for p in dropped), len(dropped)))
+        products = {p: reviews for p, reviews in products.items() if keep(p)}
+
+    rule("product not in the metadata", lambda p: p in listed)
+    rule(f"no title (empty, or over {MAX_TITLE_CHARS:,} characters after removing HTML)",
+         lambda p: p in titled)
+    rule(f"fewer than {min_reviews} reviews", lambda p: len(products[p]) >= min_reviews)
+    rule(f"no review with {min_top_votes} votes or more", lambda p: max(r["upvotes"] for r in products[p])
+         >= min_top_votes)
+    return products, table
+
+
+# --- 3. the split by product --------------------------------------------------------------------------
+def train_test_split(ids, test_share, seed):
+    """(train, test) as sklearn's train_test_split(ids, test_size=test_share, random_state=seed)
+    gives them: a permutation from numpy's RandomState(seed); the first ceil(share * n) are the test."""
+    order = np.random.RandomState(seed).permutation(len(ids))
+    n_test = math.ceil(test_share * len(ids))
+    return [ids[i] for i in order[n_test:]], [ids[i] for i in order[:n_test]]
+
+
+def split_products(product_ids, seed):
+    """64/16/20 by product: 80/20 (train+dev / test), then the first part 80/20 (train / dev),
+    with the same seed each time, as the authors did (SPEC §11). Product ids are sorted first, so
+    the split does not depend on the order of the dump."""
+    rest, test = train_test_split(sorted(product_ids), 0.2, seed)
+    train, dev = train_test_split(rest, 0.2, seed)
+    return {"train": train, "dev": dev, "test": test}
+
+
+# --- 4. writing the release layout, all or nothing ------------------------------------------------
+def write_dataset(tmp, prefix, products, meta_of, splits):
+    """The three tables per split, and images.tsv. Review ids are "{product}-{i}", i the review's
+    position among its product's kept reviews, in file order (the authors' ids)."""
+    images = ["item_id\timage\turl\tpath"]
+    for split, ids in splits.items():
+        prd, rvw, rel = [], [], []
+        for pid in ids:
+            meta = meta_of[pid]
+            prd.append({"product_id": pid, **meta})
+            images += [f"{pid}\t{k}\t{url}\timages/{pid}/{k}.jpg" for k, url in enumerate(meta["image"])]
+            for i, review in enumerate(products[pid]):
+                rid = f"{pid}-{i}"
+                rvw.append({"review_id": rid, **{k: review[k] for k in ("content", "time", "summary", "image")}})
+                rel.append({"product_id": pid, "review_id": rid, "upvotes": review["upvotes"]})
+                images += [f"{rid}\t{k}\t{url}\timages/{rid}/{k}.jpg" for k, url in enumerate(review["image"])]
+        for kind, rows in (("prd", prd), ("rvw", rvw), ("rel", rel)):
+            with open(tmp / f"{prefix}.{kind}.{split}", "w", encoding="utf-8") as f:
+                json.dump(rows, f, ensure_ascii=False, indent=0)
+    (tmp / "images.tsv").write_text("\n".join(images) + "\n", encoding="utf-8")
+    return len(images) - 1
+
+
+def check_out(out):
+    """The folder to write: refused when it holds anything (a data set is never overwritten)."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        what = ("holds a data set" if any(out.glob("*.prd.train")) or (out / "build.json").exists() else
+                "is a file" if not out.is_dir() else "is not empty")
+        raise DataError(f"--out {out} {what}: nothing is overwritten. Pick a new folder (or delete that one).")
+    partial = out.with_name(out.name + ".partial")
+    if partial.exists():
+        print(f"removing {partial}/, left by an interrupted build", file=sys.stderr)
+        shutil.rmtree(partial)
+    return partial
+
+
+def build(args):
+    out, prefix = Path(args.out), CATEGORIES[args.category]
+    partial = check_out(out)
+    t0 = time.time()
+    kept, counts, reviews_info = read_reviews(args.reviews, args.min_chars)
+    # only the products that pass the review-count rules need their metadata kept
+    wanted = {p for p, r in kept.items() if len(r) >= args.min_reviews and
+              max(x["upvotes"] for x in r) >= args.min_top_votes}
+    meta_of, listed, titled, meta_info = read_meta(args.meta, kept, wanted, counts["format"])
+    products, product_rules = apply_rules(kept, listed, titled, args.min_reviews, args.min_top_votes)
+    if not products:
+        print(table(counts, product_rules, {}))
+        raise DataError("no product passes the rules (the table above says which removed what); for a small "
+                        "file lower --min-reviews, --min-top-votes or --min-chars.")
+    splits = split_products(list(products), args.seed)
+    if not all(splits.values()):
+        print(table(counts, product_rules, {}))
+        raise DataError(f"{len(products)} products kept: too few for a 64/16/20 split with a product in each "
+                        f"split (train.py needs all three). Use a larger file or lower the rules.")
+    partial.mkdir(parents=True)
+    try:
+        n_images = write_dataset(partial, prefix, products, meta_of, splits)
+        sizes = {s: [len(ids), sum(len(products[p]) for p in ids)] for s, ids in splits.items()}
+        record = {"build_version": BUILD_VERSION, "category": args.category, "prefix": prefix,
+                  "reviews": reviews_info, "meta": meta_info,
+                  "rules": {"min_votes": 1, "min_chars": args.min_chars, "min_reviews": args.min_reviews,
+                            "min_top_votes": args.min_top_votes, "seed": args.seed, "split": "64/16/20 by product",
+                            "exact_duplicates": "dropped", "html": "stripped from titles and descriptions"},
+                  "removed": {"reviews": {k: counts[k] for k in ("no_votes", "short", "duplicates")},
+                              "products": {name: [reviews, n] for name, reviews, n in product_rules}},
+                  "splits": sizes, "images": n_images}
+        (partial / "build.json").write_text(json.dumps(record, indent=1) + "\n")
+        if out.exists():
+            out.rmdir()  # empty (check_out)
+        os.replace(partial, out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    print(table(counts, product_rules, sizes))
+    print(f"wrote {out}/ in {time.time() - t0:.0f}s: {prefix}.{{prd,rvw,rel}}.{{train,dev,test}}, images.tsv "
+          f"({n_images:,} image URLs), build.json. Next: README 'Real data' (images, features.py --extract).")
+
+
+def table(counts, product_rules, sizes):
+    """What each rule removed, in order, and what is left."""
+    rows = [("lines of the reviews file", counts["lines"], None),
+            ("votes 0 (absent counts as 0)", counts["no_votes"], None),
+            ("text shorter than the minimum", counts["short"], None),
+            ("exact duplicate (reviewer, product, text)", counts["duplicates"], None)]
+    rows += product_rules
+    width = max(len(name) for name, _, _ in rows)
+    lines = [f"{'rule':{width}} {'reviews removed':>16} {'products removed':>17}"]
+    lines += [f"{name:{width}} {reviews:>16,} {'' if n is None else f'{n:,}':>17}" for name, reviews, n in rows]
+    lines += [f"{'kept, ' + split:{width}} {r:>16,} {p:>17,}" for split, (p, r) in sizes.items()]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Build Amazon-MRHP (the release layout data.py reads) from the public "
+                                "Amazon review dumps (2014, 2018 or 2023 format; plain or gzip).")
+    p.add_argument("--reviews", required=True, metavar="FILE", help="the category's reviews dump, e.g. "
+                   "Home_and_Kitchen.json.gz (2018), reviews_Home_and_Kitchen.json.gz (2014), Home_and_Kitchen.jsonl.gz (2023)")
+    p.add_argument("--meta", required=True, metavar="FILE", help="the same release's metadata dump, e.g. "
+                   "meta_Home_and_Kitchen.json.gz")
+    p.add_argument("--category", required=True, choices=sorted(CATEGORIES), help="the file prefix written "
+                   "(Home_and_Kitchen, ...) and so the Table 5 settings train.py uses")
+    p.add_argument("--out", required=True, metavar="DIR", help="the folder to write (must not exist or be empty)")
+    p.add_argument("--min-chars", type=int, default=64, help="keep reviews with text of at least this many "
+                   "characters (default 64, the authors' rule)")
+    p.add_argument("--min-reviews", type=int, default=20, help="keep products with at least this many kept "
+                   "reviews (default 20)")
+    p.add_argument("--min-top-votes", type=int, default=3, help="keep products with a review of at least this "
+                   "many votes (default 3: 'more than 2', the authors' rule)")
+    p.add_argument("--seed", type=int, default=0, help="random_state of the 64/16/20 split (default 0, the authors')")
+    args = p.parse_args(argv)
+    for flag in ("min_chars", "min_reviews", "min_top_votes"):
+        if getattr(args, flag) < (0 if flag == "min_chars" else 1):
+            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least "
+                    f"{0 if flag == 'min_chars' else 1}")
+    if not 0 <= args.seed < 2 ** 32:
+        p.error(f"--seed {args.seed}: must be in 0 .. 2**32 - 1 (numpy's RandomState)")
+    try:
+        build(args)
+    except DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: nothing was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
