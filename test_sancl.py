@@ -2083,3 +2083,13 @@ def test_from_dumps_and_images_to_a_multimodal_run(tiny_root, resnet_weights, tm
                        "--batch-size", "8", "--out", str(tmp_path / "run")]) == 0
     printed = capsys.readouterr()
     assert "test  MAP" in printed.out and f"packed in {out / 'features' / 'packed'}" in printed.err
+
+
+def test_split_is_sklearns_train_test_split_twice():
+    """Literals printed by sklearn 1.x: train_test_split(ids, test_size=0.2, random_state=s), then the
+    same on the first part (the authors' 64/16/20), for the sorted ids B00..B11."""
+    ids = [f"B{i:02d}" for i in range(12)]
+    assert build_data.split_products(ids[::-1], 0) == {
+        "train": ["B02", "B07", "B05", "B03", "B01", "B10", "B09"], "dev": ["B00", "B08"], "test": ["B06", "B11", "B04"]}
+    assert build_data.split_products(ids, 7) == {
+        "train": ["B05", "B04", "B03", "B11", "B06", "B00", "B08"], "dev": ["B01", "B09"], "test": ["B07", "B10", "B02"]}
