@@ -1955,3 +1955,16 @@ def test_an_item_without_images_as_one_or_sixteen_zero_regions_scores_alike_in_e
         torch.manual_seed(0)
         scores.append(model(b)["score"])
     assert not torch.allclose(scores[0], scores[1], atol=1e-5)
+
+
+def test_gold_cluster_is_the_first_with_a_core_word_or_a_noun_rule_mention():
+    """README differences, "gold cluster": the FIRST cluster holding a core word or a noun-rule mention
+    (not the last, as the printed loop of lines 9-13 would keep); else the first cluster (lines 14-16)."""
+    mention = pm.coref.Mention
+    other = [mention(0, 0, "They", "pronoun", "plural")]  # neither a core word nor a noun rule
+    core_1, core_2 = [mention(1, 20, "The kettle", "coreference", None)], [mention(2, 40, "kettle", "coreference", None)]
+    by_rule = [mention(3, 60, "this one", "demonstrative", "singular")]  # no core word, a noun rule
+    words = [set()] * 4
+    assert pm._algorithm_1(words, [other, core_1, core_2], {"kettle"}) == ({1}, 1)
+    assert pm._algorithm_1(words, [other, by_rule, core_2], {"kettle"}) == ({3}, 1)
+    assert pm._algorithm_1(words, [other, [mention(2, 40, "pot", "coreference", None)]], {"kettle"}) == ({0}, 0)

@@ -82,7 +82,7 @@ def parse_args(argv=None):
     p.add_argument("--lr-patience", type=count, default=4, help="halve the learning rate after MORE than this many "
                    "epochs without a better dev MAP (default 4, the reference's ReduceLROnPlateau patience)")
     p.add_argument("--lr", type=rate, help="Adam learning rate at the start (default: Table 5 for the category); "
-                   "halved after 5 epochs without a better dev MAP (ReduceLROnPlateau, as the reference)")
+                   "halved after 5 epochs without a better dev MAP (ReduceLROnPlateau, as the reference; --lr-patience)")
     p.add_argument("--batch-size", type=count, help="review ROWS per batch, as Table 5 counts them (default 32 = 4 "
                    "groups of 1 positive + 7 negatives); rounded down to whole groups, at least one")
     p.add_argument("--freeze-embeddings", action="store_true", help="keep the GloVe vectors fixed (default: "
