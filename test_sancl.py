@@ -1892,7 +1892,7 @@ def test_eq14_eq15_score_is_one_linear_layer_on_the_review_vectors(text_only):
     w, b = model.output.weight.detach()[0].tolist(), float(model.output.bias.detach())
     assert len(w) == len(names) * config.shared_dim
     for r in range(len(out["score"])):
-        F = [float(x) for name in names for x in out[f"{name}_review"][r]]  # Eq. (14)
+        F = [x for name in names for x in out[f"{name}_review"][r].tolist()]  # Eq. (14)
         assert out["score"][r].item() == pytest.approx(sum(wi * fi for wi, fi in zip(w, F)) + b, abs=1e-5)
 
 
