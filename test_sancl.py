@@ -5,10 +5,13 @@ Sections, in the order of the code: data (data.py, features.py, sample.py), prob
 evaluate.py end to end on a tiny built-in sample), hostile input, and the import layout.
 """
 import copy
+import gzip
 import hashlib
 import importlib.util
 import json
 import math
+import os
+import re
 import shutil
 import sys
 from collections import Counter
@@ -19,9 +22,11 @@ import numpy as np
 import pytest
 import torch
 
+import build_data
 import data
 import evaluate
 import features
+import grid_features
 import plots
 import plumbing
 import probe_mask as pm
@@ -1742,12 +1747,6 @@ def test_each_readme_exercise_has_its_marked_place_in_sancl():
 
 
 # --- issue 19: from public Amazon dumps to a run (build_data.py, features.py --extract) -------------
-import gzip  # noqa: E402  (this section's own imports, kept beside it)
-import os  # noqa: E402
-import re  # noqa: E402
-
-import build_data  # noqa: E402
-import grid_features  # noqa: E402
 
 
 def dump_lines(path, records, literal=False):
@@ -2093,3 +2092,232 @@ def test_split_is_sklearns_train_test_split_twice():
         "train": ["B02", "B07", "B05", "B03", "B01", "B10", "B09"], "dev": ["B00", "B08"], "test": ["B06", "B11", "B04"]}
     assert build_data.split_products(ids, 7) == {
         "train": ["B05", "B04", "B03", "B11", "B06", "B00", "B08"], "dev": ["B01", "B09"], "test": ["B07", "B10", "B02"]}
+
+
+# --- issue 21: tests that catch a broken training loop and model; every equation; Table 5 and sizes ---
+def test_product_text_is_the_mean_of_its_real_gru_states():
+    """SPEC §10: the product text vector is the mean of the product GRU's states over its REAL tokens."""
+    model, config = tiny_model()
+    model.eval()
+    captured = {}
+    model.product_text_encoder.register_forward_hook(lambda module, args, output: captured.update(h=output[0]))
+    batch = sancl.random_batch(config, seed=8)
+    out = model(batch)
+    lengths = batch["product_lengths"].tolist()
+    assert min(lengths) < batch["product_tokens"].size(1)  # some product texts are padded
+    pooled = torch.stack([captured["h"][p, :n].mean(0) for p, n in enumerate(lengths)])  # (P, H)
+    for name in ("t_ii", "t_pr"):
+        assert torch.allclose(model.projections[name](pooled), out[f"{name}_product"], atol=1e-6)
+
+
+def test_no_probe_mask_makes_m_prime_exactly_the_real_token_mask():
+    """--no-probe-mask: M' = 1 on every real token and 0 on padding, whatever the probe mask says."""
+    model, config = tiny_model(no_probe_mask=True)
+    batch = sancl.random_batch(config, seed=2)
+    out = model(batch)
+    real = sancl.lengths_to_mask(batch["review_lengths"], batch["review_tokens"].size(1)).float()
+    assert (real == 0).any() and batch["probe_mask"].sum() > 0
+    assert torch.equal(out["m_prime"], real) and torch.equal(out["beta"], torch.ones(len(real)))
+
+
+def test_gamma_scales_the_margin_of_eq16():
+    """Eq. (16) with gamma = 2: margin 2 per label point, in task_loss and in the model's losses."""
+    labels, pairs = torch.tensor([3, 2, 1, 0]), torch.tensor([[0, 1], [0, 3], [1, 2]])  # groups of 0 and of 1
+    assert sancl.task_loss(torch.zeros(4), labels, pairs, 2.0).item() == pytest.approx((2 + 6 + 2) / 2)
+    score = torch.tensor([3.5, 2.0, 0.5, 0.0])  # clears every margin of gamma 1 by 0.5, none of gamma 2
+    assert sancl.task_loss(score, labels, pairs, 1.0).item() == 0
+    assert sancl.task_loss(score, labels, pairs, 2.0).item() == pytest.approx((0.5 + 2.5 + 0.5) / 2)
+    model, config = tiny_model(gamma=2.0)
+    batch = sancl.random_batch(config, seed=1)
+    out = model(batch)
+    labels, score = batch["labels"].tolist(), out["score"].tolist()
+    groups = {}
+    for i, j in batch["pairs"].tolist():
+        groups[i] = groups.get(i, 0.0) + max(0.0, 2.0 * (labels[i] - labels[j]) - score[i] + score[j])
+    assert model.losses(batch, out)["task"].item() == pytest.approx(sum(groups.values()) / len(groups), rel=1e-5)
+
+
+def scripted_run(tiny_root, tmp_path, monkeypatch, dev_maps, *flags):
+    """A text-only run on the tiny sample whose dev MAP at epoch k is dev_maps[k - 1] (train.evaluate_split
+    answers for dev from the script); the test split is scored for real, and the weights it was scored
+    with are kept. Returns (the run's last.pt, its best.pt, the weights scored on test)."""
+    script, scored = iter(dev_maps), {}
+
+    def evaluate_split(model, split, device, threshold=1):
+        if split.name == "dev":
+            return {"MAP": next(script), "N@3": 0.0, "N@5": 0.0}
+        scored.update(copy.deepcopy(model.state_dict()))
+        return evaluate.evaluate_split(model, split, device, threshold)
+
+    monkeypatch.setattr(train, "evaluate_split", evaluate_split)
+    run_train(tiny_root, tmp_path, "--text-only", "--lr", "1e-3", "--batch-size", "64", *flags)
+    last, best = (plumbing.load_checkpoint(tmp_path / name) for name in ("last.pt", "best.pt"))
+    return last, best, scored
+
+
+def test_scripted_dev_maps_fix_best_epoch_test_checkpoint_plateau_and_stop(tiny_root, tmp_path, monkeypatch):
+    """Dev MAP 50, 50, 40, 40, 40 with --patience 2 --lr-patience 1 and room for 5 epochs: a tie is not
+    better, so epoch 1 stays best; the learning rate is halved after epoch 3 (2 epochs without a better
+    MAP, more than 1); the run stops after epoch 3 (2 bad epochs); and test is scored with best.pt (epoch 1)."""
+    last, best, scored = scripted_run(tiny_root, tmp_path, monkeypatch, [50.0, 50.0, 40.0, 40.0, 40.0],
+                                      "--epochs", "5", "--patience", "2", "--lr-patience", "1")
+    assert [entry["epoch"] for entry in last["state"]["history"]] == [1, 2, 3]  # stopped after epoch 3
+    assert last["state"]["best_epoch"] == 1 and best["state"]["epoch"] == 1
+    assert json.loads((tmp_path / "test.json").read_text())["best_epoch"] == 1
+    assert [entry["lr"] for entry in last["state"]["history"]] == [1e-3, 1e-3, 1e-3]
+    assert last["optimizer"]["param_groups"][0]["lr"] == 5e-4  # halved at the end of epoch 3
+    assert all(torch.equal(scored[k], best["model"][k]) for k in best["model"])  # test saw best.pt...
+    assert not all(torch.equal(scored[k], last["model"][k]) for k in last["model"])  # ...not last.pt
+
+
+def test_one_notion_of_better_for_the_schedule_early_stopping_and_best_pt(tiny_root, tmp_path, monkeypatch):
+    """Each epoch better by less than ReduceLROnPlateau's default relative 1e-4: better for early stopping
+    and best.pt (strict >), so better for the learning-rate schedule too (threshold 0): no halving."""
+    last, best, _ = scripted_run(tiny_root, tmp_path, monkeypatch, [50.0, 50.001, 50.002],
+                                 "--epochs", "3", "--patience", "2", "--lr-patience", "1")
+    assert last["state"]["best_epoch"] == 3 and last["state"]["bad_epochs"] == 0 and best["state"]["epoch"] == 3
+    assert last["optimizer"]["param_groups"][0]["lr"] == 1e-3
+
+
+def test_text_embedding_dropout_in_training_only():
+    """Eq. (1)'s input: the word vectors after dropout (Table 5's text embedding dropout), in both text
+    encoders; in training about half the entries are 0 and the rest doubled, in eval mode none."""
+    model, config = tiny_model(text_dropout=0.5)
+    seen = {}
+    for name in ("product_text_encoder", "review_text_encoder"):
+        getattr(model, name).gru.register_forward_hook(lambda module, args, output, name=name: seen.update({name: args[0]}))
+    batch = sancl.random_batch(config, seed=9)
+    embedded = {"product_text_encoder": model.embedding(batch["product_tokens"]),
+                "review_text_encoder": model.embedding(batch["review_tokens"])}
+    torch.manual_seed(0)
+    model(batch)
+    for name, e in embedded.items():
+        real = e != 0  # padding rows are 0 already
+        dropped = (seen[name] == 0) & real
+        assert 0.4 < dropped.sum() / real.sum() < 0.6
+        assert torch.allclose(seen[name][real & ~dropped], 2 * e[real & ~dropped])
+    model.eval()
+    model(batch)
+    assert all(torch.equal(seen[name], e) for name, e in embedded.items())
+
+
+def test_cross_field_attention_against_a_loop():
+    """H'' = H' + softmax(H' ReLU(H_p W + b)^T, product padding masked) H_p: keys are ReLU(W h_p + b), the
+    values the product states themselves; each review attends to its own product's real positions."""
+    torch.manual_seed(0)
+    attention = sancl.CrossFieldAttention(4)
+    h_review, h_product = torch.randn(3, 5, 4), torch.randn(2, 6, 4)  # padded product positions not zero
+    product_mask = torch.tensor([[True] * 6, [True] * 2 + [False] * 4])
+    review_product = torch.tensor([1, 0, 1])
+    out = attention(h_review, h_product, product_mask, review_product)
+    W, b = attention.product_map.weight.detach(), attention.product_map.bias.detach()
+    for r, p in enumerate(review_product.tolist()):
+        real = [j for j in range(6) if product_mask[p, j]]
+        for i in range(5):
+            e = {j: math.exp(float(h_review[r, i] @ torch.relu(W @ h_product[p, j] + b))) for j in real}
+            expected = h_review[r, i] + sum(e[j] / sum(e.values()) * h_product[p, j] for j in real)
+            assert torch.allclose(out[r, i], expected, atol=1e-5)
+
+
+def test_eq9_projection_two_linear_layers_with_tanh_between():
+    """Eq. (9): S^d_m = W2 tanh(W1 S_m + b1) + b2, for each of the model's (modality, domain) networks."""
+    torch.manual_seed(0)
+    model, config = tiny_model()
+    assert list(model.projections) == ["t_ii", "t_pr", "v_ii", "v_pr"]
+    for net in model.projections.values():
+        (W1, b1), (W2, b2) = [(m.weight.detach(), m.bias.detach()) for m in net if isinstance(m, torch.nn.Linear)]
+        x = 2 * torch.randn(5, W1.size(1))
+        for row in range(5):
+            hidden = [math.tanh(float(W1[j] @ x[row]) + float(b1[j])) for j in range(W1.size(0))]
+            expected = [sum(float(W2[k, j]) * hidden[j] for j in range(len(hidden))) + float(b2[k])
+                        for k in range(W2.size(0))]
+            assert net(x[row:row + 1])[0].tolist() == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize("text_only", [False, True])
+def test_eq14_eq15_score_is_one_linear_layer_on_the_review_vectors(text_only):
+    """Eq. (14): F = [S^ii_t,r, S^pr_t,r, S^ii_v,r, S^pr_v,r] (text-only: the first two); Eq. (15):
+    xi = W_o F + b_o, nothing of the product in F."""
+    model, config = tiny_model(text_only=text_only)
+    model.eval()
+    out = model(sancl.random_batch(config, seed=10))
+    names = ["t_ii", "t_pr"] + ([] if text_only else ["v_ii", "v_pr"])
+    w, b = model.output.weight.detach()[0].tolist(), float(model.output.bias.detach())
+    assert len(w) == len(names) * config.shared_dim
+    for r in range(len(out["score"])):
+        F = [x for name in names for x in out[f"{name}_review"][r].tolist()]  # Eq. (14)
+        assert out["score"][r].item() == pytest.approx(sum(wi * fi for wi, fi in zip(w, F)) + b, abs=1e-5)
+
+
+# SPEC §10's count of the reference's layers (the ones its forward pass uses, Table 5 sizes) -> ours.
+REFERENCE_PARAMS = {
+    "product_text_encoder": (165_120, 165_120),
+    "review_text_encoder": (165_120, 165_120),
+    "probe_weights": (129, 129),  # the beta layer, Eq. (6)
+    "review_self_attention": (33_024, 33_024),
+    "text_cross_attention": (16_512, 16_512),
+    "image_encoder": (857_344, 857_344),
+    "image_cross_attention": (16_512, 16_512),
+    "projections": (49_664, 49_664),
+    "contrastive heads": (33_280, 0),  # README differences, "Eq. (10)-(13) contrastive": no heads
+    "output": (73_985, 257),  # README differences, "Eq. (14)-(15) output": the paper's linear layer 256 -> 1
+}
+
+
+def test_parameters_per_component_against_the_reference_counts():
+    model = sancl.SANCL(sancl.SANCLConfig(vocab_size=10))  # Table 5 sizes
+    children = {name: sum(p.numel() for p in module.parameters()) for name, module in model.named_children()}
+    assert set(children) == set(REFERENCE_PARAMS) - {"contrastive heads"} | {"embedding"}
+    assert {name: children.get(name, 0) for name in REFERENCE_PARAMS} == {n: ours for n, (_, ours) in REFERENCE_PARAMS.items()}
+    assert sum(reference for reference, _ in REFERENCE_PARAMS.values()) == 1_410_690  # the paper's 1.41M
+    assert model.num_params() == 1_303_682  # README differences, "parameters (no embeddings)"
+    # `python sancl.py` prints the same reference column
+    assert [reference for _, reference, _ in sancl.COMPONENTS.values()] == [r for r, _ in REFERENCE_PARAMS.values()]
+    assert sancl.PAPER_PARAMS == 1_410_690
+
+
+def test_table5_values_per_category():
+    """The paper's Table 5 (GloVe runs), as train.py starts from it for each category."""
+    table5 = {"clothing": dict(lr=1e-4, text_dropout=0.5, kappa=0.25, batch_size=32),
+              "electronics": dict(lr=5e-5, text_dropout=0.5, kappa=0.1, batch_size=32),
+              "home_kitchen": dict(lr=1e-4, text_dropout=0.2, kappa=0.1, batch_size=32)}
+    assert sancl.TABLE5 == table5
+    for category, expected in table5.items():
+        assert train.settings(train.parse_args(["--data", category]), category) == expected
+    config = sancl.SANCLConfig(vocab_size=10)  # text embedding 300, image 128, "LSTM" hidden 128, shared 64
+    assert (config.embed_dim, config.image_dim, config.hidden, config.shared_dim) == (300, 128, 128, 64)
+
+
+def test_an_item_without_images_as_one_or_sixteen_zero_regions_scores_alike_in_eval_mode_only():
+    """README differences, "items without images": our one zero region and the reference's 16 give the
+    same scores in eval mode (identical rows attend and average alike); in training the dropout draws differ."""
+    model, config = tiny_model()
+    batch = sancl.random_batch(config, seed=11, regions=16)
+    for regions, mask, item in (("product_regions", "product_region_mask", 0), ("review_regions", "review_region_mask", 1)):
+        batch[regions][item] = 0
+        batch[mask][item] = torch.arange(16) < 1
+    sixteen = dict(batch, product_region_mask=batch["product_region_mask"].clone(),
+                   review_region_mask=batch["review_region_mask"].clone())
+    sixteen["product_region_mask"][0] = True
+    sixteen["review_region_mask"][1] = True
+    model.eval()
+    assert torch.allclose(model(batch)["score"], model(sixteen)["score"], atol=1e-5)
+    model.train()
+    scores = []
+    for b in (batch, sixteen):
+        torch.manual_seed(0)
+        scores.append(model(b)["score"])
+    assert not torch.allclose(scores[0], scores[1], atol=1e-5)
+
+
+def test_gold_cluster_is_the_first_with_a_core_word_or_a_noun_rule_mention():
+    """README differences, "gold cluster": the FIRST cluster holding a core word or a noun-rule mention
+    (not the last, as the printed loop of lines 9-13 would keep); else the first cluster (lines 14-16)."""
+    mention = pm.coref.Mention
+    other = [mention(0, 0, "They", "pronoun", "plural")]  # neither a core word nor a noun rule
+    core_1, core_2 = [mention(1, 20, "The kettle", "coreference", None)], [mention(2, 40, "kettle", "coreference", None)]
+    by_rule = [mention(3, 60, "this one", "demonstrative", "singular")]  # no core word, a noun rule
+    words = [set()] * 4
+    assert pm._algorithm_1(words, [other, core_1, core_2], {"kettle"}) == ({1}, 1)
+    assert pm._algorithm_1(words, [other, by_rule, core_2], {"kettle"}) == ({3}, 1)
+    assert pm._algorithm_1(words, [other, [mention(2, 40, "pot", "coreference", None)]], {"kettle"}) == ({0}, 0)
