@@ -1739,3 +1739,97 @@ def test_each_readme_exercise_has_its_marked_place_in_sancl():
     assert exercises == [str(n) for n in range(1, len(exercises) + 1)] and len(exercises) >= 5
     for n in exercises:
         assert code.count(f"README exercise {n}:") == 1, f"sancl.py has no single mark of README exercise {n}"
+
+
+# --- issue 21: feature pack, feature folders, data tables, probe-mask cache ----------------------
+def packed_copy(tiny_root, tmp_path):
+    """The tiny sample's feature folders, copied and packed; and the items that have images."""
+    folder = copy_features(tiny_root, tmp_path)
+    features.pack(folder)
+    pack = features.Pack(folder / features.PACK_DIR)
+    return folder, sorted(item for item, (_, count) in pack.where.items() if count)
+
+
+def test_a_damaged_pack_is_an_error_and_pack_repairs_it_from_the_folders(tiny_root, tmp_path, capsys):
+    folder, items = packed_copy(tiny_root, tmp_path)
+    regions = folder / features.PACK_DIR / "regions.f16"
+    whole = regions.stat().st_size
+    with open(regions, "r+b") as f:  # cut short: the last items' rows are gone
+        f.truncate(whole // 2)
+    with pytest.raises(data.DataError, match=r"regions.f16 is \d+ bytes, its index index.npz says \d+ rows.*"
+                                             r"damaged: `python features.py --pack .*` repairs it"):
+        features.RegionStore(folder)
+    capsys.readouterr()
+    features.pack(folder)  # re-reads the cut items from their folders: no zero padding
+    assert "packed items are damaged (cut short, NaN or inf)" in capsys.readouterr().err
+    store = features.RegionStore(folder, keep=False)
+    assert regions.stat().st_size == store.pack.rows * features.ROW_BYTES
+    for item in items:
+        assert np.array_equal(store.get(item), features.read_regions(folder / item))
+    start, count = store.pack.where[items[1]]  # NaN and inf written into one item's rows
+    rows = np.memmap(regions, np.float16, "r+", shape=(store.pack.rows, 2048))
+    rows[start, 5], rows[start + count - 1, 0] = np.nan, np.inf
+    rows.flush()
+    del rows
+    with pytest.raises(data.DataError, match=rf"regions.f16: item {items[1]} \(rows {start}-{start + count - 1}\) "
+                                             r"holds NaN or infinite values: the pack is damaged.*--pack"):
+        features.RegionStore(folder, keep=False).get(items[1])
+    assert features.Pack(folder / features.PACK_DIR).damaged_items() == [items[1]]
+    features.pack(folder)
+    store = features.RegionStore(folder, keep=False)
+    assert store.pack.damaged_items() == [] and all(
+        np.array_equal(store.get(item), features.read_regions(folder / item)) for item in items)
+
+
+def test_a_folder_deleted_after_packing_is_read_from_the_pack(tiny_root, tmp_path, capsys):
+    folder, items = packed_copy(tiny_root, tmp_path)
+    kept = features.read_regions(folder / items[0])
+    shutil.rmtree(folder / items[0])
+    products = {"train": [data.Product(items[0], "", "", [])]}
+    assert features.scan_regions(features.RegionStore(folder), products) == {"products": 1.0, "reviews": 0.0}
+    assert "1 read from the pack alone as their folders are gone" in capsys.readouterr().err
+    assert np.array_equal(features.RegionStore(folder).get(items[0]), kept)
+    features.pack(folder)  # keeps it: nothing to pack, nothing lost
+    assert "1 packed items' folders are gone: kept from the pack" in capsys.readouterr().err
+    assert features.Pack(folder / features.PACK_DIR).complete
+    start, _ = features.Pack(folder / features.PACK_DIR).where[items[0]]
+    rows = np.memmap(folder / features.PACK_DIR / "regions.f16", np.float16, "r+", shape=(start + 1, 2048))
+    rows[start, 0] = np.nan  # damaged, and its folder is gone: the advice must be one that works
+    rows.flush()
+    del rows
+    with pytest.raises(data.DataError, match=rf"{items[0]}: its packed regions are damaged and its folder is gone; "
+                                             r"restore the folder, or make it an empty folder"):
+        features.pack(folder)
+    (folder / items[0]).mkdir()
+    features.pack(folder)
+    store = features.RegionStore(folder)
+    assert store.pack is not None and store.get(items[0]).shape == (1, 2048) and store.items_without_images == 1
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "wrong keys", "pickled", "rows outside"])
+def test_a_damaged_pack_index_is_an_error_and_pack_rebuilds_it(tiny_copy, tmp_path, damage, capsys):
+    folder = tiny_copy / "features"
+    features.pack(folder)
+    index = folder / features.PACK_DIR / "index.npz"
+    if damage == "truncated":
+        index.write_bytes(index.read_bytes()[:100])
+    elif damage == "garbage":
+        index.write_bytes(b"\x00garbage" * 50)
+    elif damage == "wrong keys":
+        np.savez(index, ids=np.array(["a"]), begin=np.array([0]))
+    elif damage == "pickled":
+        np.savez(index, **{k: np.array([None], object) for k in features.INDEX_KEYS})
+    else:
+        saved = dict(np.load(index))
+        np.savez(index, **{**saved, "start": saved["start"] + 10 ** 6})
+    with pytest.raises(features.PackError, match=r"packed/index.npz: damaged or not a pack index .*"
+                                                 r"`python features.py --pack --features .*` rebuilds"):
+        features.RegionStore(folder)
+    capsys.readouterr()
+    assert train.main(["--data-dir", str(tiny_copy), "--out", str(tmp_path / "run"), "--epochs", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: {index}: damaged or not a pack index") and "Traceback" not in "".join(err)
+    assert features.main(["--pack", "--features", str(folder)]) == 0
+    assert "rebuilding it" in capsys.readouterr().err
+    store = features.RegionStore(folder, keep=False)
+    assert store.pack is not None and len(store.pack.where) == len([p for p in folder.iterdir()]) - 1
