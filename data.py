@@ -443,6 +443,11 @@ class Split:
 
 
 # --- 6. command line: stats ------------------------------------------------
+def _has_images(folder):
+    """Whether an item's feature folder holds an image file (an empty folder is an item without images)."""
+    return folder.is_dir() and any(name.endswith((".npz", ".pth")) for name in os.listdir(folder))
+
+
 def print_stats(source):
     """A Table-4-style summary of a release-layout folder."""
     print(f"data: {source.root}{'  (BUILT-IN SYNTHETIC SAMPLE)' if source.is_sample else ''}")
@@ -457,7 +462,7 @@ def print_stats(source):
     for name, split in splits.items():
         per_product = split.review_start.diff().float()
         hist = torch.bincount(split.labels, minlength=5).float() / max(1, len(split.labels)) * 100
-        with_images = [sum((source.features / i).is_dir() for i in ids) / max(1, len(ids)) * 100
+        with_images = [sum(_has_images(source.features / i) for i in ids) / max(1, len(ids)) * 100
                        for ids in (split.product_ids, split.review_ids)]
         print(f"{name:6} {len(split.products):9d} {len(split.labels):9d} "
               f"{int(per_product.min()):>8d} / {per_product.mean():5.1f} / {int(per_product.max()):<4d}  "

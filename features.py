@@ -47,8 +47,9 @@ _NUMPY_ALLOWED = [np._core.multiarray._reconstruct, np.ndarray, np.dtype] + [
 REEXTRACT = "re-extract this image with the bottom-up-attention Faster R-CNN (ResNet-101), or delete the file"
 
 
-def _check_dtype_and_shape(dtype, shape, path):
-    """Real numbers of shape (n_boxes, 2048), n_boxes at most MAX_BOXES_PER_IMAGE, or an error."""
+def _check_dtype_and_shape(dtype, shape, path, declared=False):
+    """Real numbers of shape (n_boxes, 2048), n_boxes at most MAX_BOXES_PER_IMAGE, or an error
+    (`declared`: a .npy header's shape, checked before the array is read)."""
     if np.issubdtype(dtype, np.complexfloating):
         raise DataError(f"{path}: complex region features ({dtype}); they are real numbers (the imaginary part "
                         f"would be dropped): {REEXTRACT}.")
@@ -56,9 +57,9 @@ def _check_dtype_and_shape(dtype, shape, path):
         raise DataError(f"{path}: region features of shape {tuple(shape)} ({dtype}), expected numbers of shape "
                         f"(n_boxes, {REGION_DIM}): {REEXTRACT}.")
     if shape[0] > MAX_BOXES_PER_IMAGE:
-        raise DataError(f"{path}: declares {shape[0]} boxes in one image, more than MAX_BOXES_PER_IMAGE "
-                        f"({MAX_BOXES_PER_IMAGE}; an extractor gives 10-100, the model keeps "
-                        f"{MAX_REGIONS_PER_IMAGE}), so it is not read: {REEXTRACT}.")
+        raise DataError(f"{path}: {'declares' if declared else 'holds'} {shape[0]} boxes in one image, more than "
+                        f"MAX_BOXES_PER_IMAGE ({MAX_BOXES_PER_IMAGE}; an extractor gives 10-100, the model keeps "
+                        f"{MAX_REGIONS_PER_IMAGE}){', so it is not read' if declared else ''}: {REEXTRACT}.")
 
 
 def _check_regions(x, path):
@@ -93,7 +94,7 @@ def _read_npz(path):
                 if version not in _HEADERS:
                     raise ValueError(f".npy format version {version}")
                 shape, _, dtype = _HEADERS[version](member)
-            _check_dtype_and_shape(dtype, shape, path)
+            _check_dtype_and_shape(dtype, shape, path, declared=True)
             return npz["x"]
     except DataError:
         raise

@@ -1833,3 +1833,74 @@ def test_a_damaged_pack_index_is_an_error_and_pack_rebuilds_it(tiny_copy, tmp_pa
     assert "rebuilding it" in capsys.readouterr().err
     store = features.RegionStore(folder, keep=False)
     assert store.pack is not None and len(store.pack.where) == len([p for p in folder.iterdir()]) - 1
+
+
+def test_each_image_is_read_once_npz_before_the_authors_pth(tmp_path):
+    item = tmp_path / "r1"
+    item.mkdir()
+    images = [np.full((40, 2048), i, np.float32) for i in range(3)]
+    for i, x in enumerate(images):
+        np.savez(item / f"{i}.npz", x=x)
+    torch.save([{"x": x} for x in images], item / "r1.pth")  # the authors' tool packs the same images again
+    x = features.read_regions(item)
+    assert x.shape == (96, 2048) and [int((x[:, 0] == i).sum()) for i in range(3)] == [32, 32, 32]
+    for path in item.glob("*.npz"):
+        path.unlink()
+    assert features.read_regions(item).shape == (96, 2048)  # without .npz files, the .pth is read
+
+
+def test_feature_folders_odd_files_and_values(tmp_path, capsys):
+    import os
+    import signal
+    tree = tmp_path / "features"
+    for name in ("complex", "fifo", "huge", "empty", "ok"):
+        (tree / name).mkdir(parents=True)
+    np.savez(tree / "ok" / "0.npz", x=np.ones((3, 2048), np.float32))
+    np.savez(tree / "complex" / "0.npz", x=np.ones((3, 2048), np.complex64))
+    with pytest.raises(data.DataError, match=r"complex/0.npz: complex region features \(complex64\)"):
+        features.read_regions(tree / "complex")
+    np.savez_compressed(tree / "huge" / "0.npz", x=np.zeros((2000, 2048)))  # 32 MB of zeros in a small file
+    assert (tree / "huge" / "0.npz").stat().st_size < 2 ** 20
+    with pytest.raises(data.DataError, match=r"huge/0.npz: declares 2000 boxes in one image, more than "
+                                             r"MAX_BOXES_PER_IMAGE \(1000.*so it is not read"):
+        features.read_regions(tree / "huge")
+    os.mkfifo(tree / "fifo" / "0.npz")
+
+    def hung(*args):
+        raise TimeoutError("reading a FIFO hung")
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(10)  # a guard: without the fix, open() of the FIFO blocks for ever
+    try:
+        with pytest.raises(data.DataError, match=r"fifo/0.npz: not a regular file \(a FIFO"):
+            features.read_regions(tree / "fifo")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    (tree / "linked").symlink_to(tree / "ok")  # a link inside the features folder is fine
+    assert features.RegionStore(tree).get("linked").shape == (3, 2048)
+    (tmp_path / "elsewhere").mkdir()
+    np.savez(tmp_path / "elsewhere" / "0.npz", x=np.ones((3, 2048), np.float32))
+    (tree / "out").symlink_to(tmp_path / "elsewhere")
+    (tree / "ok" / "1.npz").symlink_to(tmp_path / "elsewhere" / "0.npz")
+    with pytest.raises(data.DataError, match=r"features/out: a link out of the features folder"):
+        features.RegionStore(tree).get("out")
+    with pytest.raises(data.DataError, match=r"ok/1.npz: a link out of the features folder"):
+        features.read_regions(tree / "ok")
+    (tree / "ok" / "1.npz").unlink()
+    products = {"train": [data.Product("ok", "", "", [data.Review("empty", "x", 1), data.Review("none", "x", 1)])]}
+    assert features.scan_regions(features.RegionStore(tree), products) == {"products": 1.0, "reviews": 0.0}
+    with pytest.raises(data.DataError, match=r"no image features: none of the 1 products and reviews of train has "
+                                             r"images"):  # an empty folder is an item without images
+        features.scan_regions(features.RegionStore(tree), {"train": [data.Product("empty", "", "", [])]})
+    with pytest.raises(data.DataError, match=r"4 bad region-feature files were not packed.*complex.*features/out: "
+                                             r"a link out"):
+        features.pack(tree)
+
+
+def test_stats_count_an_empty_feature_folder_as_without_images(tmp_path, capsys):
+    write_release(tmp_path, PRD, RVW, REL)
+    for item in ("p1", "p2"):
+        (tmp_path / "features" / item).mkdir(parents=True)
+    np.savez(tmp_path / "features" / "p2" / "0.npz", x=np.ones((2, 2048), np.float32))
+    assert data.main(["--data-dir", str(tmp_path), "--stats"]) == 0
+    assert " 50.0% /   0.0%" in capsys.readouterr().out  # p1's folder is empty: no images
