@@ -705,12 +705,12 @@ def test_cache_is_keyed_by_the_review_text(tmp_path, nlp, monkeypatch):
     masks = pm.split_masks(source, "dev", compute=True, nlp=nlp)
     assert masks == pm.compute_masks(items, nlp, progress=False)
     path = pm.cache_path(tmp_path, "Home_and_Kitchen", "dev")
-    texts = {item[:2]: item[3] for item in items}
+    texts = {item[:2]: item[2:] for item in items}  # (product name, review text): what Algorithm 1 reads
     assert pm.load_cache(path, texts)[0] == masks == pm.load_cache(path)[0]
 
     edited = ("p1", "r2", KETTLE, "Great value. The kettle is loud.")  # was "Great value. Shipping was fast."
     splits["dev"] = [edited if item[:2] == edited[:2] else item for item in items]
-    assert ("p1", "r2") not in pm.load_cache(path, {**texts, edited[:2]: edited[3]})[0]  # never the stale mask
+    assert ("p1", "r2") not in pm.load_cache(path, {**texts, edited[:2]: edited[2:]})[0]  # never the stale mask
     with pytest.raises(pm.ProbeMaskError, match="1 of 4 reviews changed"):
         pm.split_masks(source, "dev")
     fresh = pm.split_masks(source, "dev", compute=True, nlp=nlp)
@@ -783,7 +783,7 @@ def test_cli_precomputes_every_split_and_resumes(stand_in_data, nlp, capsys):
     source, splits = stand_in_data
     partial = source.root / "Home_and_Kitchen.probe.dev.json.partial"
     pm.write_cache(partial, {("dev-p", "dev-r1"): [(0, 99)]}, pm.cache_meta(nlp),  # an interrupted run
-                   {("dev-p", "dev-r1"): ITEMS[1][3]})
+                   {("dev-p", "dev-r1"): (KETTLE, ITEMS[1][3])})
     assert pm.main(["--data", "home_kitchen"]) == 0
     out = capsys.readouterr().out
     assert "train: 4 reviews" in out and "reviews/s" in out
@@ -1904,3 +1904,57 @@ def test_stats_count_an_empty_feature_folder_as_without_images(tmp_path, capsys)
     np.savez(tmp_path / "features" / "p2" / "0.npz", x=np.ones((2, 2048), np.float32))
     assert data.main(["--data-dir", str(tmp_path), "--stats"]) == 0
     assert " 50.0% /   0.0%" in capsys.readouterr().out  # p1's folder is empty: no images
+
+
+def test_probe_mask_cache_is_keyed_by_name_text_and_settings_and_says_what_is_wrong(tmp_path, nlp, monkeypatch):
+    splits = {"dev": list(ITEMS)}
+    source = SimpleNamespace(root=tmp_path, prefix="Home_and_Kitchen", is_sample=False)
+    monkeypatch.setattr(pm, "_split_items", lambda src, split: splits[split])
+    masks = pm.split_masks(source, "dev", compute=True, nlp=nlp)
+    path = pm.cache_path(tmp_path, "Home_and_Kitchen", "dev")
+    saved = path.read_text()
+    renamed = "Cardboard Box"  # Algorithm 1 reads the name: the product renamed, its masks are stale
+    splits["dev"] = [(pid, rid, renamed if pid == "p1" else name, text) for pid, rid, name, text in ITEMS]
+    with pytest.raises(pm.ProbeMaskError, match=r"2 of 4 reviews changed \(their text or their product's name\)"):
+        pm.split_masks(source, "dev")
+    fresh = pm.split_masks(source, "dev", compute=True, nlp=nlp)
+    assert fresh["p1", "r1"] == pm.mask_to_spans(pm.probe_mask(nlp, renamed, ITEMS[0][3])) != masks["p1", "r1"]
+    splits["dev"] = list(ITEMS)
+    record = json.loads(saved)
+    for change, message in [
+            (lambda r: r["meta"].update(backend="neuralcoref"), r"built with other settings \(backend "
+                                                                r"'neuralcoref', wanted 'rules'\)"),
+            (lambda r: r["meta"].update(root_sentences=True), r"other settings \(root_sentences True, wanted False"),
+            (lambda r: r["masks"][0].__setitem__(2, [["a", "b"]]), r"corrupt or truncated \(spans \[\['a', 'b'\]\] "
+                                                                   r"are not \[start, end\] token numbers"),
+            (lambda r: r["masks"][0].__setitem__(2, [[3, 1]]), r"corrupt or truncated \(spans"),
+            ("cut", r"corrupt or truncated"), ("nested", r"corrupt or truncated"), ("folder", r"is a folder, not a "
+                                                                                             r"file; move it away")]:
+        if change == "folder":
+            path.unlink()
+            path.mkdir()
+        elif change in ("cut", "nested"):
+            path.write_text(saved[:len(saved) // 2] if change == "cut" else "[" * 100_000 + "]" * 100_000)
+        else:
+            broken = copy.deepcopy(record)
+            change(broken)
+            path.write_text(json.dumps(broken))
+        with pytest.raises(pm.ProbeMaskError, match=message) as error:
+            pm.split_masks(source, "dev")
+        assert "reviews changed" not in str(error.value)  # what is really wrong, not "4 of 4 reviews changed"
+    with pytest.raises(pm.ProbeMaskError, match="is a folder"):  # not ignored, then a traceback when written
+        pm.split_masks(source, "dev", compute=True, nlp=nlp)
+
+
+def test_a_giant_name_and_a_deeply_nested_evaluate_file_are_not_tracebacks(nlp, tmp_path, monkeypatch, capsys):
+    giant = "Kettle " + "x" * 1_100_000  # longer than spaCy's nlp.max_length (E088 when parsed whole)
+    review = "The kettle boils. Shipping was slow."
+    assert pm.probe_mask(nlp, giant, review) == pm.probe_mask(nlp, "Kettle", review)
+    assert pm.compute_masks([("p", "r", giant, review)], nlp, progress=False)["p", "r"] == [(0, 4)]
+    assert "kettle" in pm.explain(nlp, giant, review)["core_words"]
+    assert len(pm.name_text("word " * 1000)) < 1000  # the first MAX_PRODUCT_TOKENS tokens, the model's share
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    monkeypatch.setattr(pm, "load_spacy", lambda backend="rules": nlp)
+    assert pm.main(["--evaluate", str(deep)]) == 2
+    assert "deep.jsonl: not a file of labelled reviews (RecursionError" in capsys.readouterr().err
