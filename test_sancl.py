@@ -1958,3 +1958,42 @@ def test_a_giant_name_and_a_deeply_nested_evaluate_file_are_not_tracebacks(nlp, 
     monkeypatch.setattr(pm, "load_spacy", lambda backend="rules": nlp)
     assert pm.main(["--evaluate", str(deep)]) == 2
     assert "deep.jsonl: not a file of labelled reviews (RecursionError" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda prd, rvw, rel: rel[0].update(upvotes=2.5), r"rel.train: record 0 \(product p1, review r1\): upvotes 2.5 "
+                                                       r"is not a whole number of votes"),
+    (lambda prd, rvw, rel: rvw[0].update(content=12345), r"rvw.train: record 0 \(r1\): content '12345' is a JSON int, "
+                                                         r"not text"),
+    (lambda prd, rvw, rel: rvw[1].update(content=[1, 2]), r"rvw.train: record 1 \(r2\): content '\[1, 2\]' is a JSON "
+                                                          r"list, not text"),
+    (lambda prd, rvw, rel: prd[1].update(name={"a": 1}), r"prd.train: record 1 \(p2\): name \"{'a': 1}\" is a JSON "
+                                                         r"dict"),
+    ("nested", r"prd.train: JSON nested too deep to be a table"),
+    ("nested lines", r"prd.train: JSON nested too deep to be a table"),
+])
+def test_data_values_that_are_not_what_the_columns_hold(tmp_path, change, message):
+    prd, rvw, rel = json.loads(json.dumps([PRD, RVW, REL]))
+    source = write_release(tmp_path, prd, rvw, rel)
+    if change == "nested":  # nested 100,000 deep: python's json parser recurses
+        source.table("prd", "train").write_text("[" * 100_000 + "]" * 100_000)
+    elif change == "nested lines":  # JSON lines, one of them nested 100,000 deep
+        source.table("prd", "train").write_text(json.dumps(PRD[0]) + "\n" + "[" * 100_000 + "]" * 100_000 + "\n")
+    else:
+        change(prd, rvw, rel)
+        write_release(tmp_path, prd, rvw, rel)
+    with pytest.raises(data.DataError, match=message):
+        data.read_split(source, "train")
+
+
+def test_null_name_list_description_and_whole_float_votes_are_read(tmp_path, capsys):
+    prd, rvw, rel = json.loads(json.dumps([PRD, RVW, REL]))
+    prd[0].update(name=None, description=["Boils water.", "Steel."])  # the 2018 metadata's description: a list
+    rel[0].update(upvotes=20.0)  # a whole number written as a float, as pandas writes counts
+    rvw[1].update(content=None)  # null content: an empty review, skipped and counted
+    report = data.SplitReport()
+    products = data.read_split(write_release(tmp_path, prd, rvw, rel), "train", report)
+    assert products[0].text == " Boils water. Steel." and [r.score for r in products[0].reviews] == [4]
+    assert report.products_without_name == 1 and report.empty_reviews == 1
+    assert data.main(["--data-dir", str(tmp_path), "--stats"]) == 0
+    assert "kept: 1 products without a name" in capsys.readouterr().out
