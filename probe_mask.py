@@ -474,7 +474,7 @@ def _precompute_all(args):
         _, s = precompute_split(source, split, nlp, args.backend, args.processes,
                                 args.batch_size, args.root_sentences)
         if not s["computed"]:
-            print(f"{split}: {s['path']} exists and matches every review's text")
+            print(f"{split}: {s['path']} exists and matches every review's text and product name")
             continue
         print(f"{split}: {s['reviews']} reviews, {s['share_with_a_one']:.1%} with a 1, "
               f"{s['mean_share_of_tokens']:.1%} of tokens marked (mean); {s['computed']} computed (the rest "
