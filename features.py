@@ -89,7 +89,8 @@ def _read_npz(path):
         with np.load(path) as npz:
             if "x" not in npz.files:
                 raise DataError(f"{path}: no array 'x' in it (it has {npz.files}): {REEXTRACT}.")
-            with npz.zip.open("x.npy") as member:  # the declared shape first: a small file may declare 1 GB
+            name = "x.npy" if "x.npy" in npz.zip.namelist() else "x"
+            with npz.zip.open(name) as member:  # the declared shape first: a small file may declare 1 GB
                 version = np.lib.format.read_magic(member)
                 if version not in _HEADERS:
                     raise ValueError(f".npy format version {version}")
