@@ -138,6 +138,7 @@ class SplitReport:
     products_without_reviews: int = 0  # nothing to rank: skipped
     zero_vote_reviews: int = 0  # dropped: floor(log2 0) is undefined (the reference drops them too)
     duplicate_rows: int = 0  # a (product, review) pair listed again in .rel: the first one is kept
+    products_without_name: int = 0  # name null or empty: kept, with the description as the product text
     unlisted_reviews: int = 0  # in .rvw but in no .rel row (a .rel cut short leaves such reviews)
 
 
@@ -154,13 +155,17 @@ def read_table(path, columns):
         raise DataError(f"{path}: line {raw[:error.start].count(10) + 1} is not UTF-8 (byte {raw[error.start]:#04x});"
                         f" save the file as UTF-8.") from None
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as first_error:
-        try:  # JSON lines: one record per line
-            data = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError:
-            raise DataError(f"{path}: not valid JSON ({first_error}); the file may be truncated: "
-                            f"download or copy it again.") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as first_error:
+            try:  # JSON lines: one record per line
+                data = [json.loads(line) for line in text.splitlines() if line.strip()]
+            except json.JSONDecodeError:
+                raise DataError(f"{path}: not valid JSON ({first_error}); the file may be truncated: "
+                                f"download or copy it again.") from None
+    except RecursionError:  # python's json parser recurses: [[[[...]]]] 100,000 deep
+        raise DataError(f"{path}: JSON nested too deep to be a table (thousands of [ or {{ within each other); "
+                        f"the file is damaged: copy it again.") from None
     if not isinstance(data, (list, dict)):
         raise DataError(f"{path}: holds a JSON {type(data).__name__}, expected a list of records or a dict of columns.")
     if isinstance(data, dict) and not all(isinstance(v, (list, dict)) for v in data.values()):
@@ -229,7 +234,25 @@ def read_relations(source, split):
         if not isinstance(votes, (int, float)) or isinstance(votes, bool) or not 0 <= votes <= sys.float_info.max:
             raise DataError(f"{path}: record {i} (product {row['product_id']}, review {row['review_id']}): "
                             f"upvotes {votes!r:.30} is not a non-negative number; fix or remove the row.")
+        if isinstance(votes, float) and not votes.is_integer():  # 3.0 (as pandas writes counts) is 3
+            raise DataError(f"{path}: record {i} (product {row['product_id']}, review {row['review_id']}): "
+                            f"upvotes {votes!r} is not a whole number of votes; fix or remove the row.")
     return rel
+
+
+def _texts(path, rows, column, ids):
+    """A text column: strings; null is ""; a list of strings (the 2018 metadata's description) is
+    joined with spaces; a number or a dict is an error."""
+    texts = []
+    for i, (row, item_id) in enumerate(zip(rows, ids)):
+        value = row[column]
+        if isinstance(value, list) and all(isinstance(part, str) for part in value):
+            value = " ".join(value)
+        if value is not None and not isinstance(value, str):
+            raise DataError(f"{path}: record {i} ({item_id}): {column} {str(value)[:30]!r} is a JSON "
+                            f"{type(value).__name__}, not text (a string, a list of strings or null); fix the record.")
+        texts.append(value or "")
+    return texts
 
 
 def read_split(source, split, report=None, rule=None):
@@ -242,10 +265,13 @@ def read_split(source, split, report=None, rule=None):
                         f"`python sample.py --data {NAMES.get(source.prefix)} --out {source.root}`.")
     prd_path, rvw_path, rel_path = (source.table(k, split) for k in ("prd", "rvw", "rel"))
     prd = read_table(prd_path, ["product_id", "name", "description"])
-    products = {pid: Product(pid, str(row["name"] or ""), str(row["description"] or ""))
-                for pid, row in zip(_ids(prd_path, prd, "product_id"), prd)}
+    listed = _ids(prd_path, prd, "product_id")
+    products = {pid: Product(pid, name, description) for pid, name, description in
+                zip(listed, _texts(prd_path, prd, "name", listed), _texts(prd_path, prd, "description", listed))}
+    report.products_without_name = sum(not p.name.strip() for p in products.values())
     rvw = read_table(rvw_path, ["review_id", "content"])
-    texts = {rid: str(row["content"] or "") for rid, row in zip(_ids(rvw_path, rvw, "review_id"), rvw)}
+    listed = _ids(rvw_path, rvw, "review_id")
+    texts = dict(zip(listed, _texts(rvw_path, rvw, "content", listed)))
     rel, owner = read_relations(source, split), {}  # review id -> its first (record, product)
     pids, rids = _ids(rel_path, rel, "product_id", False), _ids(rel_path, rel, "review_id", False)
     for i, (pid, rid) in enumerate(zip(pids, rids)):
@@ -443,6 +469,11 @@ class Split:
 
 
 # --- 6. command line: stats ------------------------------------------------
+def _has_images(folder):
+    """Whether an item's feature folder holds an image file (an empty folder is an item without images)."""
+    return folder.is_dir() and any(name.endswith((".npz", ".pth")) for name in os.listdir(folder))
+
+
 def print_stats(source):
     """A Table-4-style summary of a release-layout folder."""
     print(f"data: {source.root}{'  (BUILT-IN SYNTHETIC SAMPLE)' if source.is_sample else ''}")
@@ -457,7 +488,7 @@ def print_stats(source):
     for name, split in splits.items():
         per_product = split.review_start.diff().float()
         hist = torch.bincount(split.labels, minlength=5).float() / max(1, len(split.labels)) * 100
-        with_images = [sum((source.features / i).is_dir() for i in ids) / max(1, len(ids)) * 100
+        with_images = [sum(_has_images(source.features / i) for i in ids) / max(1, len(ids)) * 100
                        for ids in (split.product_ids, split.review_ids)]
         print(f"{name:6} {len(split.products):9d} {len(split.labels):9d} "
               f"{int(per_product.min()):>8d} / {per_product.mean():5.1f} / {int(per_product.max()):<4d}  "
@@ -465,7 +496,8 @@ def print_stats(source):
     for name, report in reports.items():
         print(f"{name:6} labels: {report.label_rule}; skipped: {report.empty_reviews} empty reviews, "
               f"{report.products_without_reviews} products without reviews, {report.duplicate_rows} repeated .rel "
-              f"rows, {report.unlisted_reviews} reviews in no .rel row; {report.zero_vote_reviews} zero-vote reviews")
+              f"rows, {report.unlisted_reviews} reviews in no .rel row; {report.zero_vote_reviews} zero-vote reviews; "
+              f"kept: {report.products_without_name} products without a name")
     coverage = (f"; GloVe file {source.glove} not found, so no OOV rate (--glove PATH)" if oov is None else
                 f", not in GloVe ({source.glove.name}): {oov} ({oov / max(1, len(vocab) - 2):.1%}), random vectors")
     print(f"vocabulary {len(vocab) - 2} words{coverage}")

@@ -153,8 +153,8 @@ def find_data(name=None, data_dir=None, glove=None, features=None, quiet=False):
 
 
 def load_masks(source, split, compute=False):
-    """Probe masks of a split, never stale (probe_mask.split_masks checks each review's text
-    hash): from the cache; what is missing is computed now for the sample (seconds) or with
+    """Probe masks of a split, never stale (probe_mask.split_masks checks each review's text and
+    product name): from the cache; what is missing is computed now for the sample (seconds) or with
     compute=True, otherwise an error that says how to precompute them."""
     return probe_mask.split_masks(source, split, compute=source.is_sample or compute)
 

@@ -19,7 +19,8 @@ Algorithm 1 as printed in the paper; the comments below cite these line numbers:
 Coreference: the paper used neuralcoref (spaCy 2, Python <= 3.8: not installable beside spaCy 3;
 an adapter uses it where it imports). The default backend "rules" is a set of short named rules
 (probe_coref.py), measured on examples/probe_mask_eval.jsonl (`--evaluate`). Masks are cached
-next to the data as `{prefix}.probe.{split}.json` with a hash of each review's text (`split_masks`).
+next to the data as `{prefix}.probe.{split}.json` with a hash of what Algorithm 1 read for each
+review, its text and its product's name, and the backend's settings (`split_masks`).
 
     python probe_mask.py --data home_kitchen --processes 2    # precompute train/dev/test
     python probe_mask.py --product "Kettle" --review "..."    # inspect one review
@@ -96,7 +97,7 @@ def core_words(doc_or_nlp, product_name=None):
     lemmas of each root of the name's dependency tree and of its children, content words only:
     "Hamilton Beach 1.7 Liter Electric Kettle" -> {"beach", "hamilton", "kettle"} (root Beach).
     Pass a parsed name (a Doc), or the pipeline and the name."""
-    name_doc = doc_or_nlp(product_name) if product_name is not None else doc_or_nlp  # lines 1-2
+    name_doc = doc_or_nlp(name_text(product_name)) if product_name is not None else doc_or_nlp  # lines 1-2
     return {token.lemma_.lower()  # line 3
             for root in name_roots(name_doc) for token in [root, *root.children] if _is_content_word(token)}
 
@@ -126,6 +127,13 @@ def model_text(text, max_tokens=data.MAX_REVIEW_TOKENS):
     end = spans[max_tokens - 1][1]
     stop = SENTENCE_END.search(text, end, end + MAX_EXTRA_CHARS)
     return text[:min(stop.end() if stop else end, MAX_PARSED_CHARS)]
+
+
+def name_text(name):
+    """The part of a product name that Algorithm 1 parses (lines 1-2): its first MAX_PRODUCT_TOKENS
+    tokens (the model reads no more of the product text, which begins with the name), to the end of
+    that sentence, at most MAX_PARSED_CHARS characters: a 1 MB name never reaches spaCy whole."""
+    return model_text(name, data.MAX_PRODUCT_TOKENS)
 
 
 def coref_clusters(doc, core, backend):
@@ -194,7 +202,7 @@ def probe_mask(nlp, product_name, review_text, backend="rules", root_sentences=F
     """Algorithm 1: the probe mask of one review, one 0/1 per token of data.tokenize(review_text).
     root_sentences=True adds the reference code's rule (sentences holding the root lemma of
     the product name get 1 as well); the default follows the paper."""
-    info = _name_info(nlp(product_name), root_sentences)  # lines 1-3 on P
+    info = _name_info(nlp(name_text(product_name)), root_sentences)  # lines 1-3 on P
     cut, starts, marked, *_ = _analyse(nlp, info, review_text, backend)  # line 1 on R, 4-21
     return _sentence_mask(review_text, cut, starts, marked)  # line 22
 
@@ -204,7 +212,7 @@ def explain(nlp, product_name, review_text, backend="rules", root_sentences=Fals
     "clusters": [[(mention text, rule)]], "gold": index of the gold cluster or None,
     "left_out": [(pronoun, rule)] (pronouns that cannot be the product),
     "token_sentence": the sentence of each token of data.tokenize(review_text), -1 after the cut}."""
-    info = _name_info(nlp(product_name), root_sentences)
+    info = _name_info(nlp(name_text(product_name)), root_sentences)
     cut, starts, marked, clusters, gold, left_out = _analyse(nlp, info, review_text, backend)
     return {"sentences": [(int(i in marked), cut[start:end].strip())
                           for i, (start, end) in enumerate(zip(starts, starts[1:] + [len(cut)]))],
@@ -239,7 +247,8 @@ _WORKER = []  # (nlp, backend, batch_size, root_sentences), set before the worke
 def _chunk_masks(items, nlp, backend, batch_size, root_sentences):
     """[((product_id, review_id), spans)] for a list of items; each distinct name parsed once."""
     names = list(dict.fromkeys(name for _, _, name, _ in items))
-    info = {name: _name_info(doc, root_sentences) for name, doc in zip(names, nlp.pipe(names, batch_size=batch_size))}
+    docs = nlp.pipe(map(name_text, names), batch_size=batch_size)  # a giant name is cut (name_text)
+    info = {name: _name_info(doc, root_sentences) for name, doc in zip(names, docs)}
     if backend != "rules":
         return [((pid, rid), mask_to_spans(_sentence_mask(text, *_analyse(nlp, info[name], text, backend)[:3])))
                 for pid, rid, name, text in items]
@@ -300,14 +309,16 @@ def cache_path(root, prefix, split):
     return Path(root) / f"{prefix}.probe.{split}.json"
 
 
-def text_hash(text):
-    """What a cached mask was computed from: 16 hex digits of BLAKE2b over the review text."""
-    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
+def item_hash(name, text):
+    """What a cached mask was computed from (everything Algorithm 1 reads of one review): 16 hex
+    digits of BLAKE2b over the product name and the review text."""
+    return hashlib.blake2b(f"{name}\x00{text}".encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
 
 
 def _settings(backend="rules", root_sentences=False):  # a cached mask is reused only with equal ones
     return {"backend": backend, "tokenizer": data.TOKENIZER_VERSION, "rules": coref.VERSION,
-            "root_sentences": root_sentences}
+            "root_sentences": root_sentences, "keyed_by": "product name and review text",
+            "reads": [data.MAX_REVIEW_TOKENS, data.MAX_PRODUCT_TOKENS, MAX_EXTRA_CHARS, MAX_PARSED_CHARS]}
 
 
 def cache_meta(nlp, backend="rules", root_sentences=False):
@@ -317,12 +328,12 @@ def cache_meta(nlp, backend="rules", root_sentences=False):
 
 
 def write_cache(path, masks, meta, texts=None):
-    """Write {"meta", "masks": [[product_id, review_id, [[start, end], ...], text_hash]]}
-    atomically (temporary file, then os.replace); texts: {(product_id, review_id): text}."""
+    """Write {"meta", "masks": [[product_id, review_id, [[start, end], ...], item_hash]]} atomically
+    (temporary file, then os.replace); texts: {(product_id, review_id): (product name, review text)}."""
     path, texts = Path(path), texts or {}
     meta = {**meta, "tokenizer": data.TOKENIZER_VERSION}  # a cache is valid only for this tokenizer
     record = {"meta": meta, "masks": [[pid, rid, [list(span) for span in spans],
-                                       text_hash(texts[pid, rid]) if (pid, rid) in texts else None]
+                                       item_hash(*texts[pid, rid]) if (pid, rid) in texts else None]
                                       for (pid, rid), spans in masks.items()]}
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -335,20 +346,33 @@ def write_cache(path, masks, meta, texts=None):
         temporary.unlink(missing_ok=True)
 
 
+def _spans(spans):
+    """[[start, end], ...] of a cache entry as [(start, end), ...]: whole numbers, 0 <= start < end."""
+    if not isinstance(spans, list) or not all(isinstance(span, list) and len(span) == 2 and all(
+            type(n) is int for n in span) and 0 <= span[0] < span[1] for span in spans):
+        raise ValueError(f"spans {str(spans)[:40]} are not [start, end] token numbers")
+    return [tuple(span) for span in spans]
+
+
 def load_cache(path, texts=None):
     """(masks, meta) from a cache file; masks = {(product_id, review_id): [(start, end), ...]}.
-    With texts = {(product_id, review_id): current text}, only masks whose text hash matches are
-    returned (an edited review's is left out). A missing file raises FileNotFoundError; a
-    damaged one a ProbeMaskError with the fix."""
+    With texts = {(product_id, review_id): (product name, review text) now}, only masks whose hash
+    matches are returned (an edited review's, or a renamed product's, is left out). A missing file
+    raises FileNotFoundError; a damaged one (or a folder) a ProbeMaskError with the fix."""
     fix = f"delete it and rerun `python probe_mask.py --data-dir {Path(path).parent}`"
+    if Path(path).is_dir():
+        raise ProbeMaskError(f"probe-mask cache {path} is a folder, not a file; move it away (the masks are "
+                             f"written there)")
     try:
         with open(path, encoding="utf-8") as file:
             record = json.load(file)
         meta = record["meta"]
-        masks = {(pid, rid): [(start, end) for start, end in spans] for pid, rid, spans, *digest in record["masks"]
-                 if texts is None or (pid, rid) in texts and digest == [text_hash(texts[pid, rid])]}
-    except (ValueError, KeyError, TypeError, IndexError) as error:  # bad JSON or not our layout
-        raise ProbeMaskError(f"probe-mask cache {path} is corrupt or truncated ({error!r}); {fix}") from None
+        masks = {(pid, rid): _spans(spans) for pid, rid, spans, *digest in record["masks"]
+                 if texts is None or (pid, rid) in texts and digest == [item_hash(*texts[pid, rid])]}
+        if not isinstance(meta, dict):
+            raise TypeError("its meta is not a dict")
+    except (ValueError, KeyError, TypeError, IndexError, RecursionError, OSError) as error:  # not our layout
+        raise ProbeMaskError(f"probe-mask cache {path} is corrupt or truncated ({str(error)[:100]}); {fix}") from None
     if meta.get("tokenizer") != data.TOKENIZER_VERSION:
         raise ProbeMaskError(f"probe-mask cache {path} was built for tokenizer version "
                              f"{meta.get('tokenizer')}, data.py is at {data.TOKENIZER_VERSION}; {fix}")
@@ -356,17 +380,20 @@ def load_cache(path, texts=None):
 
 
 def _reusable(path, meta, texts):
-    """The masks in `path` built with the same SETTINGS for reviews whose text is unchanged."""
+    """(masks, problem): the masks in `path` built with the same settings for reviews whose text and
+    product name are unchanged, and why the file cannot be used at all (None: it can, or is missing)."""
     if not path.exists():
-        return {}
+        return {}, None
     try:
         masks, saved = load_cache(path, texts)
-        if any(saved.get(key) != meta[key] for key in _settings()):
-            raise ProbeMaskError(f"built with other settings {saved}")
     except ProbeMaskError as error:
-        print(f"ignoring {path}: {error}", file=sys.stderr)
-        return {}
-    return masks
+        if path.is_dir():  # the masks could not be written there either
+            raise
+        return {}, str(error)
+    other = [f"{key} {saved.get(key)!r}, wanted {meta[key]!r}" for key in _settings() if saved.get(key) != meta[key]]
+    if other:
+        return {}, f"probe-mask cache {path} was built with other settings ({'; '.join(other)})"
+    return masks, None
 
 
 def _split_items(source, split):  # (product_id, review_id, name, text) of each review
@@ -382,8 +409,11 @@ def precompute_split(source, split, nlp, backend="rules", n_process=1, batch_siz
     partial = path.with_name(path.name + ".partial")
     meta = cache_meta(nlp, backend, root_sentences)
     items = _split_items(source, split)
-    texts = {item[:2]: item[3] for item in items}
-    masks = {**_reusable(path, meta, texts), **_reusable(partial, meta, texts)}
+    texts = {item[:2]: item[2:] for item in items}
+    (cached, problem), (resumed, _) = _reusable(path, meta, texts), _reusable(partial, meta, texts)
+    masks = {**cached, **resumed}
+    if problem:
+        print(f"ignoring it: {problem}", file=sys.stderr)
     if partial.exists() and masks:
         print(f"resuming: {len(masks)} reviews done", file=sys.stderr)
     todo = [item for item in items if item[:2] not in masks]
@@ -406,18 +436,18 @@ def precompute_split(source, split, nlp, backend="rules", n_process=1, batch_siz
 
 
 def split_masks(source, split, compute=False, nlp=None, n_process=1):
-    """The masks of every review of a split, never stale: the cached masks whose text hash
-    matches the review's text now; the others (edited or new reviews, or no cache) computed
-    and cached when `compute`, else a ProbeMaskError that says how to compute them."""
+    """The masks of every review of a split, never stale: the cached masks (same settings) whose
+    hash matches the review's text and product name now; the others (edited or new reviews, renamed
+    products, or no cache) computed and cached when `compute`, else a ProbeMaskError that says why."""
     path = cache_path(source.root, source.prefix, split)
     items = _split_items(source, split)
-    texts = {item[:2]: item[3] for item in items}
-    masks = _reusable(path, _settings(), texts)
+    texts = {item[:2]: item[2:] for item in items}
+    masks, problem = _reusable(path, _settings(), texts)
     if len(masks) == len(items):
         return {item[:2]: masks[item[:2]] for item in items}
     if not compute:
-        what = (f"{len(items) - len(masks)} of {len(items)} reviews changed since {path} was built"
-                if path.exists() else f"probe masks for {split} not found ({path})")
+        what = (problem or f"{len(items) - len(masks)} of {len(items)} reviews changed (their text or their product's "
+                f"name) since {path} was built" if path.exists() else f"probe masks for {split} not found ({path})")
         raise ProbeMaskError(f"{what}. Compute them with `python probe_mask.py --data-dir {source.root} "
                              f"--processes 2` (minutes; resumable; only what is missing), or pass "
                              f"--compute-masks to compute them in this run, or run with --no-probe-mask.")
@@ -444,7 +474,7 @@ def _precompute_all(args):
         _, s = precompute_split(source, split, nlp, args.backend, args.processes,
                                 args.batch_size, args.root_sentences)
         if not s["computed"]:
-            print(f"{split}: {s['path']} exists and matches every review's text")
+            print(f"{split}: {s['path']} exists and matches every review's text and product name")
             continue
         print(f"{split}: {s['reviews']} reviews, {s['share_with_a_one']:.1%} with a 1, "
               f"{s['mean_share_of_tokens']:.1%} of tokens marked (mean); {s['computed']} computed (the rest "
@@ -476,8 +506,12 @@ def main(argv=None):
     try:
         if args.evaluate is not None:
             nlp = load_spacy(args.backend)
-            r = coref.evaluate(args.evaluate, lambda name, text: probe_mask(nlp, name, text, args.backend,
-                                                                             args.root_sentences))
+            try:
+                r = coref.evaluate(args.evaluate, lambda name, text: probe_mask(nlp, name, text, args.backend,
+                                                                                 args.root_sentences))
+            except (OSError, ValueError, KeyError, TypeError, RecursionError) as error:  # RecursionError: nested
+                raise ProbeMaskError(f"{args.evaluate}: not a file of labelled reviews ({type(error).__name__}: "
+                                     f"{str(error)[:100]}); see examples/probe_mask_eval.jsonl") from None
             print(f"{args.evaluate}: {r['reviews']} reviews, sentence precision {r['precision']:.3f}, "
                   f"recall {r['recall']:.3f}, reviews marked exactly right {r['exact']:.1%}")
         elif args.product is not None:

@@ -710,12 +710,12 @@ def test_cache_is_keyed_by_the_review_text(tmp_path, nlp, monkeypatch):
     masks = pm.split_masks(source, "dev", compute=True, nlp=nlp)
     assert masks == pm.compute_masks(items, nlp, progress=False)
     path = pm.cache_path(tmp_path, "Home_and_Kitchen", "dev")
-    texts = {item[:2]: item[3] for item in items}
+    texts = {item[:2]: item[2:] for item in items}  # (product name, review text): what Algorithm 1 reads
     assert pm.load_cache(path, texts)[0] == masks == pm.load_cache(path)[0]
 
     edited = ("p1", "r2", KETTLE, "Great value. The kettle is loud.")  # was "Great value. Shipping was fast."
     splits["dev"] = [edited if item[:2] == edited[:2] else item for item in items]
-    assert ("p1", "r2") not in pm.load_cache(path, {**texts, edited[:2]: edited[3]})[0]  # never the stale mask
+    assert ("p1", "r2") not in pm.load_cache(path, {**texts, edited[:2]: edited[2:]})[0]  # never the stale mask
     with pytest.raises(pm.ProbeMaskError, match="1 of 4 reviews changed"):
         pm.split_masks(source, "dev")
     fresh = pm.split_masks(source, "dev", compute=True, nlp=nlp)
@@ -788,7 +788,7 @@ def test_cli_precomputes_every_split_and_resumes(stand_in_data, nlp, capsys):
     source, splits = stand_in_data
     partial = source.root / "Home_and_Kitchen.probe.dev.json.partial"
     pm.write_cache(partial, {("dev-p", "dev-r1"): [(0, 99)]}, pm.cache_meta(nlp),  # an interrupted run
-                   {("dev-p", "dev-r1"): ITEMS[1][3]})
+                   {("dev-p", "dev-r1"): (KETTLE, ITEMS[1][3])})
     assert pm.main(["--data", "home_kitchen"]) == 0
     out = capsys.readouterr().out
     assert "train: 4 reviews" in out and "reviews/s" in out
@@ -2321,3 +2321,261 @@ def test_gold_cluster_is_the_first_with_a_core_word_or_a_noun_rule_mention():
     assert pm._algorithm_1(words, [other, core_1, core_2], {"kettle"}) == ({1}, 1)
     assert pm._algorithm_1(words, [other, by_rule, core_2], {"kettle"}) == ({3}, 1)
     assert pm._algorithm_1(words, [other, [mention(2, 40, "pot", "coreference", None)]], {"kettle"}) == ({0}, 0)
+
+
+# --- issue 21: feature pack, feature folders, data tables, probe-mask cache ----------------------
+def packed_copy(tiny_root, tmp_path):
+    """The tiny sample's feature folders, copied and packed; and the items that have images."""
+    folder = copy_features(tiny_root, tmp_path)
+    features.pack(folder)
+    pack = features.Pack(folder / features.PACK_DIR)
+    return folder, sorted(item for item, (_, count) in pack.where.items() if count)
+
+
+def test_a_damaged_pack_is_an_error_and_pack_repairs_it_from_the_folders(tiny_root, tmp_path, capsys):
+    folder, items = packed_copy(tiny_root, tmp_path)
+    regions = folder / features.PACK_DIR / "regions.f16"
+    whole = regions.stat().st_size
+    with open(regions, "r+b") as f:  # cut short: the last items' rows are gone
+        f.truncate(whole // 2)
+    with pytest.raises(data.DataError, match=r"regions.f16 is \d+ bytes, its index index.npz says \d+ rows.*"
+                                             r"damaged: `python features.py --pack .*` repairs it"):
+        features.RegionStore(folder)
+    capsys.readouterr()
+    features.pack(folder)  # re-reads the cut items from their folders: no zero padding
+    assert "packed items are damaged (cut short, NaN or inf)" in capsys.readouterr().err
+    store = features.RegionStore(folder, keep=False)
+    assert regions.stat().st_size == store.pack.rows * features.ROW_BYTES
+    for item in items:
+        assert np.array_equal(store.get(item), features.read_regions(folder / item))
+    start, count = store.pack.where[items[1]]  # NaN and inf written into one item's rows
+    rows = np.memmap(regions, np.float16, "r+", shape=(store.pack.rows, 2048))
+    rows[start, 5], rows[start + count - 1, 0] = np.nan, np.inf
+    rows.flush()
+    del rows
+    with pytest.raises(data.DataError, match=rf"regions.f16: item {items[1]} \(rows {start}-{start + count - 1}\) "
+                                             r"holds NaN or infinite values: the pack is damaged.*--pack"):
+        features.RegionStore(folder, keep=False).get(items[1])
+    assert features.Pack(folder / features.PACK_DIR).damaged_items() == [items[1]]
+    features.pack(folder)
+    store = features.RegionStore(folder, keep=False)
+    assert store.pack.damaged_items() == [] and all(
+        np.array_equal(store.get(item), features.read_regions(folder / item)) for item in items)
+
+
+def test_a_folder_deleted_after_packing_is_read_from_the_pack(tiny_root, tmp_path, capsys):
+    folder, items = packed_copy(tiny_root, tmp_path)
+    kept = features.read_regions(folder / items[0])
+    shutil.rmtree(folder / items[0])
+    products = {"train": [data.Product(items[0], "", "", [])]}
+    assert features.scan_regions(features.RegionStore(folder), products) == {"products": 1.0, "reviews": 0.0}
+    assert "1 read from the pack alone as their folders are gone" in capsys.readouterr().err
+    assert np.array_equal(features.RegionStore(folder).get(items[0]), kept)
+    features.pack(folder)  # keeps it: nothing to pack, nothing lost
+    assert "1 packed items' folders are gone: kept from the pack" in capsys.readouterr().err
+    assert features.Pack(folder / features.PACK_DIR).complete
+    start, _ = features.Pack(folder / features.PACK_DIR).where[items[0]]
+    rows = np.memmap(folder / features.PACK_DIR / "regions.f16", np.float16, "r+", shape=(start + 1, 2048))
+    rows[start, 0] = np.nan  # damaged, and its folder is gone: the advice must be one that works
+    rows.flush()
+    del rows
+    with pytest.raises(data.DataError, match=rf"{items[0]}: its packed regions are damaged and its folder is gone; "
+                                             r"restore the folder, or make it an empty folder"):
+        features.pack(folder)
+    (folder / items[0]).mkdir()
+    features.pack(folder)
+    store = features.RegionStore(folder)
+    assert store.pack is not None and store.get(items[0]).shape == (1, 2048) and store.items_without_images == 1
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "wrong keys", "pickled", "rows outside"])
+def test_a_damaged_pack_index_is_an_error_and_pack_rebuilds_it(tiny_copy, tmp_path, damage, capsys):
+    folder = tiny_copy / "features"
+    features.pack(folder)
+    index = folder / features.PACK_DIR / "index.npz"
+    if damage == "truncated":
+        index.write_bytes(index.read_bytes()[:100])
+    elif damage == "garbage":
+        index.write_bytes(b"\x00garbage" * 50)
+    elif damage == "wrong keys":
+        np.savez(index, ids=np.array(["a"]), begin=np.array([0]))
+    elif damage == "pickled":
+        np.savez(index, **{k: np.array([None], object) for k in features.INDEX_KEYS})
+    else:
+        saved = dict(np.load(index))
+        np.savez(index, **{**saved, "start": saved["start"] + 10 ** 6})
+    with pytest.raises(features.PackError, match=r"packed/index.npz: damaged or not a pack index .*"
+                                                 r"`python features.py --pack --features .*` rebuilds"):
+        features.RegionStore(folder)
+    capsys.readouterr()
+    assert train.main(["--data-dir", str(tiny_copy), "--out", str(tmp_path / "run"), "--epochs", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: {index}: damaged or not a pack index") and "Traceback" not in "".join(err)
+    assert features.main(["--pack", "--features", str(folder)]) == 0
+    assert "rebuilding it" in capsys.readouterr().err
+    store = features.RegionStore(folder, keep=False)
+    assert store.pack is not None and len(store.pack.where) == len([p for p in folder.iterdir()]) - 1
+
+
+def test_each_image_is_read_once_npz_before_the_authors_pth(tmp_path):
+    item = tmp_path / "r1"
+    item.mkdir()
+    images = [np.full((40, 2048), i, np.float32) for i in range(3)]
+    for i, x in enumerate(images):
+        np.savez(item / f"{i}.npz", x=x)
+    torch.save([{"x": x} for x in images], item / "r1.pth")  # the authors' tool packs the same images again
+    x = features.read_regions(item)
+    assert x.shape == (96, 2048) and [int((x[:, 0] == i).sum()) for i in range(3)] == [32, 32, 32]
+    for path in item.glob("*.npz"):
+        path.unlink()
+    assert features.read_regions(item).shape == (96, 2048)  # without .npz files, the .pth is read
+
+
+def test_feature_folders_odd_files_and_values(tmp_path, capsys):
+    import os
+    import signal
+    tree = tmp_path / "features"
+    for name in ("complex", "fifo", "huge", "empty", "ok"):
+        (tree / name).mkdir(parents=True)
+    np.savez(tree / "ok" / "0.npz", x=np.ones((3, 2048), np.float32))
+    np.savez(tree / "complex" / "0.npz", x=np.ones((3, 2048), np.complex64))
+    with pytest.raises(data.DataError, match=r"complex/0.npz: complex region features \(complex64\)"):
+        features.read_regions(tree / "complex")
+    np.savez_compressed(tree / "huge" / "0.npz", x=np.zeros((2000, 2048)))  # 32 MB of zeros in a small file
+    assert (tree / "huge" / "0.npz").stat().st_size < 2 ** 20
+    with pytest.raises(data.DataError, match=r"huge/0.npz: declares 2000 boxes in one image, more than "
+                                             r"MAX_BOXES_PER_IMAGE \(1000.*so it is not read"):
+        features.read_regions(tree / "huge")
+    os.mkfifo(tree / "fifo" / "0.npz")
+
+    def hung(*args):
+        raise TimeoutError("reading a FIFO hung")
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(10)  # a guard: without the fix, open() of the FIFO blocks for ever
+    try:
+        with pytest.raises(data.DataError, match=r"fifo/0.npz: not a regular file \(a FIFO"):
+            features.read_regions(tree / "fifo")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    (tree / "linked").symlink_to(tree / "ok")  # a link inside the features folder is fine
+    assert features.RegionStore(tree).get("linked").shape == (3, 2048)
+    (tmp_path / "elsewhere").mkdir()
+    np.savez(tmp_path / "elsewhere" / "0.npz", x=np.ones((3, 2048), np.float32))
+    (tree / "out").symlink_to(tmp_path / "elsewhere")
+    (tree / "ok" / "1.npz").symlink_to(tmp_path / "elsewhere" / "0.npz")
+    with pytest.raises(data.DataError, match=r"features/out: a link out of the features folder"):
+        features.RegionStore(tree).get("out")
+    with pytest.raises(data.DataError, match=r"ok/1.npz: a link out of the features folder"):
+        features.read_regions(tree / "ok")
+    (tree / "ok" / "1.npz").unlink()
+    products = {"train": [data.Product("ok", "", "", [data.Review("empty", "x", 1), data.Review("none", "x", 1)])]}
+    assert features.scan_regions(features.RegionStore(tree), products) == {"products": 1.0, "reviews": 0.0}
+    with pytest.raises(data.DataError, match=r"no image features: none of the 1 products and reviews of train has "
+                                             r"images"):  # an empty folder is an item without images
+        features.scan_regions(features.RegionStore(tree), {"train": [data.Product("empty", "", "", [])]})
+    with pytest.raises(data.DataError, match=r"4 bad region-feature files were not packed.*complex.*features/out: "
+                                             r"a link out"):
+        features.pack(tree)
+
+
+def test_stats_count_an_empty_feature_folder_as_without_images(tmp_path, capsys):
+    write_release(tmp_path, PRD, RVW, REL)
+    for item in ("p1", "p2"):
+        (tmp_path / "features" / item).mkdir(parents=True)
+    np.savez(tmp_path / "features" / "p2" / "0.npz", x=np.ones((2, 2048), np.float32))
+    assert data.main(["--data-dir", str(tmp_path), "--stats"]) == 0
+    assert " 50.0% /   0.0%" in capsys.readouterr().out  # p1's folder is empty: no images
+
+
+def test_probe_mask_cache_is_keyed_by_name_text_and_settings_and_says_what_is_wrong(tmp_path, nlp, monkeypatch):
+    splits = {"dev": list(ITEMS)}
+    source = SimpleNamespace(root=tmp_path, prefix="Home_and_Kitchen", is_sample=False)
+    monkeypatch.setattr(pm, "_split_items", lambda src, split: splits[split])
+    masks = pm.split_masks(source, "dev", compute=True, nlp=nlp)
+    path = pm.cache_path(tmp_path, "Home_and_Kitchen", "dev")
+    saved = path.read_text()
+    renamed = "Cardboard Box"  # Algorithm 1 reads the name: the product renamed, its masks are stale
+    splits["dev"] = [(pid, rid, renamed if pid == "p1" else name, text) for pid, rid, name, text in ITEMS]
+    with pytest.raises(pm.ProbeMaskError, match=r"2 of 4 reviews changed \(their text or their product's name\)"):
+        pm.split_masks(source, "dev")
+    fresh = pm.split_masks(source, "dev", compute=True, nlp=nlp)
+    assert fresh["p1", "r1"] == pm.mask_to_spans(pm.probe_mask(nlp, renamed, ITEMS[0][3])) != masks["p1", "r1"]
+    splits["dev"] = list(ITEMS)
+    record = json.loads(saved)
+    for change, message in [
+            (lambda r: r["meta"].update(backend="neuralcoref"), r"built with other settings \(backend "
+                                                                r"'neuralcoref', wanted 'rules'\)"),
+            (lambda r: r["meta"].update(root_sentences=True), r"other settings \(root_sentences True, wanted False"),
+            (lambda r: r["masks"][0].__setitem__(2, [["a", "b"]]), r"corrupt or truncated \(spans \[\['a', 'b'\]\] "
+                                                                   r"are not \[start, end\] token numbers"),
+            (lambda r: r["masks"][0].__setitem__(2, [[3, 1]]), r"corrupt or truncated \(spans"),
+            ("cut", r"corrupt or truncated"), ("nested", r"corrupt or truncated"), ("folder", r"is a folder, not a "
+                                                                                             r"file; move it away")]:
+        if change == "folder":
+            path.unlink()
+            path.mkdir()
+        elif change in ("cut", "nested"):
+            path.write_text(saved[:len(saved) // 2] if change == "cut" else "[" * 100_000 + "]" * 100_000)
+        else:
+            broken = copy.deepcopy(record)
+            change(broken)
+            path.write_text(json.dumps(broken))
+        with pytest.raises(pm.ProbeMaskError, match=message) as error:
+            pm.split_masks(source, "dev")
+        assert "reviews changed" not in str(error.value)  # what is really wrong, not "4 of 4 reviews changed"
+    with pytest.raises(pm.ProbeMaskError, match="is a folder"):  # not ignored, then a traceback when written
+        pm.split_masks(source, "dev", compute=True, nlp=nlp)
+
+
+def test_a_giant_name_and_a_deeply_nested_evaluate_file_are_not_tracebacks(nlp, tmp_path, monkeypatch, capsys):
+    giant = "Kettle " + "x" * 1_100_000  # longer than spaCy's nlp.max_length (E088 when parsed whole)
+    review = "The kettle boils. Shipping was slow."
+    assert pm.probe_mask(nlp, giant, review) == pm.probe_mask(nlp, "Kettle", review)
+    assert pm.compute_masks([("p", "r", giant, review)], nlp, progress=False)["p", "r"] == [(0, 4)]
+    assert "kettle" in pm.explain(nlp, giant, review)["core_words"]
+    assert len(pm.name_text("word " * 1000)) < 1000  # the first MAX_PRODUCT_TOKENS tokens, the model's share
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    monkeypatch.setattr(pm, "load_spacy", lambda backend="rules": nlp)
+    assert pm.main(["--evaluate", str(deep)]) == 2
+    assert "deep.jsonl: not a file of labelled reviews (RecursionError" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda prd, rvw, rel: rel[0].update(upvotes=2.5), r"rel.train: record 0 \(product p1, review r1\): upvotes 2.5 "
+                                                       r"is not a whole number of votes"),
+    (lambda prd, rvw, rel: rvw[0].update(content=12345), r"rvw.train: record 0 \(r1\): content '12345' is a JSON int, "
+                                                         r"not text"),
+    (lambda prd, rvw, rel: rvw[1].update(content=[1, 2]), r"rvw.train: record 1 \(r2\): content '\[1, 2\]' is a JSON "
+                                                          r"list, not text"),
+    (lambda prd, rvw, rel: prd[1].update(name={"a": 1}), r"prd.train: record 1 \(p2\): name \"{'a': 1}\" is a JSON "
+                                                         r"dict"),
+    ("nested", r"prd.train: JSON nested too deep to be a table"),
+    ("nested lines", r"prd.train: JSON nested too deep to be a table"),
+])
+def test_data_values_that_are_not_what_the_columns_hold(tmp_path, change, message):
+    prd, rvw, rel = json.loads(json.dumps([PRD, RVW, REL]))
+    source = write_release(tmp_path, prd, rvw, rel)
+    if change == "nested":  # nested 100,000 deep: python's json parser recurses
+        source.table("prd", "train").write_text("[" * 100_000 + "]" * 100_000)
+    elif change == "nested lines":  # JSON lines, one of them nested 100,000 deep
+        source.table("prd", "train").write_text(json.dumps(PRD[0]) + "\n" + "[" * 100_000 + "]" * 100_000 + "\n")
+    else:
+        change(prd, rvw, rel)
+        write_release(tmp_path, prd, rvw, rel)
+    with pytest.raises(data.DataError, match=message):
+        data.read_split(source, "train")
+
+
+def test_null_name_list_description_and_whole_float_votes_are_read(tmp_path, capsys):
+    prd, rvw, rel = json.loads(json.dumps([PRD, RVW, REL]))
+    prd[0].update(name=None, description=["Boils water.", "Steel."])  # the 2018 metadata's description: a list
+    rel[0].update(upvotes=20.0)  # a whole number written as a float, as pandas writes counts
+    rvw[1].update(content=None)  # null content: an empty review, skipped and counted
+    report = data.SplitReport()
+    products = data.read_split(write_release(tmp_path, prd, rvw, rel), "train", report)
+    assert products[0].text == " Boils water. Steel." and [r.score for r in products[0].reviews] == [4]
+    assert report.products_without_name == 1 and report.empty_reviews == 1
+    assert data.main(["--data-dir", str(tmp_path), "--stats"]) == 0
+    assert "kept: 1 products without a name" in capsys.readouterr().out
