@@ -76,8 +76,8 @@ class Progress:
             return
         self.last, seconds = now, max(now - self.t0, 1e-9)
         eta = (self.total - done_bytes) / max(done_bytes / seconds, 1)
-        line = (f"{self.label}: {lines:,} lines, {lines / seconds:,.0f} lines/s, {done_bytes / 1e6:,.0f} of "
-                f"{self.total / 1e6:,.0f} MB" + (f" in {seconds:.0f}s" if final else f", ETA {eta:.0f}s"))
+        line = (f"{self.label}: {lines:,} lines, {lines / seconds:,.0f} lines/s, {done_bytes / 1e6:,.1f} of "
+                f"{self.total / 1e6:,.1f} MB" + (f" in {seconds:.0f}s" if final else f", ETA {eta:.0f}s"))
         print(("\r" if self.tty else "") + line, end="\n" if final or not self.tty else "", file=sys.stderr)
 
 

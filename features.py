@@ -448,17 +448,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Extract grid features from images (--extract), or pack the "
                                      "region features of a release-layout folder into one float16 file, read from "
                                      "there by train.py and evaluate.py (--pack).")
-    parser.add_argument("--extract", metavar="IMAGES", help="a folder of images, {id}/{k}.jpg (any format Pillow "
-                        "reads): write grid features of each to --out as {id}/{k}.npz (resumable)")
-    parser.add_argument("--weights", metavar="FILE", help="--extract: torchvision's ImageNet resnet101 weight file "
-                        "(resnet101-63fe2227.pth), downloaded by you")
-    parser.add_argument("--out", metavar="FEATURES", help="--extract: the features folder to write, e.g. "
-                        "{data folder}/features")
-    parser.add_argument("--image-size", type=int, default=grid_features.IMAGE_SIZE, help="--extract: images are "
-                        f"resized to this square (default {grid_features.IMAGE_SIZE}; a multiple of 32)")
-    parser.add_argument("--batch-size", type=int, default=16, help="--extract: images a forward pass (default 16)")
-    parser.add_argument("--threads", type=int, help="--extract: CPU threads (default: torch's choice, all cores)")
-    parser.add_argument("--device", default="auto", help="--extract: auto (cuda when there is one), cpu or cuda")
+    grid_features.add_arguments(parser)
     parser.add_argument("--pack", action="store_true", help="pack every item folder (resumable: run it again "
                         "after an interruption or after changing some images; it packs only what changed)")
     parser.add_argument("--data", choices=sorted(CATEGORIES), help="category: the features folder of its release "
@@ -467,7 +457,9 @@ def main(argv=None):
     parser.add_argument("--features", help="the features folder itself (default {data folder}/features)")
     args = parser.parse_args(argv)
     if args.extract:
-        return _extract(parser, args)
+        return grid_features.main(parser, args)
+    if args.weights or args.out:
+        parser.error("--weights and --out go with --extract IMAGES")
     if not args.pack:
         parser.error("nothing to do: pass --pack, or --extract IMAGES --weights FILE --out FEATURES")
     try:
@@ -477,35 +469,6 @@ def main(argv=None):
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
-
-
-def _extract(parser, args):
-    """`--extract IMAGES --weights FILE --out FEATURES`: grid_features.extract, with its flags checked."""
-    if not args.weights or not args.out:
-        parser.error("--extract needs --weights FILE (the ResNet-101 weights) and --out FEATURES")
-    if args.image_size < 32 or args.image_size % 32 or args.image_size > 2048:
-        parser.error(f"--image-size {args.image_size}: must be a multiple of 32 from 32 to 2048")
-    if not 1 <= args.batch_size <= 1024:
-        parser.error(f"--batch-size {args.batch_size}: must be 1 .. 1024")
-    if args.device not in ("auto", "cpu", "cuda") and not args.device.startswith("cuda:"):
-        parser.error(f"--device {args.device}: auto, cpu, cuda or cuda:N")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: torch sees no CUDA device here; use --device cpu")
-    if args.threads is not None:
-        if not 1 <= args.threads <= 4 * (os.cpu_count() or 1):
-            parser.error(f"--threads {args.threads}: must be 1 .. {4 * (os.cpu_count() or 1)}")
-        torch.set_num_threads(args.threads)
-    try:
-        grid_features.extract(args.extract, args.weights, args.out, args.image_size, args.batch_size, device)
-    except DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted: the images written so far are kept; the same command goes on from there",
-              file=sys.stderr)
-        return 130
-    return 0  # skipped images are listed above; the others are written
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ its last stage, averaged into a grid of at most 32 cells, are the image's region
   2. `load_weights`: the weight file, every key and shape checked before use, no pickled code run
   3. `load_image`: Pillow decodes, resize and normalise by hand
   4. `extract`: every image of a folder, batched, resumable, bad files listed at the end
+  5. the flags of `python features.py --extract` (the command lives in features.py, beside --pack)
 
 torchvision itself is not used: its PyPI wheel needs the CUDA build of torch (SPEC §11).
 """
@@ -189,7 +190,7 @@ def _settings(weights, size):
             "weights_bytes": stat.st_size, "image_size": size, "grid": GRID}
 
 
-def extract(images, weights, out, size=IMAGE_SIZE, batch_size=16, device="cpu"):
+def extract(images, weights, out, size=IMAGE_SIZE, batch_size=4, device="cpu"):
     """Write out/{id}/{k}.npz (`x` (25, 2048) float16, `bbox`, `image_h`, `image_w`) for every image
     images/{id}/{k}.{ext}. Resumable: an image whose .npz exists is skipped (each is written aside and
     renamed). Bad images are skipped and listed at the end; none gets a zero feature."""
@@ -259,3 +260,50 @@ def _try_load(path, size):
         return str(error)
     except Exception as error:  # Pillow raises many kinds for broken files: never stop the run for one
         return f"{path}: cannot be decoded ({type(error).__name__}: {str(error)[:80]})"
+
+
+# --- 5. the command line: `python features.py --extract IMAGES --weights FILE --out FEATURES` ---------------
+def add_arguments(parser):
+    """features.py's --extract flags (the command lives there, beside --pack)."""
+    parser.add_argument("--extract", metavar="IMAGES", help="a folder of images, {id}/{k}.jpg (any format Pillow "
+                        "reads): write grid features of each to --out as {id}/{k}.npz (resumable)")
+    parser.add_argument("--weights", metavar="FILE", help="--extract: torchvision's ImageNet resnet101 weight file "
+                        "(resnet101-63fe2227.pth), downloaded by you")
+    parser.add_argument("--out", metavar="FEATURES", help="--extract: the features folder to write, e.g. "
+                        "{data folder}/features")
+    parser.add_argument("--image-size", type=int, default=IMAGE_SIZE, help="--extract: images are resized to this "
+                        f"square (default {IMAGE_SIZE}; a multiple of 32)")
+    parser.add_argument("--batch-size", type=int, help="--extract: images a forward pass (default 4 on a CPU, "
+                        "where larger batches only add page faults and memory; 32 on a GPU)")
+    parser.add_argument("--threads", type=int, help="--extract: CPU threads (default: torch's choice, all cores)")
+    parser.add_argument("--device", default="auto", help="--extract: auto (cuda when there is one), cpu or cuda")
+
+
+def main(parser, args):
+    """`--extract`: the flags checked, then `extract`; 0, 2 on an error, 130 on Ctrl-C."""
+    if not args.weights or not args.out:
+        parser.error("--extract needs --weights FILE (the ResNet-101 weights) and --out FEATURES")
+    if args.image_size < 32 or args.image_size % 32 or args.image_size > 2048:
+        parser.error(f"--image-size {args.image_size}: must be a multiple of 32 from 32 to 2048")
+    if args.device not in ("auto", "cpu", "cuda") and not args.device.startswith("cuda:"):
+        parser.error(f"--device {args.device}: auto, cpu, cuda or cuda:N")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch sees no CUDA device here; use --device cpu")
+    batch_size = args.batch_size if args.batch_size is not None else 32 if device.startswith("cuda") else 4
+    if not 1 <= batch_size <= 1024:
+        parser.error(f"--batch-size {batch_size}: must be 1 .. 1024")
+    if args.threads is not None:
+        if not 1 <= args.threads <= 4 * (os.cpu_count() or 1):
+            parser.error(f"--threads {args.threads}: must be 1 .. {4 * (os.cpu_count() or 1)}")
+        torch.set_num_threads(args.threads)
+    try:
+        extract(args.extract, args.weights, args.out, args.image_size, batch_size, device)
+    except DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: the images written so far are kept; the same command goes on from there",
+              file=sys.stderr)
+        return 130
+    return 0  # skipped images are listed above; the others are written

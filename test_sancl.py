@@ -2579,3 +2579,25 @@ def test_null_name_list_description_and_whole_float_votes_are_read(tmp_path, cap
     assert report.products_without_name == 1 and report.empty_reviews == 1
     assert data.main(["--data-dir", str(tmp_path), "--stats"]) == 0
     assert "kept: 1 products without a name" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--image-size", "100"], "--image-size 100: must be a multiple of 32"),
+    (["--batch-size", "0"], "--batch-size 0: must be 1 .. 1024"),
+    (["--device", "tpu"], "--device tpu: auto, cpu, cuda or cuda:N"),
+    (["--threads", "0"], "--threads 0: must be 1 .."),
+    (["--no-weights"], "--extract needs --weights FILE"),
+])
+def test_extract_flags_are_checked(tmp_path, capsys, flags, message):
+    argv = ["--extract", str(tmp_path), "--out", str(tmp_path / "f")]
+    argv += [] if flags == ["--no-weights"] else ["--weights", str(tmp_path / "w.pth"), *flags]
+    with pytest.raises(SystemExit) as stop:
+        features.main(argv)
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_extract_on_cuda_without_cuda_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        features.main(["--extract", str(tmp_path), "--weights", "w.pth", "--out", str(tmp_path / "f"), "--device", "cuda"])
+    assert "torch sees no CUDA device here; use --device cpu" in capsys.readouterr().err
