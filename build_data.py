@@ -38,6 +38,7 @@ import numpy as np
 from data import CATEGORIES, SPLITS, DataError
 
 BUILD_VERSION = 1
+SAFE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # an asin; ids name folders (images/{id}/), so nothing else
 MAX_TITLE_CHARS = 1000  # a longer "title" is a page's HTML or script that the 2018 metadata holds, not a name
 
 
@@ -87,7 +88,8 @@ def read_records(path, role, info):
     ast.literal_eval, which evaluates literals only and never runs code)."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"--{role} {path}: no such file. Pass the Amazon {role} dump (README 'Real data').")
+        what = "is a folder" if path.is_dir() else "no such file"
+        raise DataError(f"--{role} {path}: {what}. Pass the Amazon {role} dump file (README 'Real data').")
     info.update(name=path.name, bytes=path.stat().st_size)
     counted = _Counted(path)
     with open(path, "rb") as f:
@@ -210,7 +212,7 @@ def _urls(value, keys):
             if item.get("attachment_type", "IMAGE") != "IMAGE":
                 continue  # 2023 review videos
             item = next((item[k] for k in keys if isinstance(item.get(k), str) and item[k]), None)
-        if isinstance(item, str) and item.startswith(("http://", "https://")) and "\t" not in item:
+        if isinstance(item, str) and item.startswith(("http://", "https://")) and not re.search(r"\s", item):
             urls.append(item)
     return urls
 
@@ -243,9 +245,10 @@ def read_reviews(path, min_chars):
         fmt = fmt or review_format(record, where)
         key, text_field, reviewer = REVIEW_FORMATS[fmt]
         product = record.get(key)
-        if not isinstance(product, str) or not product:
-            raise DataError(f"{where}: no product id ({key}); the line is damaged or from another format "
-                            f"(the first line is {fmt}'s).")
+        if not isinstance(product, str) or not SAFE_ID.fullmatch(product):
+            raise DataError(f"{where}: product id ({key}) {product!r:.40} is not an Amazon id (letters, digits, - "
+                            f"and _: it names files and folders); the line is damaged or from another format (the "
+                            f"first line is {fmt}'s).")
         counts["lines"] += 1
         votes = votes_of(record, fmt, where)
         if votes < 1:
@@ -470,6 +473,10 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("\ninterrupted: nothing was written", file=sys.stderr)
         return 130
+    except OSError as error:  # a read-only or full disk: the partial folder is gone already
+        print(f"error: cannot write {args.out}: {error.strerror or error} ({error.filename or args.out}); nothing "
+              f"was written: free space or pick another --out.", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -1840,6 +1840,19 @@ def test_build_data_same_input_same_bytes_and_nothing_overwritten(tmp_path, caps
     assert not list(tmp_path.glob("*.partial"))
 
 
+def test_build_data_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    reviews, meta = hand_checked_dump(tmp_path)
+
+    def full(folder, *args):
+        (folder / "Home_and_Kitchen.prd.train").write_text("[")
+        raise OSError(28, "No space left on device", str(folder / "Home_and_Kitchen.rvw.train"))
+
+    monkeypatch.setattr(build_data, "write_dataset", full)
+    assert build(reviews, meta, tmp_path / "out", "--min-reviews", "2") == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
 def test_build_data_interrupted_leaves_nothing(tmp_path, monkeypatch):
     reviews, meta = hand_checked_dump(tmp_path)
 
@@ -1862,6 +1875,8 @@ def test_build_data_interrupted_leaves_nothing(tmp_path, monkeypatch):
     ("code_in_meta", "is not a record"),
     ("meta_of_2023", "2023 metadata beside 2018 reviews"),
     ("empty", "no records in it"),
+    ("unsafe_id", "line 1: product id (asin) '../../etc' is not an Amazon id"),
+    ("folder", "is a folder. Pass the Amazon reviews dump file"),
 ])
 def test_build_data_bad_input_is_one_clear_error(tmp_path, capsys, case, message):
     reviews, meta = hand_checked_dump(tmp_path)
@@ -1888,6 +1903,10 @@ def test_build_data_bad_input_is_one_clear_error(tmp_path, capsys, case, message
         meta = dump_lines(tmp_path / "m.json", [{"parent_asin": "P1", "title": "Kettle"}])
     elif case == "empty":
         reviews.write_bytes(gzip.compress(b"", mtime=0))
+    elif case == "unsafe_id":  # ids name folders: images/{id}/ must stay inside the data set
+        reviews = dump_lines(tmp_path / "r.json", [review_2018("../../etc", "3")])
+    elif case == "folder":
+        reviews = tmp_path
     assert build(reviews, meta, tmp_path / "out", "--min-reviews", "2") == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()[-1]) < 400, err
