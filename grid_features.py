@@ -232,9 +232,10 @@ def extract(images, weights, out, size=IMAGE_SIZE, batch_size=4, device="cpu"):
                         continue
                     folder = out / item
                     folder.mkdir(exist_ok=True)
-                    tmp = folder / f".{name}.tmp.npz"
-                    np.savez(tmp, x=x.astype(np.float16), bbox=cell_boxes(height, width),
-                             image_h=height, image_w=width)
+                    tmp = folder / f".{name}.npz.partial"  # not *.npz: a killed run's leftover is never read
+                    with open(tmp, "wb") as f:
+                        np.savez(f, x=x.astype(np.float16), bbox=cell_boxes(height, width), image_h=height,
+                                 image_w=width)
                     os.replace(tmp, folder / f"{name}.npz")
                     written += 1
             done += len(chunk)
