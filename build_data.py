@@ -127,11 +127,7 @@ def read_records(path, role, info):
     if parse is None:
         raise DataError(f"--{role} {path}: no records in it; the file is empty or cut short: get it again.")
     progress.show(n, counted.bytes, final=True)
-    info.update(lines=n, sha256=counted.sha256.hexdigest(), python_literals=parse is _literal)
-
-
-def _literal(text):
-    return ast.literal_eval(text)
+    info.update(lines=n, sha256=counted.sha256.hexdigest(), python_literals=parse is ast.literal_eval)
 
 
 def _json_or_literal(text, where):
@@ -142,7 +138,7 @@ def _json_or_literal(text, where):
     except ValueError:
         try:
             if isinstance(ast.literal_eval(text), dict):
-                return _literal
+                return ast.literal_eval
         except (ValueError, SyntaxError, RecursionError, MemoryError):
             pass
     raise DataError(f"{where} is neither JSON nor a Python dict literal: {text[:60]!r}... Pass an Amazon review "
@@ -229,9 +225,10 @@ def product_images(meta):
 
 def review_time(record, fmt):
     if fmt == 2023:  # milliseconds since 1970, written as a date
-        stamp = record.get("timestamp")
-        return (datetime.fromtimestamp(stamp / 1000, timezone.utc).strftime("%Y-%m-%d")
-                if isinstance(stamp, (int, float)) and not isinstance(stamp, bool) else "")
+        try:
+            return datetime.fromtimestamp(record["timestamp"] / 1000, timezone.utc).strftime("%Y-%m-%d")
+        except (KeyError, TypeError, ValueError, OverflowError, OSError):  # absent, not a number, out of range
+            return ""
     return str(record.get("reviewTime") or "")
 
 
