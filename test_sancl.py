@@ -9,8 +9,10 @@ import hashlib
 import importlib.util
 import json
 import math
+import os
 import shutil
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -1739,3 +1741,92 @@ def test_each_readme_exercise_has_its_marked_place_in_sancl():
     assert exercises == [str(n) for n in range(1, len(exercises) + 1)] and len(exercises) >= 5
     for n in exercises:
         assert code.count(f"README exercise {n}:") == 1, f"sancl.py has no single mark of README exercise {n}"
+
+
+# --- issue 21: run folders, checkpoints, flags, evaluate.py and --predict ---------------------
+def sleeper():
+    """A live process that is not this one: the holder of a lock in the tests below."""
+    import subprocess
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+
+
+def test_a_run_folder_is_locked_and_a_dead_runs_lock_is_taken_over(tiny_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    other = sleeper()
+    try:
+        (out / plumbing.LOCK).write_text(f"{other.pid}\n")  # a second command while the first one trains
+        with pytest.raises(data.DataError, match=rf"{out} is in use: process {other.pid} is writing a train.py run"):
+            run_train(tiny_root, out)
+        assert sorted(p.name for p in out.iterdir()) == [plumbing.LOCK]  # nothing written, the lock left alone
+    finally:
+        other.kill()
+        other.wait()
+    run_train(tiny_root, out)  # the holder was killed: its lock is stale
+    assert f"taking over the lock of process {other.pid}, which is no longer running" in capsys.readouterr().err
+    assert (out / "test.json").exists() and not (out / plumbing.LOCK).exists()  # released at the end
+    with plumbing.folder_lock(out):  # the lock is taken by an exclusive create, and names its holder
+        assert plumbing.lock_owner(out / plumbing.LOCK) == os.getpid()
+        with pytest.raises(data.DataError, match="is in use"):
+            with plumbing.folder_lock(out):
+                pass
+    assert not plumbing.running(-1) and not plumbing.running(0)  # never a process group
+
+
+def test_ablations_started_twice_stop_and_its_workers_die_with_it(tiny_root, tmp_path, monkeypatch, capsys):
+    argv = ["--data-dir", str(tiny_root), "--ablations", "--seeds", "1", "--jobs", "1", "--out", str(tmp_path)]
+    other = sleeper()
+    try:
+        (tmp_path / plumbing.LOCK).write_text(f"{other.pid}\n")
+        assert train.main(argv) == 2
+        assert f"is in use: process {other.pid} is writing a Table 2 (--ablations)" in capsys.readouterr().err
+    finally:
+        other.kill()
+        other.wait()
+    pools = []
+
+    class Stop(Exception):
+        pass
+
+    def pool(processes, initializer=None):
+        pools.append((processes, initializer))
+        raise Stop
+
+    monkeypatch.setattr(train.multiprocessing, "get_context", lambda kind: SimpleNamespace(Pool=pool))
+    with pytest.raises(Stop):
+        train.main(argv[:-4] + ["--seeds", "1", "--jobs", "2", "--out", str(tmp_path)])
+    assert pools == [(2, plumbing.die_with_parent)]
+    assert "taking over the lock" in capsys.readouterr().err and not (tmp_path / plumbing.LOCK).exists()
+
+
+def test_a_pool_worker_ends_when_its_parent_is_killed(tmp_path):
+    """The --ablations pool's initializer: kill -9 the parent, and its worker ends too."""
+    import signal
+    import subprocess
+    marker = tmp_path / "worker.pid"
+    script = tmp_path / "parent.py"
+    script.write_text(f"import multiprocessing, os, sys, time\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+                      "import plumbing\n\ndef work(path):\n    open(path + '.tmp', 'w').write(str(os.getpid()))\n"
+                      "    os.replace(path + '.tmp', path)\n    time.sleep(120)\n\n"
+                      "if __name__ == '__main__':\n    with multiprocessing.get_context('spawn').Pool(1, initializer="
+                      f"plumbing.die_with_parent) as pool:\n        pool.apply(work, ({str(marker)!r},))\n")
+    parent = subprocess.Popen([sys.executable, str(script)])
+    worker = None
+    try:
+        for _ in range(600):  # the worker starts (imports torch): up to a minute on a busy machine
+            if marker.exists():
+                break
+            time.sleep(0.1)
+        worker = int(marker.read_text())
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        for _ in range(300):
+            if not plumbing.running(worker):
+                break
+            time.sleep(0.1)
+        assert not plumbing.running(worker), "the pool worker kept running after its parent was killed"
+    finally:
+        parent.kill()
+        parent.wait()
+        if worker and plumbing.running(worker):
+            os.kill(worker, signal.SIGKILL)
