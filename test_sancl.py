@@ -10,6 +10,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -1830,3 +1831,40 @@ def test_a_pool_worker_ends_when_its_parent_is_killed(tmp_path):
         parent.wait()
         if worker and plumbing.running(worker):
             os.kill(worker, signal.SIGKILL)
+
+
+def test_nan_weights_are_refused_naming_the_checkpoint(tiny_run, tmp_path, monkeypatch, capsys):
+    checkpoint = plumbing.load_checkpoint(tiny_run / "best.pt")
+    checkpoint["model"]["output.weight"] = checkpoint["model"]["output.weight"] * math.nan
+    (tmp_path / "run").mkdir()
+    torch.save(checkpoint, tmp_path / "run" / "last.pt")  # also the run --resume reads
+    nan = tmp_path / "run" / "last.pt"
+    assert evaluate.main(["--checkpoint", str(nan)]) == 2
+    for flag in ("--predict", "--explain"):
+        assert evaluate.main(["--checkpoint", str(nan), flag, str(EXAMPLES / "twisty_pins.json"), "--plots",
+                              str(tmp_path / "maps")]) == 2
+    assert train.main(["--resume", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"error: {nan}: 1 of its tensors hold NaN or infinite values (model.output.weight): the run "
+                   "diverged before it was saved or the file was altered; use the run's other checkpoint "
+                   "(best.pt / last.pt) or train again."] * 4
+    assert not (tmp_path / "maps").exists()
+    checkpoint = plumbing.load_checkpoint(tiny_run / "best.pt")  # finite weights, NaN scores (an overflow)
+    torch.save(checkpoint, tmp_path / "finite.pt")
+    real = sancl.SANCL.forward
+
+    def nan_scores(self, batch):
+        out = real(self, batch)
+        return {**out, "score": out["score"] * math.nan}
+
+    monkeypatch.setattr(sancl.SANCL, "forward", nan_scores)
+    assert evaluate.main(["--checkpoint", str(tmp_path / "finite.pt")]) == 2
+    assert evaluate.main(["--checkpoint", str(tmp_path / "finite.pt"), "--predict",
+                          str(EXAMPLES / "twisty_pins.json")]) == 2
+    assert evaluate.main(["--checkpoint", str(tmp_path / "finite.pt"), "--explain", str(EXAMPLES / "twisty_pins.json"),
+                          "--plots", str(tmp_path / "maps")]) == 2
+    err = capsys.readouterr().err
+    assert f"reviews of {EXAMPLES / 'twisty_pins.json'} as NaN" in err and not (tmp_path / "maps").exists()
+    for split in ("the test split", "the predict split"):
+        assert re.search(rf"error: {re.escape(str(tmp_path / 'finite.pt'))}: the model scores (\d+) of the \1 reviews "
+                         rf"of {split} as NaN or infinite, so nothing can be ranked", err)
