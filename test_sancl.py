@@ -1868,3 +1868,44 @@ def test_nan_weights_are_refused_naming_the_checkpoint(tiny_run, tmp_path, monke
     for split in ("the test split", "the predict split"):
         assert re.search(rf"error: {re.escape(str(tmp_path / 'finite.pt'))}: the model scores (\d+) of the \1 reviews "
                          rf"of {split} as NaN or infinite, so nothing can be ranked", err)
+
+
+def test_a_forged_or_broken_test_json_is_recomputed_from_best_pt(tiny_root, tmp_path):
+    out = tmp_path / "full-s0"
+    test = run_train(tiny_root, out)
+    job = (["--data-dir", str(tiny_root), "--epochs", "1", "--batch-size", "8", "--out", str(out)], out)
+    assert train.table_run(job) == (test, None, None)  # read back: it matches its best.pt
+    record = json.loads((out / "test.json").read_text())
+    for forged, why in [({**record, "test": {**test, "MAP": 99.99}}, "it does not match the run's best.pt"),
+                        ({**record, "test": None}, "its test metrics are not three numbers from 0 to 100"),
+                        ({"test": test}, "it does not match the run's best.pt"),  # no digest: written before
+                        (json.dumps(record)[:40], "unreadable (JSONDecodeError)")]:
+        (out / "test.json").write_text(forged if isinstance(forged, str) else json.dumps(forged))
+        again, seconds, note = train.table_run(job)
+        assert again == test and seconds is not None and note == f"test.json {why}: recomputed from best.pt"
+        assert json.loads((out / "test.json").read_text()) == record  # rewritten from the checkpoint
+    torch.save(plumbing.load_checkpoint(out / "last.pt"), out / "best.pt")  # another best.pt, same numbers
+    assert evaluate.finished_test(out) == (None, "it does not match the run's best.pt")
+
+
+def test_best_pt_without_last_pt_resumes_and_the_table_finishes(tiny_root, tmp_path, capsys):
+    out = tmp_path / "full-s0"
+    run_train(tiny_root, out, "--epochs", "2", "--patience", "9")
+    (out / "last.pt").unlink()  # killed while writing it
+    (out / "test.json").unlink()
+    with pytest.raises(data.DataError, match="an unfinished run already .* `python train.py --resume"):
+        run_train(tiny_root, out)
+    capsys.readouterr()
+    test = train.train(train.parse_args(["--resume", str(out)]))  # the advice works
+    assert "no last.pt (lost when the run was stopped while writing it): continuing from best.pt" in capsys.readouterr().err
+    assert json.loads((out / "test.json").read_text())["test"] == test
+    (out / "test.json").unlink()
+    job = (["--data-dir", str(tiny_root), "--epochs", "2", "--batch-size", "8", "--out", str(out)], out)
+    assert train.table_run(job)[0] == test  # --ablations resumes it instead of failing on "last.pt not found"
+
+
+def test_an_empty_checkpoint_is_a_clear_error(tmp_path):
+    (tmp_path / "best.pt").write_bytes(b"")
+    with pytest.raises(data.DataError, match=r"best.pt: not a readable checkpoint \(EOFError: 0 bytes\); the file "
+                                             r"is damaged or truncated"):
+        plumbing.load_checkpoint(tmp_path / "best.pt")
