@@ -1909,3 +1909,73 @@ def test_an_empty_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(data.DataError, match=r"best.pt: not a readable checkpoint \(EOFError: 0 bytes\); the file "
                                              r"is damaged or truncated"):
         plumbing.load_checkpoint(tmp_path / "best.pt")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--seed", "-1"], "argument --seed: -1: must be from 0 to 4294967295"),
+    (["--seed", str(2 ** 32)], "argument --seed: 4294967296: must be from 0 to 4294967295"),
+    (["--dropout", "1.5"], "argument --dropout: 1.5: must be from 0 to 1 (excluded): the share of words dropped"),
+    (["--dropout", "-0.1"], "argument --dropout: -0.1: must be from 0 to 1"),
+    (["--dropout", "nan"], "argument --dropout: nan: must be from 0 to 1"),
+    (["--dropout", "1.0"], "argument --dropout: 1.0: must be from 0 to 1 (excluded)"),
+    (["--kappa", "-1"], "argument --kappa: -1: must be from 0 to 100"),
+    (["--kappa", "1e30"], "argument --kappa: 1e30: must be from 0 to 100"),
+    (["--kappa", "nan"], "argument --kappa: nan: must be from 0 to 100"),
+    (["--lr", "1000"], "argument --lr: 1000.0: must be a number above 0 and at most 1"),
+    (["--threshold", "-5"], "argument --threshold: -5: must be from 0 to 3: labels are 0..4"),
+    (["--threshold", "10"], "argument --threshold: 10: must be from 0 to 3"),
+    (["--threads", str(10 ** 10)], "--threads 10000000000: this machine gives the run"),
+    (["--threads", "64"], "--threads 64: this machine gives the run"),
+    (["--ablations", "--jobs", "12"], "--threads 1 x --jobs 12: this machine gives the run"),
+    (["--resume", "runs/x", "--lr", "0.1", "--text-only"], "--resume continues runs/x with its own saved settings "
+                                                           "and model: drop --lr --text-only"),
+])
+def test_flags_out_of_range_are_refused(flags, message, monkeypatch, capsys):
+    monkeypatch.setattr(train, "cores", lambda: 2)  # the limits of a 2-core machine
+    with pytest.raises(SystemExit):
+        train.parse_args(([] if "--resume" in flags else ["--data", "home_kitchen"]) + flags)
+    assert message in capsys.readouterr().err.splitlines()[-1]
+    if flags[0] == "--threshold":
+        with pytest.raises(SystemExit):
+            evaluate.main(["--data", "home_kitchen", "--baselines", *flags])
+
+
+def test_a_table_never_starts_more_workers_than_runs(tiny_root, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train, "cores", lambda: 16)
+    pools = []
+
+    def pool(processes, initializer=None):
+        pools.append(processes)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train.multiprocessing, "get_context", lambda kind: SimpleNamespace(Pool=pool))
+    assert train.main(["--data-dir", str(tiny_root), "--ablations", "--seeds", "1", "--jobs", "12",
+                       "--out", str(tmp_path)]) == 130
+    assert pools == [7] and "7 runs, 7 at a time" in capsys.readouterr().out
+
+
+def test_bad_paths_are_one_line(tiny_root, tiny_run, tmp_path, monkeypatch, capsys):
+    import errno
+    (tmp_path / "file").write_text("")
+    base = ["--data-dir", str(tiny_root), "--epochs", "1", "--batch-size", "8"]
+    assert train.main([*base, "--glove", str(tmp_path)]) == 2
+    assert train.main([*base, "--out", str(tmp_path / "file")]) == 2
+    assert train.main([*base, "--ablations", "--seeds", "1", "--out", str(tmp_path / "file")]) == 2
+    assert evaluate.main(["--checkpoint", str(tiny_run / "best.pt"), "--explain", str(EXAMPLES / "twisty_pins.json"),
+                          "--plots", str(tmp_path / "file")]) == 2
+    err = capsys.readouterr().err
+    assert f"error: --glove {tmp_path} is a folder: pass the GloVe text file itself" in err
+    assert err.count(f"error: --out {tmp_path / 'file'} is a file, not a folder: pass --out NEW_FOLDER.") == 2
+    assert f"error: --plots {tmp_path / 'file'} is a file, not a folder" in err
+    for code, said in [(errno.ENOSPC, "the disk is full: free space, then run the same command again"),
+                       (errno.EROFS, "the file system is read-only: pass a writable --out")]:
+        def refuse(obj, path):
+            raise OSError(code, os.strerror(code), str(path))
+
+        monkeypatch.setattr(train, "save_atomic", refuse)
+        assert train.main([*base, "--out", str(tmp_path / f"run{code}")]) == 2
+        assert capsys.readouterr().err.splitlines()[-1] == f"error: cannot write {tmp_path / f'run{code}' / 'best.pt'}: {said}" + (
+            " (a run continues with --resume)." if code == errno.ENOSPC else " / --plots.")
+    monkeypatch.setattr(Path, "write_text", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EROFS, "ro", "x")))
+    assert train.main([*base, "--out", str(tmp_path / "ro")]) == 2  # the lock is the first file written
+    assert "error: cannot write x: the file system is read-only" in capsys.readouterr().err
