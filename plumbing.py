@@ -399,8 +399,8 @@ def model_from_checkpoint(checkpoint, path):
         if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)) or (
                 kind is not bool and not math.isfinite(value)) or not 0 <= value <= CONFIG_LIMITS.get(name, math.inf):
             bound = f" from 0 to {CONFIG_LIMITS[name]:,}" if name in CONFIG_LIMITS else ""
-            raise data.DataError(f"{path}: its config's {name} is {str(value)[:40]}, expected a "
-                                 f"{getattr(fields[name], '__name__', fields[name])}{bound}; {fix}.")
+            raise data.DataError(f"{path}: its config's {name} is {str(value)[:40]}, expected "
+                                 f"{ {bool: 'true or false', int: 'a whole number'}.get(kind, 'a number')}{bound}; {fix}.")
     if config.get("vocab_size") != len(vocab) or not all(isinstance(w, str) for w in vocab):
         raise data.DataError(f"{path}: its config asks for {config.get('vocab_size')} words, its vocabulary holds "
                              f"{len(vocab)} (or entries that are not words); {fix}.")

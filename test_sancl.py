@@ -1979,3 +1979,46 @@ def test_bad_paths_are_one_line(tiny_root, tiny_run, tmp_path, monkeypatch, caps
     monkeypatch.setattr(Path, "write_text", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EROFS, "ro", "x")))
     assert train.main([*base, "--out", str(tmp_path / "ro")]) == 2  # the lock is the first file written
     assert "error: cannot write x: the file system is read-only" in capsys.readouterr().err
+
+
+def test_a_checkpoint_is_checked_before_a_model_is_built(tiny_run, tmp_path, capsys):
+    good = plumbing.load_checkpoint(tiny_run / "best.pt")
+    text_only = sancl.SANCL(sancl.SANCLConfig(**{**good["config"], "text_only": True}), None).state_dict()
+    cases = [
+        (lambda c: c["model"].update({"output.weight": torch.zeros(3, 3)}), "its weights do not fit the model its "
+                                                                           "config describes .*output.weight"),
+        (lambda c: c["config"].update(text_only=True), "its weights do not fit .*Unexpected key"),  # multimodal weights
+        (lambda c: c.update(model=text_only), "its weights do not fit .*Missing key"),  # text-only weights, multimodal config
+        (lambda c: c["config"].update(colour=1), r"its config has settings this sancl.py does not know \(colour\)"),
+        (lambda c: c.update(config="SANCLConfig()"), "its config is a str, expected a dict"),
+        (lambda c: c.update(args=["--lr", "1"]), "its args is a list, expected a dict"),
+        (lambda c: c["config"].update(image_layers=10 ** 6), "its config's image_layers is 1000000, expected a whole number from 0 "
+                                                             "to 48"),
+        (lambda c: c["config"].update(vocab_size=10 ** 9), "its config's vocab_size is 1000000000, expected a whole number from "
+                                                           "0 to 5,000,000"),
+        (lambda c: c["config"].update(vocab_size=7), "its config asks for 7 words, its vocabulary holds"),
+        (lambda c: c["config"].update(kappa="0.1"), "its config's kappa is 0.1, expected a number"),
+        (lambda c: c["config"].update(text_only=1), "its config's text_only is 1, expected true or false"),
+    ]
+    for change, message in cases:
+        checkpoint = copy.deepcopy(good)
+        change(checkpoint)
+        with pytest.raises(data.DataError, match=f"^{re.escape(str(tmp_path / 'x.pt'))}: {message}"):
+            plumbing.model_from_checkpoint(checkpoint, tmp_path / "x.pt")
+    torch.save(checkpoint, tmp_path / "x.pt")  # through the commands: one line each
+    (tmp_path / "run").mkdir()
+    torch.save(checkpoint, tmp_path / "run" / "last.pt")
+    assert evaluate.main(["--checkpoint", str(tmp_path / "x.pt")]) == 2
+    assert train.main(["--resume", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.count("expected true or false") == 2
+
+
+def test_resume_keeps_the_saved_config(tiny_run, tmp_path, capsys):
+    shutil.copytree(tiny_run, tmp_path / "run")
+    checkpoint = plumbing.load_checkpoint(tmp_path / "run" / "last.pt")
+    checkpoint["config"]["kappa"] = 0.3  # the settings that built the model, against the args (kappa 0.1)
+    torch.save(checkpoint, tmp_path / "run" / "last.pt")
+    train.train(train.parse_args(["--resume", str(tmp_path / "run"), "--epochs", "3"]))
+    assert "kappa 0.3" in capsys.readouterr().out
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["config"]["kappa"] == 0.3
+    assert plumbing.load_checkpoint(tmp_path / "run" / "last.pt")["config"]["kappa"] == 0.3
