@@ -4,6 +4,7 @@ Sections, in the order of the code: data (data.py, features.py, sample.py), prob
 (probe_mask.py, probe_coref.py), model (sancl.py), metrics (evaluate.py), training (train.py,
 evaluate.py end to end on a tiny built-in sample), hostile input, and the import layout.
 """
+import contextlib
 import copy
 import hashlib
 import importlib.util
@@ -13,6 +14,7 @@ import os
 import re
 import shutil
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -2022,3 +2024,86 @@ def test_resume_keeps_the_saved_config(tiny_run, tmp_path, capsys):
     assert "kappa 0.3" in capsys.readouterr().out
     assert json.loads((tmp_path / "run" / "config.json").read_text())["config"]["kappa"] == 0.3
     assert plumbing.load_checkpoint(tmp_path / "run" / "last.pt")["config"]["kappa"] == 0.3
+
+
+def predict(run, spec, folder, capsys, name="p.json"):
+    """evaluate.py --predict on `spec` written as folder/name: (rc, stdout, stderr)."""
+    path = folder / name
+    path.write_bytes(spec if isinstance(spec, bytes) else spec.encode() if isinstance(spec, str) else
+                     json.dumps(spec).encode())
+    code = evaluate.main(["--checkpoint", str(run / "best.pt"), "--predict", str(path)])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_predict_refuses_what_it_cannot_rank_in_one_line(tiny_run, tmp_path, capsys):
+    ok = {"name": "Steel Kettle", "description": None, "reviews": [{"text": "It boils ."}, {"text": "Loud ."}]}
+    code, out, err = predict(tiny_run, ok, tmp_path, capsys)
+    assert code == 0 and out.startswith("Steel Kettle: 2 reviews")
+    model, checkpoint, _ = evaluate.load_run(tiny_run / "best.pt", split_names=())
+    split = evaluate.read_product_file(model, checkpoint, tmp_path / "p.json")[0]
+    assert split.products[0].text == "Steel Kettle "  # description null: none, not the word "None"
+    (tmp_path / "img").mkdir()
+    np.savez(tmp_path / "img" / "0.npz", x=np.ones((2, 2048), np.float32))
+    (tmp_path / "file").write_text("")
+    os.mkfifo(tmp_path / "fifo-folder")
+    (tmp_path / "pipe").mkdir()
+    os.mkfifo(tmp_path / "pipe" / "0.npz")  # reading it would wait for a writer for ever
+    (tmp_path / "link").symlink_to("/etc")
+    (tmp_path / "leak").mkdir()
+    np.savez(tmp_path.parent / "outside.npz", x=np.ones((2, 2048), np.float32))
+    (tmp_path / "leak" / "0.npz").symlink_to(tmp_path.parent / "outside.npz")
+    cases = [({"name": 7}, '"name" must be the product\'s name, text of 1 to 2000 characters (it is int)'),
+             ({"name": None}, "(it is NoneType)"), ({"name": "x" * 10 ** 6}, "(it is 1000000 characters)"),
+             ({"description": 3}, '"description" must be text or null (it is int)'),
+             ({"reviews": [{"text": 5}]}, 'review 1 must be {"text": "..."} with its text as a string'),
+             ({"reviews": "none"}, 'no "reviews" list in it'),
+             ({"features": "../../etc"}, 'the "features" of product (\'../../etc\') must be a folder inside'),
+             ({"features": "/etc"}, "no absolute path"), ({"features": "link"}, "must be a folder inside"),
+             ({"features": "file"}, "file: the \"features\" of product is a file, not a folder of .npz files"),
+             ({"features": "pipe"}, "0.npz: the features of product must be regular files inside"),
+             ({"features": "leak"}, "(this is a link out of it)")]
+    done = threading.Event()
+
+    def unblock():  # without the check a read of the FIFO would wait for ever: give it an end, fail, not hang
+        while not done.wait(0.2):
+            with contextlib.suppress(OSError):
+                os.close(os.open(tmp_path / "pipe" / "0.npz", os.O_WRONLY | os.O_NONBLOCK))
+
+    threading.Thread(target=unblock, daemon=True).start()
+    try:
+        for change, message in cases:
+            code, out, err = predict(tiny_run, {**ok, **change}, tmp_path, capsys)
+            assert code == 2 and message in err and len(err.splitlines()) == 1 and out == "", (change, err)
+    finally:
+        done.set()
+    code, _, err = predict(tiny_run, b'{"name": "\xff' + b"\xff" * 10 ** 6, tmp_path, capsys)  # not UTF-8
+    assert code == 2 and "cannot read it (UnicodeDecodeError:" in err and len(err) < 600
+    code, _, err = predict(tiny_run, "[" * 100_000 + "]" * 100_000, tmp_path, capsys)  # nested 100,000 deep
+    assert code == 2 and "cannot read it (RecursionError" in err and len(err) < 600
+
+
+def test_predict_reports_unknown_words_and_scores_a_large_product_in_chunks(tiny_run, tmp_path, monkeypatch, capsys):
+    other = {"name": "Zorblax Quantum Fluxgate", "reviews": [{"text": "Fluxgate zorblax quibbles ."}]}
+    code, _, err = predict(tiny_run, other, tmp_path, capsys)  # another category's words
+    assert code == 0 and "unknown tokens: " in err and "WARNING: is this the checkpoint of this product's" in err
+    reviews = [{"text": f"It boils water {'fast ' * (i % 7)}."} for i in range(600)]
+    predict(tiny_run, {"name": "Steel Kettle", "reviews": reviews}, tmp_path, capsys)
+    model, checkpoint, _ = evaluate.load_run(tiny_run / "best.pt", split_names=())
+    split = evaluate.read_product_file(model, checkpoint, tmp_path / "p.json")[0]
+    sizes, real = [], split.batch
+    monkeypatch.setattr(split, "batch", lambda rows: sizes.append(len(rows)) or real(rows))
+    chunked = evaluate.predict_scores(model, split, "cpu")
+    assert sizes == [256, 256, 88]  # one product of 600 reviews, in 3 batches
+    whole = model(real(torch.arange(600)))["score"]  # the same scores as one batch
+    assert torch.allclose(chunked, whole, atol=1e-5)
+
+
+def test_a_checkpoints_data_folder_is_not_blamed_on_the_user(tiny_run, tmp_path, capsys):
+    checkpoint = plumbing.load_checkpoint(tiny_run / "best.pt")
+    checkpoint["args"]["data_dir"] = str(tmp_path / "moved")
+    torch.save(checkpoint, tmp_path / "best.pt")
+    assert evaluate.main(["--checkpoint", str(tmp_path / "best.pt")]) == 2
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'best.pt'}: the run read its data from {tmp_path / 'moved'} "
+                                       "(saved in the checkpoint), which is no folder here: pass --data-dir DIR where "
+                                       "the data is now.\n")
