@@ -145,7 +145,8 @@ def load_run(checkpoint_path, data_dir=None, split_names=data.SPLITS, device="cp
     args, config = checkpoint["args"], model.config
     splits = None
     if split_names:
-        saved = {k: args.get(k) if isinstance(args.get(k), str) else None for k in ("data", "data_dir", "glove", "features")}
+        saved = {k: args.get(k) if isinstance(args.get(k), str) else None
+                 for k in ("data", "data_dir", "glove", "features")}
         if saved["data"] not in data.CATEGORIES:
             saved["data"] = None
         if data_dir is None and saved["data_dir"] and not Path(saved["data_dir"]).is_dir():

@@ -362,8 +362,7 @@ def tensors(obj, prefix=""):
 
 
 def check_weights(checkpoint, path, parts=("model",)):
-    """Refuse a checkpoint whose weights (or optimizer state) hold NaN or infinity: a model that ranks
-    by NaN gives a MAP that means nothing (issue 21, case 3). Named here, not blamed on a batch."""
+    """Refuse a checkpoint whose weights (or optimizer state) hold NaN or infinity: a MAP of NaN scores is no MAP."""
     bad = [name for part in parts for name, t in tensors(checkpoint.get(part), part)
            if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if bad:
@@ -392,15 +391,15 @@ def model_from_checkpoint(checkpoint, path):
     fields = {f.name: f.type for f in dataclasses.fields(sancl.SANCLConfig)}
     unknown = sorted(set(config) - set(fields), key=str)
     if unknown:
-        raise data.DataError(f"{path}: its config has settings this sancl.py does not know ({', '.join(map(str, unknown[:5]))})"
-                             f": written by another version of the code? {fix}.")
+        raise data.DataError(f"{path}: its config has settings this sancl.py does not know "
+                             f"({', '.join(map(str, unknown[:5]))}): written by another version of the code? {fix}.")
     for name, value in config.items():
         kind = {"int": int, "float": (int, float), "bool": bool}[getattr(fields[name], "__name__", fields[name])]
         if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)) or (
                 kind is not bool and not math.isfinite(value)) or not 0 <= value <= CONFIG_LIMITS.get(name, math.inf):
             bound = f" from 0 to {CONFIG_LIMITS[name]:,}" if name in CONFIG_LIMITS else ""
-            raise data.DataError(f"{path}: its config's {name} is {str(value)[:40]}, expected "
-                                 f"{ {bool: 'true or false', int: 'a whole number'}.get(kind, 'a number')}{bound}; {fix}.")
+            what = {bool: "true or false", int: "a whole number"}.get(kind, "a number")
+            raise data.DataError(f"{path}: its config's {name} is {str(value)[:40]}, expected {what}{bound}; {fix}.")
     if config.get("vocab_size") != len(vocab) or not all(isinstance(w, str) for w in vocab):
         raise data.DataError(f"{path}: its config asks for {config.get('vocab_size')} words, its vocabulary holds "
                              f"{len(vocab)} (or entries that are not words); {fix}.")
@@ -444,10 +443,9 @@ def running(pid):
 
 @contextlib.contextmanager
 def folder_lock(folder, what="a run"):
-    """Hold `folder`/run.lock while the block runs: an exclusive create (a hard link of a file that already
-    holds our pid, so a reader never sees it half written) fails while another process holds it, and the
-    second command stops with one line instead of writing into the first one's run (issue 21, case 2).
-    A lock left by a process that is no longer running (killed) is taken over, with a message."""
+    """Hold `folder`/run.lock while the block runs: its exclusive create (a hard link of a file holding our pid:
+    never seen half written) fails while another process holds it, and a second command stops with one line
+    instead of writing into the first one's run. A killed process's lock is taken over, with a message."""
     folder = Path(folder)
     lock, mine = folder / LOCK, folder / f"{LOCK}.{os.getpid()}"
     mine.write_text(f"{os.getpid()}\n")
@@ -492,14 +490,11 @@ def die_with_parent():
 
 
 def write_error(error):
-    """An OSError while writing a run or a picture, in one line with the fix: a full disk, a read-only or
-    forbidden place, a path that is a file where a folder is needed (or the reverse)."""
+    """An OSError while writing a run or a picture, in one line with the fix (a full disk, a read-only place...)."""
     where = error.filename or "a file"
-    fixes = {errno.ENOSPC: "the disk is full: free space, then run the same command again (a run continues "
-                           "with --resume)",
+    fixes = {errno.ENOSPC: "the disk is full: free space, then run the same command again (a run continues with "
+                           "--resume)",
              errno.EROFS: "the file system is read-only: pass a writable --out / --plots",
              errno.EACCES: "permission denied: pass a folder you may write to",
-             errno.EEXIST: "a file is in the way where a folder is needed: pass another --out / --plots",
-             errno.ENOTDIR: "a part of the path is a file, not a folder: pass another --out / --plots",
-             errno.EISDIR: "a folder is in the way where a file is needed"}
+             errno.ENOTDIR: "a part of the path is a file, not a folder: pass another --out / --plots"}
     return f"cannot write {where}: {fixes.get(error.errno, error.strerror or type(error).__name__)}."

@@ -1899,7 +1899,8 @@ def test_best_pt_without_last_pt_resumes_and_the_table_finishes(tiny_root, tmp_p
         run_train(tiny_root, out)
     capsys.readouterr()
     test = train.train(train.parse_args(["--resume", str(out)]))  # the advice works
-    assert "no last.pt (lost when the run was stopped while writing it): continuing from best.pt" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no last.pt (lost when the run was stopped while writing it): continuing from best.pt" in err
     assert json.loads((out / "test.json").read_text())["test"] == test
     (out / "test.json").unlink()
     job = (["--data-dir", str(tiny_root), "--epochs", "2", "--batch-size", "8", "--out", str(out)], out)
@@ -1976,8 +1977,9 @@ def test_bad_paths_are_one_line(tiny_root, tiny_run, tmp_path, monkeypatch, caps
 
         monkeypatch.setattr(train, "save_atomic", refuse)
         assert train.main([*base, "--out", str(tmp_path / f"run{code}")]) == 2
-        assert capsys.readouterr().err.splitlines()[-1] == f"error: cannot write {tmp_path / f'run{code}' / 'best.pt'}: {said}" + (
-            " (a run continues with --resume)." if code == errno.ENOSPC else " / --plots.")
+        said += " (a run continues with --resume)." if code == errno.ENOSPC else " / --plots."
+        where = tmp_path / f"run{code}" / "best.pt"
+        assert capsys.readouterr().err.splitlines()[-1] == f"error: cannot write {where}: {said}"
     monkeypatch.setattr(Path, "write_text", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EROFS, "ro", "x")))
     assert train.main([*base, "--out", str(tmp_path / "ro")]) == 2  # the lock is the first file written
     assert "error: cannot write x: the file system is read-only" in capsys.readouterr().err
@@ -1990,14 +1992,14 @@ def test_a_checkpoint_is_checked_before_a_model_is_built(tiny_run, tmp_path, cap
         (lambda c: c["model"].update({"output.weight": torch.zeros(3, 3)}), "its weights do not fit the model its "
                                                                            "config describes .*output.weight"),
         (lambda c: c["config"].update(text_only=True), "its weights do not fit .*Unexpected key"),  # multimodal weights
-        (lambda c: c.update(model=text_only), "its weights do not fit .*Missing key"),  # text-only weights, multimodal config
+        (lambda c: c.update(model=text_only), "its weights do not fit .*Missing key"),  # text-only weights
         (lambda c: c["config"].update(colour=1), r"its config has settings this sancl.py does not know \(colour\)"),
         (lambda c: c.update(config="SANCLConfig()"), "its config is a str, expected a dict"),
         (lambda c: c.update(args=["--lr", "1"]), "its args is a list, expected a dict"),
-        (lambda c: c["config"].update(image_layers=10 ** 6), "its config's image_layers is 1000000, expected a whole number from 0 "
-                                                             "to 48"),
-        (lambda c: c["config"].update(vocab_size=10 ** 9), "its config's vocab_size is 1000000000, expected a whole number from "
-                                                           "0 to 5,000,000"),
+        (lambda c: c["config"].update(image_layers=10 ** 6), "its config's image_layers is 1000000, expected a "
+                                                             "whole number from 0 to 48"),
+        (lambda c: c["config"].update(vocab_size=10 ** 9), "its config's vocab_size is 1000000000, expected a "
+                                                           "whole number from 0 to 5,000,000"),
         (lambda c: c["config"].update(vocab_size=7), "its config asks for 7 words, its vocabulary holds"),
         (lambda c: c["config"].update(kappa="0.1"), "its config's kappa is 0.1, expected a number"),
         (lambda c: c["config"].update(text_only=1), "its config's text_only is 1, expected true or false"),
@@ -2104,6 +2106,6 @@ def test_a_checkpoints_data_folder_is_not_blamed_on_the_user(tiny_run, tmp_path,
     checkpoint["args"]["data_dir"] = str(tmp_path / "moved")
     torch.save(checkpoint, tmp_path / "best.pt")
     assert evaluate.main(["--checkpoint", str(tmp_path / "best.pt")]) == 2
-    assert capsys.readouterr().err == (f"error: {tmp_path / 'best.pt'}: the run read its data from {tmp_path / 'moved'} "
-                                       "(saved in the checkpoint), which is no folder here: pass --data-dir DIR where "
-                                       "the data is now.\n")
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'best.pt'}: the run read its data from "
+                                       f"{tmp_path / 'moved'} (saved in the checkpoint), which is no folder here: pass "
+                                       "--data-dir DIR where the data is now.\n")

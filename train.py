@@ -202,8 +202,7 @@ def epoch_plan(split, groups, batching, batch_size, rng):
 def run_folder(args, category, hold=None):
     """--out, else runs/{data}[-{switches}]-s{seed} (e.g. runs/home_kitchen-text_only-s0,
     runs/home_kitchen-products-s0), so that the ablations, batchings and seeds do not overwrite each
-    other. A new run refuses a folder that holds a run. With `hold` (an ExitStack) the folder is made
-    and locked first (plumbing.folder_lock), so that two runs never both pass that check."""
+    other. A new run refuses a folder that holds a run; with `hold` (an ExitStack) it is made and locked first."""
     switches = [s for s in SWITCHES + ("freeze_embeddings", "amp") if getattr(args, s, False)]
     switches += ["products"] if getattr(args, "batching", "groups") == "products" else []
     out = Path(args.out or "runs/" + "-".join([category] + switches + [f"s{args.seed}"]))
@@ -268,35 +267,32 @@ def settings(args, category):
 
 
 def train(args, progress=None):
-    """`progress` (a dict) is told the run folder and the epoch, for main's Ctrl-C message. The run
-    folder stays locked from its check to the test line (run_folder)."""
+    """`progress` (a dict) is told the run folder and the epoch, for main's Ctrl-C message."""
     with contextlib.ExitStack() as hold:
         return train_locked(args, {} if progress is None else progress, hold)
 
 
 def resume_from(run, args):
-    """--resume: the run's last.pt, else its best.pt (last.pt lost to a kill or a full disk during its first
-    write: the run goes on from its best epoch, with a message), checked (plumbing.model_from_checkpoint);
-    and its saved flags, where the command's own --epochs, --device, --threads and data paths win."""
+    """--resume: the run's checked checkpoint (last.pt, else best.pt, with a message) and saved flags, where the
+    command's own --epochs, --device, --threads and data paths win (parse_args refuses the others)."""
     path = Path(run) / "last.pt"
     if not path.is_file() and (Path(run) / "best.pt").is_file():
         path = Path(run) / "best.pt"
         print(f"{run}: no last.pt (lost when the run was stopped while writing it): continuing from best.pt; the "
               f"epochs after its best one are trained again", file=sys.stderr)
     resume = load_checkpoint(path)
-    resume["model"] = model_from_checkpoint(resume, path)  # the saved config wins (parse_args refuses others)
+    resume["model"] = model_from_checkpoint(resume, path)  # the saved config wins
     check_weights(resume, path, ("optimizer",))
     saved = {"batching": "groups", "amp": False, **resume["args"]}  # runs from before these flags
     saved.update(resume=run, out=run, device=args.device, threads=args.threads, epochs=args.epochs or saved["epochs"],
-                 **{k: getattr(args, k) for k in ("data_dir", "glove", "features", "compute_masks") if getattr(args, k)})
+                 **{k: getattr(args, k) for k in ("data_dir", "glove", "features", "compute_masks")
+                    if getattr(args, k)})
     return resume, argparse.Namespace(**saved)
 
 
 def train_locked(args, progress, hold):
     device = pick_device(args.device)
-    resume = None
-    if args.resume:  # the saved run's flags win: resuming continues the same run
-        resume, args = resume_from(args.resume, args)
+    resume, args = resume_from(args.resume, args) if args.resume else (None, args)  # the saved run's flags win
     seed_everything(args.seed, args.threads)
     autocast(device, args.amp)  # --amp refused here, before the data loads, where it cannot work
     source = find_data(args.data, args.data_dir, args.glove, args.features)
@@ -414,10 +410,9 @@ def run_name(flags, seed):
 
 
 def table_run(job):
-    """One run of the table, in its own process, its output in its folder's train.log: the test metrics
-    (a finished run's are read back, an unfinished one is resumed; a test.json that does not match its
-    best.pt is recomputed from it by resuming the finished run), the seconds it took (None when read
-    back) and a note on what was done instead of reading back."""
+    """One run of the table, in its own process, its output in its folder's train.log: the test metrics (a
+    finished run's read back, or recomputed from best.pt by --resume where test.json does not match it; an
+    unfinished one resumed), the seconds it took (None when read back) and a note on a recomputation."""
     argv, out = job
     start, note = time.time(), None
     if (out / "test.json").exists():
