@@ -79,12 +79,13 @@ def check_scores(scores, who, split):
     """Refuse to rank by NaN or infinite scores (a MAP over them means nothing): one line naming `who`."""
     bad = int((~torch.isfinite(scores)).sum())
     if bad:
-        raise data.DataError(f"{who}: the model scores {bad} of the {len(scores)} reviews of {split} as NaN or "
-                             f"infinite, so nothing can be ranked; use another checkpoint of the run.")
+        raise data.DataError(f"{f'{who}: ' if who else ''}the model scores {bad} of the {len(scores)} reviews of "
+                             f"{split} as NaN or infinite, so nothing can be ranked"
+                             + ("; use another checkpoint of the run." if who else "."))
 
 
 @torch.no_grad()
-def predict_scores(model, split, device, who="the model"):
+def predict_scores(model, split, device, who=None):
     """xi for every review of `split`, in split order (R,), checked to be finite. In eval mode a review's
     score depends on its product and itself only, so a product of more than CHUNK reviews (20,000 given
     to --predict) is scored in chunks of its reviews, each with its product, instead of as one batch."""
@@ -98,7 +99,7 @@ def predict_scores(model, split, device, who="the model"):
     return scores
 
 
-def evaluate_split(model, split, device, threshold=1, who="the model"):
+def evaluate_split(model, split, device, threshold=1, who=None):
     scores = predict_scores(model, split, device, who)
     return ranking_metrics(split.review_product_ids(), split.labels, scores, threshold)
 

@@ -4,8 +4,7 @@
   2. which data a run reads: the release, else the built-in sample (written on first use),
      with probe masks from probe_mask.py's cache (computed now for the sample) and region
      features from features.py
-  3. checkpoints: written atomically, read back with everything a run needs to resume, checked
-     before a model is built from them
+  3. checkpoints: written atomically, read back with everything a run needs, checked before use
   4. run folders: one process writes into a folder at a time; write errors said in one line
 
 Imports go one way: this file uses data, features, probe_mask, sample and sancl;
@@ -458,7 +457,8 @@ def folder_lock(folder, what="a run"):
                 pid = lock_owner(lock)
                 if pid is not None and running(pid):
                     raise data.DataError(f"{folder} is in use: process {pid} is writing {what} into it ({lock}). "
-                                         f"Wait for it to end, or pass another --out.") from None
+                                         f"Wait for it to end, or pass another --out (or, if process {pid} is no "
+                                         f"run of ours, delete {lock}).") from None
                 print(f"{lock}: taking over the lock of process {pid}, which is no longer running (killed?)",
                       file=sys.stderr)
                 with contextlib.suppress(FileNotFoundError):
