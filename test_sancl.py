@@ -2109,3 +2109,13 @@ def test_a_checkpoints_data_folder_is_not_blamed_on_the_user(tiny_run, tmp_path,
     assert capsys.readouterr().err == (f"error: {tmp_path / 'best.pt'}: the run read its data from "
                                        f"{tmp_path / 'moved'} (saved in the checkpoint), which is no folder here: pass "
                                        "--data-dir DIR where the data is now.\n")
+
+
+def test_resume_refuses_a_nan_optimizer_state_naming_the_checkpoint(tiny_run, tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    checkpoint = plumbing.load_checkpoint(tiny_run / "last.pt")
+    checkpoint["optimizer"]["state"][0]["exp_avg"][0] = math.inf
+    torch.save(checkpoint, tmp_path / "run" / "last.pt")
+    assert train.main(["--resume", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'run' / 'last.pt'}: 1 of its tensors hold NaN or "
+                                              "infinite values (optimizer.state.0.exp_avg)")
