@@ -9,6 +9,7 @@ The metrics follow the definitions of the dataset's authors (../shared/SPEC.md Â
 product is one query; its reviews are sorted by predicted score, ties kept in input order.
 """
 import argparse
+import hashlib
 import json
 import math
 import sys
@@ -20,10 +21,10 @@ import torch
 import data
 import plots
 import probe_mask
-import sancl
 from features import RegionStore
-from plumbing import (Prefetch, device_flag, find_data, load_checkpoint, load_data, pick_device, report_data,
-                      seed_everything, to_device)
+from plumbing import (THRESHOLD, WARN_SHARE, Prefetch, device_flag, find_data, load_checkpoint, load_data,
+                      model_from_checkpoint, pick_device, report_data, seed_everything, to_device, unknown_share,
+                      write_error)
 
 
 # --- the metrics, written out ------------------------------------------------------------
@@ -71,19 +72,36 @@ def format_metrics(prefix, metrics):
 
 
 # plumbing: scoring a whole split with a model
+CHUNK = 256  # reviews per scoring batch: whole products up to it (Split.eval_plan), a larger product in chunks
+
+
+def check_scores(scores, who, split):
+    """Refuse to rank by NaN or infinite scores (a MAP over them means nothing): one line naming `who`."""
+    bad = int((~torch.isfinite(scores)).sum())
+    if bad:
+        raise data.DataError(f"{f'{who}: ' if who else ''}the model scores {bad} of the {len(scores)} reviews of "
+                             f"{split} as NaN or infinite, so nothing can be ranked"
+                             + ("; use another checkpoint of the run." if who else "."))
+
+
 @torch.no_grad()
-def predict_scores(model, split, device):
-    """xi for every review of `split`, in split order (R,)."""
+def predict_scores(model, split, device, who=None):
+    """xi for every review of `split`, in split order (R,), checked to be finite. In eval mode a review's
+    score depends on its product and itself only, so a product of more than CHUNK reviews (20,000 given
+    to --predict) is scored in chunks of its reviews, each with its product, instead of as one batch."""
     model.eval()
     scores = torch.zeros(len(split.labels))
-    with Prefetch(split.batch, split.eval_plan()) as batches:
+    plan = [rows[i:i + CHUNK] for rows in split.eval_plan(CHUNK) for i in range(0, len(rows), CHUNK)]
+    with Prefetch(split.batch, plan) as batches:
         for batch in batches:
             scores[batch["review_rows"]] = model(to_device(batch, device))["score"].float().cpu()
+    check_scores(scores, who, f"the {split.name} split")
     return scores
 
 
-def evaluate_split(model, split, device, threshold=1):
-    return ranking_metrics(split.review_product_ids(), split.labels, predict_scores(model, split, device), threshold)
+def evaluate_split(model, split, device, threshold=1, who=None):
+    scores = predict_scores(model, split, device, who)
+    return ranking_metrics(split.review_product_ids(), split.labels, scores, threshold)
 
 
 # --- reference rankers: what "better than trivial" means ----------------------------------
@@ -101,21 +119,93 @@ def baseline_metrics(products, threshold=1):
             for name, scores in baseline_scores(products).items()}
 
 
+def write_table(rows, folder, title):
+    """Table 2's layout: a row per setting, MAP / N@3 / N@5 as mean +- std over seeds (std with n - 1);
+    printed, and written as table2.md and table2.csv into `folder`."""
+    lines = [f"Table 2 on {title}", "", "| setting | MAP | N@3 | N@5 |", "|---|---|---|---|"]
+    csv_lines = ["setting,runs,MAP,MAP_std,N@3,N@3_std,N@5,N@5_std"]
+    for name, runs in rows.items():
+        cells, values = [], []
+        for metric in ("MAP", "N@3", "N@5"):
+            scores = np.array([run[metric] for run in runs])
+            std = scores.std(ddof=1) if len(scores) > 1 else 0.0
+            cells.append(f"{scores.mean():.2f} Â± {std:.2f}" if len(scores) > 1 else f"{scores.mean():.2f}")
+            values += [f"{scores.mean():.4f}", f"{std:.4f}"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        csv_lines.append(f"{name},{len(runs)}," + ",".join(values))
+    (folder / "table2.md").write_text("\n".join(lines) + "\n")
+    (folder / "table2.csv").write_text("\n".join(csv_lines) + "\n")
+    print("\n".join(lines) + f"\n(written to {folder / 'table2.md'} and {folder / 'table2.csv'})")
+
+
 # plumbing: saved runs
 def load_run(checkpoint_path, data_dir=None, split_names=data.SPLITS, device="cpu"):
     """The model of a saved run and its data, encoded with the run's own vocabulary."""
     checkpoint = load_checkpoint(checkpoint_path)
-    args, config = checkpoint["args"], sancl.SANCLConfig(**checkpoint["config"])
-    model = sancl.SANCL(config, None)
-    model.load_state_dict(checkpoint["model"])
-    model.to(device)
+    model = model_from_checkpoint(checkpoint, checkpoint_path).to(device)  # checked: config, shapes, finite
+    args, config = checkpoint["args"], model.config
     splits = None
     if split_names:
-        source = find_data(args["data"], data_dir or args["data_dir"], args["glove"], args["features"])
+        saved = {k: args.get(k) if isinstance(args.get(k), str) else None
+                 for k in ("data", "data_dir", "glove", "features")}
+        if saved["data"] not in data.CATEGORIES:
+            saved["data"] = None
+        if data_dir is None and saved["data_dir"] and not Path(saved["data_dir"]).is_dir():
+            raise data.DataError(f"{checkpoint_path}: the run read its data from {saved['data_dir']} (saved in the "
+                                 f"checkpoint), which is no folder here: pass --data-dir DIR where the data is now.")
+        source = find_data(saved["data"], data_dir or saved["data_dir"], saved["glove"], saved["features"])
         splits, _, _, info = load_data(source, vocab=checkpoint["vocab"], with_images=not config.text_only,
                                        with_masks=not config.no_probe_mask, split_names=split_names)
         report_data(info, sys.stderr)  # the unknown-token share says whether the run's vocabulary fits this data
+    checkpoint["path"] = str(checkpoint_path)
     return model, checkpoint, splits
+
+
+def run_digest(out, test):
+    """sha256 of the run's best.pt and of the test metrics written beside it: test.json names the checkpoint
+    its numbers came from, and a hand-edited number or another best.pt no longer matches."""
+    digest = hashlib.sha256()
+    with open(out / "best.pt", "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return hashlib.sha256(digest.digest() + json.dumps(test, sort_keys=True).encode()).hexdigest()
+
+
+def finished_test(out):
+    """A finished run's test metrics from its test.json, or why they cannot be trusted: the file is
+    unreadable, not what train() writes, or does not match the run's best.pt (run_digest)."""
+    try:
+        record = json.loads((out / "test.json").read_text())
+        test = record["test"]
+        if not (isinstance(test, dict) and all(isinstance(test.get(k), float) and 0 <= test[k] <= 100
+                                               for k in ("MAP", "N@3", "N@5"))):
+            return None, "its test metrics are not three numbers from 0 to 100"
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return None, f"unreadable ({type(error).__name__})"
+    if not (out / "best.pt").is_file() or record.get("digest") != run_digest(out, test):
+        return None, "it does not match the run's best.pt"
+    return test, None
+
+
+MAX_NAME = 2000  # characters of a --predict product name (the model reads 128 tokens of name + description)
+
+
+def feature_folder(path, item_id, given):
+    """An item's "features" path of a --predict file, checked. The rule: a folder INSIDE the JSON file's folder,
+    given relative to it; resolved with its symlinks, it and the .npz / .pth files in it must stay inside,
+    and those must be regular files (a FIFO would block the read for ever). Anything else is refused."""
+    home = Path(path).resolve().parent
+    folder = home / given if isinstance(given, str) and given and not Path(given).is_absolute() else None
+    if folder is None or not folder.resolve().is_relative_to(home):
+        raise data.DataError(f"{path}: the \"features\" of {item_id} ({str(given)[:80]!r}) must be a folder inside "
+                             f"{home}, given relative to the JSON file (no absolute path, no .. out of it).")
+    if folder.exists() and not folder.is_dir():
+        raise data.DataError(f"{folder}: the \"features\" of {item_id} is a file, not a folder of .npz files.")
+    for file in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if file.suffix in (".npz", ".pth") and not (file.is_file() and file.resolve().is_relative_to(home)):
+            raise data.DataError(f"{file}: the features of {item_id} must be regular files inside {home} (this is a "
+                                 f"{'link out of it' if file.is_file() else 'FIFO, device or folder'}).")
+    return folder
 
 
 def read_product_file(model, checkpoint, path, nlp=None):
@@ -123,19 +213,31 @@ def read_product_file(model, checkpoint, path, nlp=None):
 
     {"name": "...", "description": "...", "features": "folder (optional)",
      "reviews": [{"text": "...", "features": "folder (optional)"}, ...]}
-    Feature folders hold .npz files (key x, shape (n, 2048)) as in the release, relative to the JSON file.
-    skipped: reviews without text; folders: item id -> its feature folder (items with images).
+    Feature folders hold .npz files (key x, shape (n, 2048)) as in the release, inside the JSON file's folder
+    (feature_folder). skipped: reviews without text; folders: item id -> its feature folder (items with images).
     """
+    expected = '{"name": "...", "description": "...", "reviews": [{"text": "..."}, ...]}'
     try:
-        spec = json.loads(Path(path).read_text())
-        product = data.Product("product", spec["name"], spec.get("description", ""))
-        reviews = [(f"review-{i}", r) for i, r in enumerate(spec["reviews"]) if r["text"].strip()]
-        product.reviews = [data.Review(review_id, r["text"], 0) for review_id, r in reviews]
-        folders = {item_id: Path(path).parent / item["features"]
-                   for item_id, item in [("product", spec), *reviews] if item.get("features")}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-        raise data.DataError(f"{path}: cannot read it ({error!r}); expected "
-                             '{"name": "...", "description": "...", "reviews": [{"text": "..."}, ...]}') from None
+        spec = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as error:  # the message alone: a repr would quote the whole file
+        raise data.DataError(f"{path}: cannot read it ({type(error).__name__}: {str(error)[:200]}); expected "
+                             f"{expected}") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("reviews"), list):
+        raise data.DataError(f"{path}: expected {expected} (no \"reviews\" list in it).")
+    name, description = spec.get("name"), spec.get("description")
+    if not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME:
+        raise data.DataError(f"{path}: \"name\" must be the product's name, text of 1 to {MAX_NAME} characters (it "
+                             f"is {type(name).__name__ if not isinstance(name, str) else f'{len(name)} characters'}).")
+    if description is not None and not isinstance(description, str):
+        raise data.DataError(f"{path}: \"description\" must be text or null (it is {type(description).__name__}).")
+    for i, review in enumerate(spec["reviews"]):
+        if not isinstance(review, dict) or not isinstance(review.get("text"), str):
+            raise data.DataError(f"{path}: review {i + 1} must be {{\"text\": \"...\"}} with its text as a string.")
+    product = data.Product("product", name, description or "")  # null: no description, not the word "None"
+    reviews = [(f"review-{i}", r) for i, r in enumerate(spec["reviews"]) if r["text"].strip()]
+    product.reviews = [data.Review(review_id, r["text"], 0) for review_id, r in reviews]
+    folders = {item_id: feature_folder(path, item_id, item["features"])
+               for item_id, item in [("product", spec), *reviews] if item.get("features") is not None}
     if not product.reviews:
         raise data.DataError(f"{path}: no review with text to rank.")
     masks = None
@@ -150,8 +252,11 @@ def read_product_file(model, checkpoint, path, nlp=None):
 def predict_file(model, checkpoint, path, device):
     """Score the reviews of one product given as JSON (read_product_file) and print them, best first."""
     split, skipped, _ = read_product_file(model, checkpoint, path)
-    product = split.products[0]
-    scores = predict_scores(model, split, device)
+    product, unknown = split.products[0], unknown_share(split)
+    print(f"unknown tokens: {100 * unknown:.1f}% of the file's words are not in the run's vocabulary"
+          + (f"\nWARNING: is this the checkpoint of this product's category?" if unknown > WARN_SHARE else ""),
+          file=sys.stderr)
+    scores = predict_scores(model, split, device, who=checkpoint["path"])
     print(f"{product.name}: {len(product.reviews)} reviews, most helpful first"
           + (f" ({skipped} without text skipped)" if skipped else ""))
     for rank, i in enumerate(torch.argsort(-scores, stable=True).tolist(), 1):
@@ -187,7 +292,10 @@ def explain_file(model, checkpoint, path, device, plot_dir):
     model.eval()
     batch = split.batch(split.eval_plan()[0])  # whole products per batch: the file's one product
     out = model(to_device(batch, device))  # (R,) score, beta; (R, Lr) m_prime; (R, Lr, Lr) attention
+    check_scores(out["score"].float().cpu(), checkpoint["path"], path)
     plot_dir = Path(plot_dir)
+    if plot_dir.exists() and not plot_dir.is_dir():
+        raise data.DataError(f"--plots {plot_dir} is a file, not a folder: pass --plots DIR for the pictures.")
     plot_dir.mkdir(parents=True, exist_ok=True)
     print(f"Product name: {product.name}\nProduct description: {product.description}"
           + (f"\n({skipped} reviews without text skipped)" if skipped else ""))
@@ -224,7 +332,7 @@ def main(argv=None):
     p.add_argument("--split", default="test", choices=data.SPLITS, help="split to evaluate (default test)")
     p.add_argument("--data", choices=sorted(data.CATEGORIES), help="category, for --baselines")
     p.add_argument("--data-dir", help="release-layout folder (default: the run's, or data/{Category}/)")
-    p.add_argument("--threshold", type=int, default=1, help="relevance threshold: a review is relevant when "
+    p.add_argument("--threshold", type=THRESHOLD, default=1, help="relevance threshold: a review is relevant when "
                    "its label is above it (1 on Amazon, as in the reference configs)")
     p.add_argument("--baselines", action="store_true", help="print the metrics of the random and length rankers")
     p.add_argument("--predict", metavar="FILE.json", help="rank the reviews of a product described in FILE.json")
@@ -250,11 +358,15 @@ def main(argv=None):
             predict_file(model, checkpoint, args.predict, device)
         elif args.checkpoint:
             model, _, splits = load_run(args.checkpoint, args.data_dir, (args.split,), device)
-            print(format_metrics(args.split, evaluate_split(model, splits[args.split], device, args.threshold)))
+            metrics = evaluate_split(model, splits[args.split], device, args.threshold, args.checkpoint)
+            print(format_metrics(args.split, metrics))
         else:
             p.error("pass --checkpoint PATH, or --data NAME --baselines")
     except data.DataError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # --plots on a full disk or a read-only place
+        print(f"error: {write_error(error)}", file=sys.stderr)
         return 2
     return 0
 

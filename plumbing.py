@@ -4,13 +4,17 @@
   2. which data a run reads: the release, else the built-in sample (written on first use),
      with probe masks from probe_mask.py's cache (computed now for the sample) and region
      features from features.py
-  3. checkpoints: written atomically, read back with everything a run needs to resume
+  3. checkpoints: written atomically, read back with everything a run needs, checked before use
+  4. run folders: one process writes into a folder at a time; write errors said in one line
 
 Imports go one way: this file uses data, features, probe_mask, sample and sancl;
 evaluate.py and train.py use it; nothing below imports it.
 """
 import argparse
 import contextlib
+import dataclasses
+import errno
+import math
 import os
 import pickle
 import queue
@@ -28,6 +32,7 @@ import torch
 import data
 import probe_mask
 import sample
+import sancl
 from features import RegionStore, scan_regions
 
 
@@ -57,6 +62,53 @@ def device_flag(name):
     if device.type not in ("cpu", "cuda"):
         raise argparse.ArgumentTypeError(f"{name}: only cpu and cuda are supported")
     return name
+
+
+def count(text):
+    """argparse type of the counts (epochs, batch size, patience, threads): a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be 1 or more")
+    return value
+
+
+def rate(text):
+    """argparse type of the learning rate: a number above 0, at most 1 (Adam's steps are about lr per weight:
+    above 1 a step leaves any sensible range of the weights, and the run diverges in its first batches)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be a number above 0 and at most 1, e.g. 1e-4")
+    return value
+
+
+def within(low, high, whole=False, below=False, why=""):
+    """argparse type: a number from `low` to `high` (`below`: high excluded), NaN and infinity refused."""
+    def parse(text):
+        try:
+            value = int(text) if whole else float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' if whole else ''}number") from None
+        if not (low <= value < high if below else low <= value <= high):  # NaN fails both
+            raise argparse.ArgumentTypeError(f"{text}: must be from {low} to {high}{' (excluded)' if below else ''}"
+                                             f"{why}")
+        return value
+    return parse
+
+
+SEED, DROPOUT = within(0, 2 ** 32 - 1, whole=True), within(0, 1, below=True, why=": the share of words dropped")
+KAPPA = within(0, 100, why=": the weight of the contrastive losses next to the task loss (Table 5: 0.1, 0.25)")
+THRESHOLD = within(0, 3, whole=True, why=": labels are 0..4, relevant = above it (1 on Amazon)")
+
+
+def cores():
+    """CPU cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def pick_device(name):
@@ -143,6 +195,9 @@ def find_data(name=None, data_dir=None, glove=None, features=None, quiet=False):
     """data.resolve_data, and when it falls back to the built-in sample: write the sample on
     first use and say loudly that the numbers will not be the paper's."""
     source = data.resolve_data(name, data_dir, glove, features)
+    if source.glove.is_dir():
+        raise data.DataError(f"--glove {source.glove} is a folder: pass the GloVe text file itself "
+                             f"(e.g. {source.glove / 'glove.840B.300d.txt'}).")
     if source.is_sample and data_dir is None:
         sample.ensure_sample(source.root, name)
         if not quiet:
@@ -283,10 +338,163 @@ def load_checkpoint(path):
         raise data.DataError(f"{path}: refused: it holds more than tensors and plain data ({what}), and loading it "
                              f"could run code. Use checkpoints written by this train.py only.") from None
     except Exception as error:  # not a torch file, or cut short
+        said = (str(error).splitlines() or ["0 bytes" if path.stat().st_size == 0 else "no message"])[0]
         raise data.DataError(f"{path}: not a readable checkpoint ({type(error).__name__}: "
-                             f"{str(error).splitlines()[0][:100]}); {damaged}.") from None
+                             f"{said[:100]}); {damaged}.") from None
     if not isinstance(checkpoint, dict) or not all(key in checkpoint for key in CHECKPOINT_KEYS):
         has = sorted(checkpoint)[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise data.DataError(f"{path}: not a train.py checkpoint (it has {has}, expected {list(CHECKPOINT_KEYS)}); "
                              f"pass a run's best.pt or last.pt.")
     return checkpoint
+
+
+def tensors(obj, prefix=""):
+    """(name, tensor) of every tensor in a checkpoint part: a state dict, an optimizer's nested dicts and lists."""
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            yield from tensors(value, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            yield from tensors(value, f"{prefix}.{i}")
+
+
+def check_weights(checkpoint, path, parts=("model",)):
+    """Refuse a checkpoint whose weights (or optimizer state) hold NaN or infinity: a MAP of NaN scores is no MAP."""
+    bad = [name for part in parts for name, t in tensors(checkpoint.get(part), part)
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise data.DataError(f"{path}: {len(bad)} of its tensors hold NaN or infinite values ({', '.join(bad[:3])}"
+                             f"{', ...' if len(bad) > 3 else ''}): the run diverged before it was saved or the file "
+                             f"was altered; use the run's other checkpoint (best.pt / last.pt) or train again.")
+
+
+# What a checkpoint's config may ask for: a file can hold any number, and the model allocates what it says
+# before a single weight is compared. Far above the paper's sizes (Table 5, SPEC §10), far below memory's end.
+CONFIG_LIMITS = {"vocab_size": 5_000_000, "embed_dim": 4096, "hidden": 4096, "image_dim": 4096, "region_dim": 8192,
+                 "shared_dim": 4096, "image_layers": 48, "image_heads": 64, "image_feedforward": 16384}
+
+
+def model_from_checkpoint(checkpoint, path):
+    """The SANCL model a checkpoint describes, its weights loaded, after checking what the file says
+    before anything is allocated: args and config are dicts, the config's keys are SANCLConfig's with
+    values of their type and within CONFIG_LIMITS, its vocabulary is the table's size, the weights are
+    finite and fit the model the config builds. Every failure is one line naming `path`."""
+    args, config, vocab = checkpoint["args"], checkpoint["config"], checkpoint["vocab"]
+    fix = "pass a run's best.pt or last.pt written by this train.py"
+    for name, value, kind in (("args", args, dict), ("config", config, dict), ("vocab", vocab, list),
+                              ("model", checkpoint["model"], dict)):
+        if not isinstance(value, kind):
+            raise data.DataError(f"{path}: its {name} is a {type(value).__name__}, expected a {kind.__name__}; {fix}.")
+    fields = {f.name: f.type for f in dataclasses.fields(sancl.SANCLConfig)}
+    unknown = sorted(set(config) - set(fields), key=str)
+    if unknown:
+        raise data.DataError(f"{path}: its config has settings this sancl.py does not know "
+                             f"({', '.join(map(str, unknown[:5]))}): written by another version of the code? {fix}.")
+    for name, value in config.items():
+        kind = {"int": int, "float": (int, float), "bool": bool}[getattr(fields[name], "__name__", fields[name])]
+        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)) or (
+                kind is not bool and not math.isfinite(value)) or not 0 <= value <= CONFIG_LIMITS.get(name, math.inf):
+            bound = f" from 0 to {CONFIG_LIMITS[name]:,}" if name in CONFIG_LIMITS else ""
+            what = {bool: "true or false", int: "a whole number"}.get(kind, "a number")
+            raise data.DataError(f"{path}: its config's {name} is {str(value)[:40]}, expected {what}{bound}; {fix}.")
+    if config.get("vocab_size") != len(vocab) or not all(isinstance(w, str) for w in vocab):
+        raise data.DataError(f"{path}: its config asks for {config.get('vocab_size')} words, its vocabulary holds "
+                             f"{len(vocab)} (or entries that are not words); {fix}.")
+    check_weights(checkpoint, path)
+    try:
+        model = sancl.SANCL(sancl.SANCLConfig(**config), None)
+        model.load_state_dict(checkpoint["model"])
+    except (TypeError, ValueError, RuntimeError) as error:
+        first = (str(error).replace("\n\t", " ").splitlines() or [type(error).__name__])[0]
+        raise data.DataError(f"{path}: its weights do not fit the model its config describes ({first[:200]}); "
+                             f"{fix}.") from None
+    return model
+
+
+# --- 4. run folders: one writer at a time ------------------------------------------------------
+LOCK = "run.lock"
+
+
+def lock_owner(lock):
+    """The process id written in a lock file, or None (gone, or not a number)."""
+    try:
+        return int(Path(lock).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def running(pid):
+    """Whether process `pid` is alive (a zombie, killed but not yet reaped, is not)."""
+    if pid <= 0:  # 0 and -1 would ask about process groups
+        return False
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:  # another user's process
+        return True
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    return True
+
+
+@contextlib.contextmanager
+def folder_lock(folder, what="a run"):
+    """Hold `folder`/run.lock while the block runs: its exclusive create (a hard link of a file holding our pid:
+    never seen half written) fails while another process holds it, and a second command stops with one line
+    instead of writing into the first one's run. A killed process's lock is taken over, with a message."""
+    folder = Path(folder)
+    lock, mine = folder / LOCK, folder / f"{LOCK}.{os.getpid()}"
+    mine.write_text(f"{os.getpid()}\n")
+    try:
+        for _ in range(3):
+            try:
+                os.link(mine, lock)
+                break
+            except FileExistsError:
+                pid = lock_owner(lock)
+                if pid is not None and running(pid):
+                    raise data.DataError(f"{folder} is in use: process {pid} is writing {what} into it ({lock}). "
+                                         f"Wait for it to end, or pass another --out (or, if process {pid} is no "
+                                         f"run of ours, delete {lock}).") from None
+                print(f"{lock}: taking over the lock of process {pid}, which is no longer running (killed?)",
+                      file=sys.stderr)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(lock)
+        else:
+            raise data.DataError(f"{lock}: could not take the lock; another process keeps taking it.")
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(mine)
+    try:
+        yield
+    finally:
+        if lock_owner(lock) == os.getpid():
+            with contextlib.suppress(OSError):
+                os.unlink(lock)
+
+
+def die_with_parent():
+    """Pool initializer of --ablations' workers: a worker ends when the command that started it is killed
+    (the parent's pid changes), instead of training on, unseen, into the table's folders."""
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def write_error(error):
+    """An OSError while writing a run or a picture, in one line with the fix (a full disk, a read-only place...)."""
+    where = error.filename or "a file"
+    fixes = {errno.ENOSPC: "the disk is full: free space, then run the same command again (a run continues with "
+                           "--resume)",
+             errno.EROFS: "the file system is read-only: pass a writable --out / --plots",
+             errno.EACCES: "permission denied: pass a folder you may write to",
+             errno.ENOTDIR: "a part of the path is a file, not a folder: pass another --out / --plots"}
+    return f"cannot write {where}: {fixes.get(error.errno, error.strerror or type(error).__name__)}."

@@ -4,6 +4,7 @@ Sections, in the order of the code: data (data.py, features.py, sample.py), prob
 (probe_mask.py, probe_coref.py), model (sancl.py), metrics (evaluate.py), training (train.py,
 evaluate.py end to end on a tiny built-in sample), hostile input, and the import layout.
 """
+import contextlib
 import copy
 import gzip
 import hashlib
@@ -14,6 +15,8 @@ import os
 import re
 import shutil
 import sys
+import threading
+import time
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -2620,3 +2623,378 @@ def test_extract_on_cuda_without_cuda_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         features.main(["--extract", str(tmp_path), "--weights", "w.pth", "--out", str(tmp_path / "f"), "--device", "cuda"])
     assert "torch sees no CUDA device here; use --device cpu" in capsys.readouterr().err
+
+
+# --- issue 21: run folders, checkpoints, flags, evaluate.py and --predict ---------------------
+def sleeper():
+    """A live process that is not this one: the holder of a lock in the tests below."""
+    import subprocess
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+
+
+def test_a_run_folder_is_locked_and_a_dead_runs_lock_is_taken_over(tiny_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    other = sleeper()
+    try:
+        (out / plumbing.LOCK).write_text(f"{other.pid}\n")  # a second command while the first one trains
+        with pytest.raises(data.DataError, match=rf"{out} is in use: process {other.pid} is writing a train.py run"):
+            run_train(tiny_root, out)
+        assert sorted(p.name for p in out.iterdir()) == [plumbing.LOCK]  # nothing written, the lock left alone
+    finally:
+        other.kill()
+        other.wait()
+    run_train(tiny_root, out)  # the holder was killed: its lock is stale
+    assert f"taking over the lock of process {other.pid}, which is no longer running" in capsys.readouterr().err
+    assert (out / "test.json").exists() and not (out / plumbing.LOCK).exists()  # released at the end
+    with plumbing.folder_lock(out):  # the lock is taken by an exclusive create, and names its holder
+        assert plumbing.lock_owner(out / plumbing.LOCK) == os.getpid()
+        with pytest.raises(data.DataError, match="is in use"):
+            with plumbing.folder_lock(out):
+                pass
+    assert not plumbing.running(-1) and not plumbing.running(0)  # never a process group
+
+
+def test_ablations_started_twice_stop_and_its_workers_die_with_it(tiny_root, tmp_path, monkeypatch, capsys):
+    argv = ["--data-dir", str(tiny_root), "--ablations", "--seeds", "1", "--jobs", "1", "--out", str(tmp_path)]
+    other = sleeper()
+    try:
+        (tmp_path / plumbing.LOCK).write_text(f"{other.pid}\n")
+        assert train.main(argv) == 2
+        assert f"is in use: process {other.pid} is writing a Table 2 (--ablations)" in capsys.readouterr().err
+    finally:
+        other.kill()
+        other.wait()
+    pools = []
+
+    class Stop(Exception):
+        pass
+
+    def pool(processes, initializer=None):
+        pools.append((processes, initializer))
+        raise Stop
+
+    monkeypatch.setattr(train.multiprocessing, "get_context", lambda kind: SimpleNamespace(Pool=pool))
+    with pytest.raises(Stop):
+        train.main(argv[:-4] + ["--seeds", "1", "--jobs", "2", "--out", str(tmp_path)])
+    assert pools == [(2, plumbing.die_with_parent)]
+    assert "taking over the lock" in capsys.readouterr().err and not (tmp_path / plumbing.LOCK).exists()
+
+
+def test_a_pool_worker_ends_when_its_parent_is_killed(tmp_path):
+    """The --ablations pool's initializer: kill -9 the parent, and its worker ends too."""
+    import signal
+    import subprocess
+    marker = tmp_path / "worker.pid"
+    script = tmp_path / "parent.py"
+    script.write_text(f"import multiprocessing, os, sys, time\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+                      "import plumbing\n\ndef work(path):\n    open(path + '.tmp', 'w').write(str(os.getpid()))\n"
+                      "    os.replace(path + '.tmp', path)\n    time.sleep(120)\n\n"
+                      "if __name__ == '__main__':\n    with multiprocessing.get_context('spawn').Pool(1, initializer="
+                      f"plumbing.die_with_parent) as pool:\n        pool.apply(work, ({str(marker)!r},))\n")
+    parent = subprocess.Popen([sys.executable, str(script)])
+    worker = None
+    try:
+        for _ in range(600):  # the worker starts (imports torch): up to a minute on a busy machine
+            if marker.exists():
+                break
+            time.sleep(0.1)
+        worker = int(marker.read_text())
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        for _ in range(300):
+            if not plumbing.running(worker):
+                break
+            time.sleep(0.1)
+        assert not plumbing.running(worker), "the pool worker kept running after its parent was killed"
+    finally:
+        parent.kill()
+        parent.wait()
+        if worker and plumbing.running(worker):
+            os.kill(worker, signal.SIGKILL)
+
+
+def test_nan_weights_are_refused_naming_the_checkpoint(tiny_run, tmp_path, monkeypatch, capsys):
+    checkpoint = plumbing.load_checkpoint(tiny_run / "best.pt")
+    checkpoint["model"]["output.weight"] = checkpoint["model"]["output.weight"] * math.nan
+    (tmp_path / "run").mkdir()
+    torch.save(checkpoint, tmp_path / "run" / "last.pt")  # also the run --resume reads
+    nan = tmp_path / "run" / "last.pt"
+    assert evaluate.main(["--checkpoint", str(nan)]) == 2
+    for flag in ("--predict", "--explain"):
+        assert evaluate.main(["--checkpoint", str(nan), flag, str(EXAMPLES / "twisty_pins.json"), "--plots",
+                              str(tmp_path / "maps")]) == 2
+    assert train.main(["--resume", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"error: {nan}: 1 of its tensors hold NaN or infinite values (model.output.weight): the run "
+                   "diverged before it was saved or the file was altered; use the run's other checkpoint "
+                   "(best.pt / last.pt) or train again."] * 4
+    assert not (tmp_path / "maps").exists()
+    checkpoint = plumbing.load_checkpoint(tiny_run / "best.pt")  # finite weights, NaN scores (an overflow)
+    torch.save(checkpoint, tmp_path / "finite.pt")
+    real = sancl.SANCL.forward
+
+    def nan_scores(self, batch):
+        out = real(self, batch)
+        return {**out, "score": out["score"] * math.nan}
+
+    monkeypatch.setattr(sancl.SANCL, "forward", nan_scores)
+    assert evaluate.main(["--checkpoint", str(tmp_path / "finite.pt")]) == 2
+    assert evaluate.main(["--checkpoint", str(tmp_path / "finite.pt"), "--predict",
+                          str(EXAMPLES / "twisty_pins.json")]) == 2
+    assert evaluate.main(["--checkpoint", str(tmp_path / "finite.pt"), "--explain", str(EXAMPLES / "twisty_pins.json"),
+                          "--plots", str(tmp_path / "maps")]) == 2
+    err = capsys.readouterr().err
+    assert f"reviews of {EXAMPLES / 'twisty_pins.json'} as NaN" in err and not (tmp_path / "maps").exists()
+    for split in ("the test split", "the predict split"):
+        assert re.search(rf"error: {re.escape(str(tmp_path / 'finite.pt'))}: the model scores (\d+) of the \1 reviews "
+                         rf"of {split} as NaN or infinite, so nothing can be ranked", err)
+
+
+def test_a_forged_or_broken_test_json_is_recomputed_from_best_pt(tiny_root, tmp_path):
+    out = tmp_path / "full-s0"
+    test = run_train(tiny_root, out)
+    job = (["--data-dir", str(tiny_root), "--epochs", "1", "--batch-size", "8", "--out", str(out)], out)
+    assert train.table_run(job) == (test, None, None)  # read back: it matches its best.pt
+    record = json.loads((out / "test.json").read_text())
+    for forged, why in [({**record, "test": {**test, "MAP": 99.99}}, "it does not match the run's best.pt"),
+                        ({**record, "test": None}, "its test metrics are not three numbers from 0 to 100"),
+                        ({"test": test}, "it does not match the run's best.pt"),  # no digest: written before
+                        (json.dumps(record)[:40], "unreadable (JSONDecodeError)")]:
+        (out / "test.json").write_text(forged if isinstance(forged, str) else json.dumps(forged))
+        again, seconds, note = train.table_run(job)
+        assert again == test and seconds is not None and note == f"test.json {why}: recomputed from best.pt"
+        assert json.loads((out / "test.json").read_text()) == record  # rewritten from the checkpoint
+    torch.save(plumbing.load_checkpoint(out / "last.pt"), out / "best.pt")  # another best.pt, same numbers
+    assert evaluate.finished_test(out) == (None, "it does not match the run's best.pt")
+
+
+def test_best_pt_without_last_pt_resumes_and_the_table_finishes(tiny_root, tmp_path, capsys):
+    out = tmp_path / "full-s0"
+    run_train(tiny_root, out, "--epochs", "2", "--patience", "9")
+    (out / "last.pt").unlink()  # killed while writing it
+    (out / "test.json").unlink()
+    with pytest.raises(data.DataError, match="an unfinished run already .* `python train.py --resume"):
+        run_train(tiny_root, out)
+    capsys.readouterr()
+    test = train.train(train.parse_args(["--resume", str(out)]))  # the advice works
+    err = capsys.readouterr().err
+    assert "no last.pt (lost when the run was stopped while writing it): continuing from best.pt" in err
+    assert json.loads((out / "test.json").read_text())["test"] == test
+    (out / "test.json").unlink()
+    job = (["--data-dir", str(tiny_root), "--epochs", "2", "--batch-size", "8", "--out", str(out)], out)
+    assert train.table_run(job)[0] == test  # --ablations resumes it instead of failing on "last.pt not found"
+
+
+def test_an_empty_checkpoint_is_a_clear_error(tmp_path):
+    (tmp_path / "best.pt").write_bytes(b"")
+    with pytest.raises(data.DataError, match=r"best.pt: not a readable checkpoint \(EOFError: 0 bytes\); the file "
+                                             r"is damaged or truncated"):
+        plumbing.load_checkpoint(tmp_path / "best.pt")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--seed", "-1"], "argument --seed: -1: must be from 0 to 4294967295"),
+    (["--seed", str(2 ** 32)], "argument --seed: 4294967296: must be from 0 to 4294967295"),
+    (["--dropout", "1.5"], "argument --dropout: 1.5: must be from 0 to 1 (excluded): the share of words dropped"),
+    (["--dropout", "-0.1"], "argument --dropout: -0.1: must be from 0 to 1"),
+    (["--dropout", "nan"], "argument --dropout: nan: must be from 0 to 1"),
+    (["--dropout", "1.0"], "argument --dropout: 1.0: must be from 0 to 1 (excluded)"),
+    (["--kappa", "-1"], "argument --kappa: -1: must be from 0 to 100"),
+    (["--kappa", "1e30"], "argument --kappa: 1e30: must be from 0 to 100"),
+    (["--kappa", "nan"], "argument --kappa: nan: must be from 0 to 100"),
+    (["--lr", "1000"], "argument --lr: 1000.0: must be a number above 0 and at most 1"),
+    (["--threshold", "-5"], "argument --threshold: -5: must be from 0 to 3: labels are 0..4"),
+    (["--threshold", "10"], "argument --threshold: 10: must be from 0 to 3"),
+    (["--threads", str(10 ** 10)], "--threads 10000000000: this machine gives the run"),
+    (["--threads", "64"], "--threads 64: this machine gives the run"),
+    (["--ablations", "--jobs", "12"], "--threads 1 x --jobs 12: this machine gives the run"),
+    (["--resume", "runs/x", "--lr", "0.1", "--text-only"], "--resume continues runs/x with its own saved settings "
+                                                           "and model: drop --lr --text-only"),
+])
+def test_flags_out_of_range_are_refused(flags, message, monkeypatch, capsys):
+    monkeypatch.setattr(train, "cores", lambda: 2)  # the limits of a 2-core machine
+    with pytest.raises(SystemExit):
+        train.parse_args(([] if "--resume" in flags else ["--data", "home_kitchen"]) + flags)
+    assert message in capsys.readouterr().err.splitlines()[-1]
+    if flags[0] == "--threshold":
+        with pytest.raises(SystemExit):
+            evaluate.main(["--data", "home_kitchen", "--baselines", *flags])
+
+
+def test_a_table_never_starts_more_workers_than_runs(tiny_root, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train, "cores", lambda: 16)
+    pools = []
+
+    def pool(processes, initializer=None):
+        pools.append(processes)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train.multiprocessing, "get_context", lambda kind: SimpleNamespace(Pool=pool))
+    assert train.main(["--data-dir", str(tiny_root), "--ablations", "--seeds", "1", "--jobs", "12",
+                       "--out", str(tmp_path)]) == 130
+    assert pools == [7] and "7 runs, 7 at a time" in capsys.readouterr().out
+
+
+def test_bad_paths_are_one_line(tiny_root, tiny_run, tmp_path, monkeypatch, capsys):
+    import errno
+    (tmp_path / "file").write_text("")
+    base = ["--data-dir", str(tiny_root), "--epochs", "1", "--batch-size", "8"]
+    assert train.main([*base, "--glove", str(tmp_path)]) == 2
+    assert train.main([*base, "--out", str(tmp_path / "file")]) == 2
+    assert train.main([*base, "--ablations", "--seeds", "1", "--out", str(tmp_path / "file")]) == 2
+    assert evaluate.main(["--checkpoint", str(tiny_run / "best.pt"), "--explain", str(EXAMPLES / "twisty_pins.json"),
+                          "--plots", str(tmp_path / "file")]) == 2
+    err = capsys.readouterr().err
+    assert f"error: --glove {tmp_path} is a folder: pass the GloVe text file itself" in err
+    assert err.count(f"error: --out {tmp_path / 'file'} is a file, not a folder: pass --out NEW_FOLDER.") == 2
+    assert f"error: --plots {tmp_path / 'file'} is a file, not a folder" in err
+    for code, said in [(errno.ENOSPC, "the disk is full: free space, then run the same command again"),
+                       (errno.EROFS, "the file system is read-only: pass a writable --out")]:
+        def refuse(obj, path):
+            raise OSError(code, os.strerror(code), str(path))
+
+        monkeypatch.setattr(train, "save_atomic", refuse)
+        assert train.main([*base, "--out", str(tmp_path / f"run{code}")]) == 2
+        said += " (a run continues with --resume)." if code == errno.ENOSPC else " / --plots."
+        where = tmp_path / f"run{code}" / "best.pt"
+        assert capsys.readouterr().err.splitlines()[-1] == f"error: cannot write {where}: {said}"
+    monkeypatch.setattr(Path, "write_text", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EROFS, "ro", "x")))
+    assert train.main([*base, "--out", str(tmp_path / "ro")]) == 2  # the lock is the first file written
+    assert "error: cannot write x: the file system is read-only" in capsys.readouterr().err
+
+
+def test_a_checkpoint_is_checked_before_a_model_is_built(tiny_run, tmp_path, capsys):
+    good = plumbing.load_checkpoint(tiny_run / "best.pt")
+    text_only = sancl.SANCL(sancl.SANCLConfig(**{**good["config"], "text_only": True}), None).state_dict()
+    cases = [
+        (lambda c: c["model"].update({"output.weight": torch.zeros(3, 3)}), "its weights do not fit the model its "
+                                                                           "config describes .*output.weight"),
+        (lambda c: c["config"].update(text_only=True), "its weights do not fit .*Unexpected key"),  # multimodal weights
+        (lambda c: c.update(model=text_only), "its weights do not fit .*Missing key"),  # text-only weights
+        (lambda c: c["config"].update(colour=1), r"its config has settings this sancl.py does not know \(colour\)"),
+        (lambda c: c.update(config="SANCLConfig()"), "its config is a str, expected a dict"),
+        (lambda c: c.update(args=["--lr", "1"]), "its args is a list, expected a dict"),
+        (lambda c: c["config"].update(image_layers=10 ** 6), "its config's image_layers is 1000000, expected a "
+                                                             "whole number from 0 to 48"),
+        (lambda c: c["config"].update(vocab_size=10 ** 9), "its config's vocab_size is 1000000000, expected a "
+                                                           "whole number from 0 to 5,000,000"),
+        (lambda c: c["config"].update(vocab_size=7), "its config asks for 7 words, its vocabulary holds"),
+        (lambda c: c["config"].update(kappa="0.1"), "its config's kappa is 0.1, expected a number"),
+        (lambda c: c["config"].update(text_only=1), "its config's text_only is 1, expected true or false"),
+    ]
+    for change, message in cases:
+        checkpoint = copy.deepcopy(good)
+        change(checkpoint)
+        with pytest.raises(data.DataError, match=f"^{re.escape(str(tmp_path / 'x.pt'))}: {message}"):
+            plumbing.model_from_checkpoint(checkpoint, tmp_path / "x.pt")
+    torch.save(checkpoint, tmp_path / "x.pt")  # through the commands: one line each
+    (tmp_path / "run").mkdir()
+    torch.save(checkpoint, tmp_path / "run" / "last.pt")
+    assert evaluate.main(["--checkpoint", str(tmp_path / "x.pt")]) == 2
+    assert train.main(["--resume", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.count("expected true or false") == 2
+
+
+def test_resume_keeps_the_saved_config(tiny_run, tmp_path, capsys):
+    shutil.copytree(tiny_run, tmp_path / "run")
+    checkpoint = plumbing.load_checkpoint(tmp_path / "run" / "last.pt")
+    checkpoint["config"]["kappa"] = 0.3  # the settings that built the model, against the args (kappa 0.1)
+    torch.save(checkpoint, tmp_path / "run" / "last.pt")
+    train.train(train.parse_args(["--resume", str(tmp_path / "run"), "--epochs", "3"]))
+    assert "kappa 0.3" in capsys.readouterr().out
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["config"]["kappa"] == 0.3
+    assert plumbing.load_checkpoint(tmp_path / "run" / "last.pt")["config"]["kappa"] == 0.3
+
+
+def predict(run, spec, folder, capsys, name="p.json"):
+    """evaluate.py --predict on `spec` written as folder/name: (rc, stdout, stderr)."""
+    path = folder / name
+    path.write_bytes(spec if isinstance(spec, bytes) else spec.encode() if isinstance(spec, str) else
+                     json.dumps(spec).encode())
+    code = evaluate.main(["--checkpoint", str(run / "best.pt"), "--predict", str(path)])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_predict_refuses_what_it_cannot_rank_in_one_line(tiny_run, tmp_path, capsys):
+    ok = {"name": "Steel Kettle", "description": None, "reviews": [{"text": "It boils ."}, {"text": "Loud ."}]}
+    code, out, err = predict(tiny_run, ok, tmp_path, capsys)
+    assert code == 0 and out.startswith("Steel Kettle: 2 reviews")
+    model, checkpoint, _ = evaluate.load_run(tiny_run / "best.pt", split_names=())
+    split = evaluate.read_product_file(model, checkpoint, tmp_path / "p.json")[0]
+    assert split.products[0].text == "Steel Kettle "  # description null: none, not the word "None"
+    (tmp_path / "img").mkdir()
+    np.savez(tmp_path / "img" / "0.npz", x=np.ones((2, 2048), np.float32))
+    (tmp_path / "file").write_text("")
+    os.mkfifo(tmp_path / "fifo-folder")
+    (tmp_path / "pipe").mkdir()
+    os.mkfifo(tmp_path / "pipe" / "0.npz")  # reading it would wait for a writer for ever
+    (tmp_path / "link").symlink_to("/etc")
+    (tmp_path / "leak").mkdir()
+    np.savez(tmp_path.parent / "outside.npz", x=np.ones((2, 2048), np.float32))
+    (tmp_path / "leak" / "0.npz").symlink_to(tmp_path.parent / "outside.npz")
+    cases = [({"name": 7}, '"name" must be the product\'s name, text of 1 to 2000 characters (it is int)'),
+             ({"name": None}, "(it is NoneType)"), ({"name": "x" * 10 ** 6}, "(it is 1000000 characters)"),
+             ({"description": 3}, '"description" must be text or null (it is int)'),
+             ({"reviews": [{"text": 5}]}, 'review 1 must be {"text": "..."} with its text as a string'),
+             ({"reviews": "none"}, 'no "reviews" list in it'),
+             ({"features": "../../etc"}, 'the "features" of product (\'../../etc\') must be a folder inside'),
+             ({"features": "/etc"}, "no absolute path"), ({"features": "link"}, "must be a folder inside"),
+             ({"features": "file"}, "file: the \"features\" of product is a file, not a folder of .npz files"),
+             ({"features": "pipe"}, "0.npz: the features of product must be regular files inside"),
+             ({"features": "leak"}, "(this is a link out of it)")]
+    done = threading.Event()
+
+    def unblock():  # without the check a read of the FIFO would wait for ever: give it an end, fail, not hang
+        while not done.wait(0.2):
+            with contextlib.suppress(OSError):
+                os.close(os.open(tmp_path / "pipe" / "0.npz", os.O_WRONLY | os.O_NONBLOCK))
+
+    threading.Thread(target=unblock, daemon=True).start()
+    try:
+        for change, message in cases:
+            code, out, err = predict(tiny_run, {**ok, **change}, tmp_path, capsys)
+            assert code == 2 and message in err and len(err.splitlines()) == 1 and out == "", (change, err)
+    finally:
+        done.set()
+    code, _, err = predict(tiny_run, b'{"name": "\xff' + b"\xff" * 10 ** 6, tmp_path, capsys)  # not UTF-8
+    assert code == 2 and "cannot read it (UnicodeDecodeError:" in err and len(err) < 600
+    code, _, err = predict(tiny_run, "[" * 100_000 + "]" * 100_000, tmp_path, capsys)  # nested 100,000 deep
+    assert code == 2 and "cannot read it (RecursionError" in err and len(err) < 600
+
+
+def test_predict_reports_unknown_words_and_scores_a_large_product_in_chunks(tiny_run, tmp_path, monkeypatch, capsys):
+    other = {"name": "Zorblax Quantum Fluxgate", "reviews": [{"text": "Fluxgate zorblax quibbles ."}]}
+    code, _, err = predict(tiny_run, other, tmp_path, capsys)  # another category's words
+    assert code == 0 and "unknown tokens: " in err and "WARNING: is this the checkpoint of this product's" in err
+    reviews = [{"text": f"It boils water {'fast ' * (i % 7)}."} for i in range(600)]
+    predict(tiny_run, {"name": "Steel Kettle", "reviews": reviews}, tmp_path, capsys)
+    model, checkpoint, _ = evaluate.load_run(tiny_run / "best.pt", split_names=())
+    split = evaluate.read_product_file(model, checkpoint, tmp_path / "p.json")[0]
+    sizes, real = [], split.batch
+    monkeypatch.setattr(split, "batch", lambda rows: sizes.append(len(rows)) or real(rows))
+    chunked = evaluate.predict_scores(model, split, "cpu")
+    assert sizes == [256, 256, 88]  # one product of 600 reviews, in 3 batches
+    whole = model(real(torch.arange(600)))["score"]  # the same scores as one batch
+    assert torch.allclose(chunked, whole, atol=1e-5)
+
+
+def test_a_checkpoints_data_folder_is_not_blamed_on_the_user(tiny_run, tmp_path, capsys):
+    checkpoint = plumbing.load_checkpoint(tiny_run / "best.pt")
+    checkpoint["args"]["data_dir"] = str(tmp_path / "moved")
+    torch.save(checkpoint, tmp_path / "best.pt")
+    assert evaluate.main(["--checkpoint", str(tmp_path / "best.pt")]) == 2
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'best.pt'}: the run read its data from "
+                                       f"{tmp_path / 'moved'} (saved in the checkpoint), which is no folder here: pass "
+                                       "--data-dir DIR where the data is now.\n")
+
+
+def test_resume_refuses_a_nan_optimizer_state_naming_the_checkpoint(tiny_run, tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    checkpoint = plumbing.load_checkpoint(tiny_run / "last.pt")
+    checkpoint["optimizer"]["state"][0]["exp_avg"][0] = math.inf
+    torch.save(checkpoint, tmp_path / "run" / "last.pt")
+    assert train.main(["--resume", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'run' / 'last.pt'}: 1 of its tensors hold NaN or "
+                                              "infinite values (optimizer.state.0.exp_avg)")

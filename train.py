@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import math
 import multiprocessing
 import sys
 import time
@@ -36,35 +35,16 @@ import torch
 import data
 import plots
 import sancl
-from evaluate import baseline_metrics, evaluate_split, format_metrics
-from plumbing import (Prefetch, adam, autocast, device_flag, find_data, load_checkpoint, load_data, pick_device,
-                      report_data, rng_state, save_atomic, seed_everything, set_rng_state, to_device)
+from evaluate import baseline_metrics, evaluate_split, finished_test, format_metrics, run_digest, write_table
+from plumbing import (DROPOUT, KAPPA, SEED, THRESHOLD, Prefetch, adam, autocast, check_weights, cores, count,
+                      device_flag, die_with_parent, find_data, folder_lock, load_checkpoint, load_data,
+                      model_from_checkpoint, pick_device, rate, report_data, rng_state, save_atomic, seed_everything,
+                      set_rng_state, to_device, write_error)
 
+RESUME_TAKES = {"resume", "epochs", "device", "threads", "data_dir", "glove", "features", "compute_masks"}
 SWITCHES = ("text_only", "fixed_beta", "no_probe_mask", "no_cpc_ii", "no_cpc_pr")
 RELEASE_EPOCHS = 11  # the reference trains 11 epochs (SPEC §10)
 SAMPLE_EPOCHS = 5  # the built-in sample: the main job stays within a few minutes on a laptop CPU
-
-
-def count(text):
-    """argparse type of the counts (epochs, batch size, patience, threads): a whole number >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value}: must be 1 or more")
-    return value
-
-
-def rate(text):
-    """argparse type of the learning rate: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value < math.inf:
-        raise argparse.ArgumentTypeError(f"{value}: must be a number above 0, e.g. 1e-4")
-    return value
 
 
 def parse_args(argv=None):
@@ -87,10 +67,11 @@ def parse_args(argv=None):
                    "groups of 1 positive + 7 negatives); rounded down to whole groups, at least one")
     p.add_argument("--freeze-embeddings", action="store_true", help="keep the GloVe vectors fixed (default: "
                    "trained from their GloVe start, as the paper and the reference do)")
-    p.add_argument("--kappa", type=float, help="weight of the contrastive losses, Eq. (18) (default: Table 5)")
-    p.add_argument("--dropout", type=float, help="text embedding dropout (default: Table 5)")
-    p.add_argument("--threshold", type=int, default=1, help="relevance threshold of the metrics: label > it")
-    p.add_argument("--seed", type=int, default=0, help="seed of python, numpy and torch: same seed, same numbers")
+    p.add_argument("--kappa", type=KAPPA, help="weight of the contrastive losses, Eq. (18) (default: Table 5)")
+    p.add_argument("--dropout", type=DROPOUT, help="text embedding dropout, 0 to 1 excluded (default: Table 5)")
+    p.add_argument("--threshold", type=THRESHOLD, default=1, help="relevance threshold of the metrics: label > it")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of python, numpy and torch (0 .. 2**32-1): same seed, "
+                   "same numbers")
     p.add_argument("--device", default="auto", type=device_flag,
                    help="auto (cuda if present, else cpu), cpu, cuda, cuda:1, ...")
     p.add_argument("--threads", type=count, default=1, help="CPU threads (default 1: the same seed gives the same "
@@ -107,7 +88,9 @@ def parse_args(argv=None):
                    "refused where the device cannot; dev and test are scored in float32")
     p.add_argument("--out", help="run folder for checkpoints and config (default runs/{data}-{switches}-s{seed}, "
                    "e.g. runs/home_kitchen-text_only-s0); a folder that holds a run is never overwritten")
-    p.add_argument("--resume", metavar="RUN", help="continue the run in this folder (its last.pt) exactly")
+    p.add_argument("--resume", metavar="RUN", help="continue the run in this folder (its last.pt, else best.pt) "
+                   "exactly, with its saved settings and model config: flags that would change them are refused; "
+                   "--epochs, --device, --threads and where the data is (--data-dir, --glove, --features) are taken")
     p.add_argument("--text-only", action="store_true", help="ablation: no images (text-only SANCL of Table 1)")
     p.add_argument("--fixed-beta", action="store_true", help="ablation: beta fixed at 0.5 instead of Eq. (6)")
     p.add_argument("--no-probe-mask", action="store_true", help="ablation: plain attention and pooling (M' = 1)")
@@ -119,13 +102,20 @@ def parse_args(argv=None):
                    "+- std, with the random and length rankers; runs go to --out (default runs/{data}-table2/), "
                    "finished ones are reused and unfinished ones resumed when the command is run again")
     p.add_argument("--seeds", type=count, default=3, help="--ablations: seeds per setting, 0 .. N-1 (default 3)")
-    p.add_argument("--jobs", type=count, default=min(2, os.cpu_count() or 1), help="--ablations: runs trained "
+    p.add_argument("--jobs", type=count, default=min(2, cores()), help="--ablations: runs trained "
                    "at the same time, one process each (default 2, or 1 on one core); each keeps --threads")
     args = p.parse_args(argv)
     if args.ablations and (args.resume or any(getattr(args, s) for s in SWITCHES)):
         p.error("--ablations trains every setting itself: drop --resume and the ablation switches")
     if args.resume is None and args.data is None and args.data_dir is None:
         p.error("say which data: --data {home_kitchen,electronics,clothing} (or --data-dir DIR, or --resume RUN)")
+    changed = [k for k, v in vars(args).items() if k not in RESUME_TAKES and v != p.get_default(k)]
+    if args.resume and changed:
+        p.error(f"--resume continues {args.resume} with its own saved settings and model: drop --"
+                f"{' --'.join(k.replace('_', '-') for k in changed)} (or start a new run with --out NEW_FOLDER)")
+    if args.threads * (args.jobs if args.ablations else 1) > cores():
+        p.error(f"--threads {args.threads}" + (f" x --jobs {args.jobs}" if args.ablations else "") + f": this machine "
+                f"gives the run {cores()} CPU cores; more threads than cores only slow each other down")
     return args
 
 
@@ -211,13 +201,18 @@ def epoch_plan(split, groups, batching, batch_size, rng):
 
 
 # plumbing: settings, the loop, checkpoints
-def run_folder(args, category):
+def run_folder(args, category, hold=None):
     """--out, else runs/{data}[-{switches}]-s{seed} (e.g. runs/home_kitchen-text_only-s0,
     runs/home_kitchen-products-s0), so that the ablations, batchings and seeds do not overwrite each
-    other. A new run refuses a folder that holds a run."""
+    other. A new run refuses a folder that holds a run; with `hold` (an ExitStack) it is made and locked first."""
     switches = [s for s in SWITCHES + ("freeze_embeddings", "amp") if getattr(args, s, False)]
     switches += ["products"] if getattr(args, "batching", "groups") == "products" else []
     out = Path(args.out or "runs/" + "-".join([category] + switches + [f"s{args.seed}"]))
+    if hold is not None:
+        if out.exists() and not out.is_dir():
+            raise data.DataError(f"--out {out} is a file, not a folder: pass --out NEW_FOLDER.")
+        out.mkdir(parents=True, exist_ok=True)
+        hold.enter_context(folder_lock(out, "a train.py run"))
     if not args.resume and any((out / name).exists() for name in ("last.pt", "best.pt")):
         status = "a finished run" if (out / "test.json").exists() else "an unfinished run"
         raise data.DataError(f"{out} holds {status} already and is not overwritten: continue it with "
@@ -275,22 +270,38 @@ def settings(args, category):
 
 def train(args, progress=None):
     """`progress` (a dict) is told the run folder and the epoch, for main's Ctrl-C message."""
-    progress = {} if progress is None else progress
+    with contextlib.ExitStack() as hold:
+        return train_locked(args, {} if progress is None else progress, hold)
+
+
+def resume_from(run, args):
+    """--resume: the run's checked checkpoint (last.pt, else best.pt, with a message) and saved flags, where the
+    command's own --epochs, --device, --threads and data paths win (parse_args refuses the others)."""
+    path = Path(run) / "last.pt"
+    if not path.is_file() and (Path(run) / "best.pt").is_file():
+        path = Path(run) / "best.pt"
+        print(f"{run}: no last.pt (lost when the run was stopped while writing it): continuing from best.pt; the "
+              f"epochs after its best one are trained again", file=sys.stderr)
+    resume = load_checkpoint(path)
+    resume["model"] = model_from_checkpoint(resume, path)  # the saved config wins
+    check_weights(resume, path, ("optimizer",))
+    saved = {"batching": "groups", "amp": False, "lr_patience": 4, **resume["args"]}  # runs from before these flags
+    saved.update(resume=run, out=run, device=args.device, threads=args.threads, epochs=args.epochs or saved["epochs"],
+                 **{k: getattr(args, k) for k in ("data_dir", "glove", "features", "compute_masks")
+                    if getattr(args, k)})
+    return resume, argparse.Namespace(**saved)
+
+
+def train_locked(args, progress, hold):
     device = pick_device(args.device)
-    resume = load_checkpoint(Path(args.resume) / "last.pt") if args.resume else None
-    if resume:  # the saved run's flags win: resuming continues the same run
-        saved = {"batching": "groups", "amp": False, "lr_patience": 4, **resume["args"]}  # runs from before these flags
-        saved.update(resume=args.resume, out=args.resume, device=args.device, threads=args.threads,
-                     epochs=args.epochs or saved["epochs"])
-        args = argparse.Namespace(**saved)
+    resume, args = resume_from(args.resume, args) if args.resume else (None, args)  # the saved run's flags win
     seed_everything(args.seed, args.threads)
     autocast(device, args.amp)  # --amp refused here, before the data loads, where it cannot work
     source = find_data(args.data, args.data_dir, args.glove, args.features)
     category = args.data or data.NAMES.get(source.prefix)
     hp = settings(args, category)
     args.epochs = args.epochs or (SAMPLE_EPOCHS if source.is_sample else RELEASE_EPOCHS)
-    out = run_folder(args, category or source.prefix)
-    out.mkdir(parents=True, exist_ok=True)
+    out = run_folder(args, category or source.prefix, hold)
     progress["run"] = out
 
     t0 = time.time()
@@ -299,7 +310,10 @@ def train(args, progress=None):
         with_masks=not args.no_probe_mask, compute_masks=args.compute_masks)
     config = sancl.SANCLConfig(vocab_size=len(vocab), text_dropout=hp["text_dropout"], kappa=hp["kappa"],
                                freeze_embeddings=args.freeze_embeddings, **{s: getattr(args, s) for s in SWITCHES})
-    model = sancl.SANCL(config, embeddings).to(device)
+    model = resume["model"] if resume else sancl.SANCL(config, embeddings)
+    config = model.config  # a resumed run's own (hp below say its kappa and dropout)
+    hp.update(kappa=config.kappa, text_dropout=config.text_dropout)
+    model.to(device)
     optimizer = adam(model, hp["lr"])
     # the reference's schedule: halve the learning rate after 5 epochs without a better dev score. "Better" is
     # one notion for the schedule, early stopping and best.pt: a strictly higher dev MAP (threshold=0; the
@@ -308,7 +322,6 @@ def train(args, progress=None):
                                                            patience=args.lr_patience, threshold=0)
     state = {"epoch": 0, "best_map": -1.0, "best_epoch": 0, "bad_epochs": 0, "history": []}
     if resume:
-        model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
         state = resume["state"]
@@ -382,7 +395,8 @@ def train(args, progress=None):
     best = load_checkpoint(out / "best.pt")
     model.load_state_dict(best["model"])
     test = evaluate_split(model, splits["test"], device, args.threshold)
-    (out / "test.json").write_text(json.dumps({"best_epoch": state["best_epoch"], "test": test}, indent=2))
+    (out / "test.json").write_text(json.dumps({"best_epoch": state["best_epoch"], "test": test,
+                                               "digest": run_digest(out, test)}, indent=2))
     print(f"best dev epoch {state['best_epoch']} (dev MAP {state['best_map']:.2f}); checkpoint {out / 'best.pt'}")
     print(format_metrics("test", test))
     return test
@@ -401,17 +415,21 @@ def run_name(flags, seed):
 
 
 def table_run(job):
-    """One run of the table, in its own process, its output in its folder's train.log: the test metrics
-    (a finished run's are read back, an unfinished one is resumed) and the seconds it took (None when
-    read back)."""
+    """One run of the table, in its own process, its output in its folder's train.log: the test metrics (a
+    finished run's read back, or recomputed from best.pt by --resume where test.json does not match it; an
+    unfinished one resumed), the seconds it took (None when read back) and a note on a recomputation."""
     argv, out = job
-    start = time.time()
+    start, note = time.time(), None
     if (out / "test.json").exists():
-        return json.loads((out / "test.json").read_text())["test"], None
+        test, note = finished_test(out)
+        if test is not None:
+            return test, None, None
+        note = f"test.json {note}: recomputed from best.pt"
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "train.log", "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        test = train(parse_args(["--resume", str(out)] if (out / "last.pt").exists() else argv))
-    return test, time.time() - start
+        started = any((out / name).exists() for name in ("last.pt", "best.pt"))
+        test = train(parse_args(["--resume", str(out)] if started else argv))
+    return test, time.time() - start, note
 
 
 def ablation_table(args, argv):
@@ -426,41 +444,31 @@ def ablation_table(args, argv):
             base.append(item)
     source = find_data(args.data, args.data_dir, args.glove, args.features)  # the sample: written once, here
     folder = Path(args.out or f"runs/{args.data or data.NAMES.get(source.prefix, source.prefix)}-table2")
+    if folder.exists() and not folder.is_dir():
+        raise data.DataError(f"--out {folder} is a file, not a folder: pass --out NEW_FOLDER.")
+    folder.mkdir(parents=True, exist_ok=True)
+    with folder_lock(folder, "a Table 2 (--ablations)"):  # the same table started twice: the second stops
+        table_in(args, base, source, folder)
+
+
+def table_in(args, base, source, folder):
     jobs = [(base + flags + ["--seed", str(seed), "--out", str(folder / run_name(flags, seed))],
              folder / run_name(flags, seed)) for flags in TABLE2.values() for seed in range(args.seeds)]
-    print(f"Table 2: {len(TABLE2)} settings x {args.seeds} seeds = {len(jobs)} runs, {args.jobs} at a time, in {folder}/ "
+    workers = min(args.jobs, len(jobs))  # never more processes than runs
+    print(f"Table 2: {len(TABLE2)} settings x {args.seeds} seeds = {len(jobs)} runs, {workers} at a time, in {folder}/ "
           f"(each run's output in its train.log)", flush=True)
     results, start = {}, time.time()
-    with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
-        for n, ((test, seconds), (_, out)) in enumerate(zip(pool.imap(table_run, jobs), jobs), 1):
+    with multiprocessing.get_context("spawn").Pool(workers, initializer=die_with_parent) as pool:
+        for n, ((test, seconds, note), (_, out)) in enumerate(zip(pool.imap(table_run, jobs), jobs), 1):
             results[out.name] = test
             elapsed = time.time() - start
-            print(f"[{n}/{len(jobs)}] {out.name}: {format_metrics('test', test)}  "
-                  f"({'finished before' if seconds is None else f'{seconds / 60:.1f} min'}; ETA "
+            print(f"[{n}/{len(jobs)}] {out.name}: {format_metrics('test', test)}  ({f'{note}, ' if note else ''}"
+                  f"{'finished before' if seconds is None else f'{seconds / 60:.1f} min'}; ETA "
                   f"{elapsed / n * (len(jobs) - n) / 60:.0f} min)", flush=True)
     rows = {name: [results[run_name(flags, seed)] for seed in range(args.seeds)] for name, flags in TABLE2.items()}
     rows.update({name: [m] for name, m in baseline_metrics(data.read_split(source, "test"), args.threshold).items()})
     write_table(rows, folder, f"{source.root} ({'SAMPLE' if source.is_sample else 'release'}), test split, "
                 f"{args.seeds} seeds, {(time.time() - start) / 60:.1f} min")
-
-
-def write_table(rows, folder, title):
-    """Table 2's layout: a row per setting, MAP / N@3 / N@5 as mean +- std over seeds (std with n - 1);
-    printed, and written as table2.md and table2.csv into `folder`."""
-    lines = [f"Table 2 on {title}", "", "| setting | MAP | N@3 | N@5 |", "|---|---|---|---|"]
-    csv_lines = ["setting,runs,MAP,MAP_std,N@3,N@3_std,N@5,N@5_std"]
-    for name, runs in rows.items():
-        cells, values = [], []
-        for metric in ("MAP", "N@3", "N@5"):
-            scores = np.array([run[metric] for run in runs])
-            std = scores.std(ddof=1) if len(scores) > 1 else 0.0
-            cells.append(f"{scores.mean():.2f} ± {std:.2f}" if len(scores) > 1 else f"{scores.mean():.2f}")
-            values += [f"{scores.mean():.4f}", f"{std:.4f}"]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        csv_lines.append(f"{name},{len(runs)}," + ",".join(values))
-    (folder / "table2.md").write_text("\n".join(lines) + "\n")
-    (folder / "table2.csv").write_text("\n".join(csv_lines) + "\n")
-    print("\n".join(lines) + f"\n(written to {folder / 'table2.md'} and {folder / 'table2.csv'})")
 
 
 def main(argv=None):
@@ -473,6 +481,9 @@ def main(argv=None):
         train(args, progress)
     except data.DataError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a full disk, a read-only --out: one line, and what is on disk is whole
+        print(f"error: {write_error(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # every checkpoint is written atomically: what is on disk is whole
         run, epoch = progress.get("run"), progress.get("epoch")
