@@ -2620,3 +2620,37 @@ def test_extract_on_cuda_without_cuda_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         features.main(["--extract", str(tmp_path), "--weights", "w.pth", "--out", str(tmp_path / "f"), "--device", "cuda"])
     assert "torch sees no CUDA device here; use --device cpu" in capsys.readouterr().err
+
+
+# --- issue 22: the side-by-side page (docs/make_page.py) and the exercise solutions (exercises/) ---
+def load_page_maker():
+    spec = importlib.util.spec_from_file_location("make_page", Path(__file__).parent / "docs" / "make_page.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_side_by_side_page_is_the_code_as_it_is():
+    """docs/sancl.html is written from the docstrings: any change to them, or to the code it shows,
+    needs `python docs/make_page.py` and the page committed with it."""
+    page = load_page_maker().build()
+    committed = (Path(__file__).parent / "docs" / "sancl.html").read_text(encoding="utf-8")
+    assert page == committed, "docs/sancl.html is stale: run python docs/make_page.py and commit it"
+    # every equation has its anchor, once; the page opens from disk (no script, font or style fetched)
+    assert all(page.count(f'id="eq-{n}"') == 1 for n in range(1, 19))
+    assert 'id="algorithm-1"' in page and 'id="training-pairs"' in page
+    assert not re.search(r"<script|<link|@import|url\(|src=", page)
+
+
+def test_the_page_maker_refuses_an_equation_stated_twice_or_never(monkeypatch):
+    make_page = load_page_maker()
+    text = (Path(__file__).parent / "sancl.py").read_text(encoding="utf-8")
+    for changed, message in [(text.replace('"""Eq. (8): S =', '"""Eq. (9): S ='), r"Eq\. \(9\) is stated twice"),
+                             (text.replace('"""Eq. (8): S =', '"""Eq. 8 gives S ='), r"no docstring line begins with Eq\. \(8\)")]:
+        assert changed != text
+        real_read = Path.read_text
+        monkeypatch.setattr(Path, "read_text", lambda self, *a, changed=changed, **k:
+                            changed if self.name == "sancl.py" else real_read(self, *a, **k))
+        with pytest.raises(SystemExit, match=message):
+            make_page.build()
+        monkeypatch.undo()
