@@ -36,6 +36,7 @@ PARTS = [
 
 # "Eq. (3)-(5), (7)", "(Eq. 4, 5)", "Eq. (11) / (12)", "Eq. 2": one citation, one or more numbers
 CITATION = re.compile(r"Eq\.\s*(?:\(\d+\)|\d+)(?:\s*(?:-|,|/)\s*(?:\(\d+\)|\d+)(?![\d.]))*")
+PARAGRAPH = "\n\n"
 BANNER = re.compile(r"^# (?:--- (.+?) -+|(plumbing: .+?) -*)$")
 
 
@@ -109,11 +110,10 @@ class Source:
             out.pop()
         return "\n".join(out)
 
-    def rows(self, node, first=None, last=None):
+    def rows(self, node):
         """A top-level statement as rows (docstring, code as HTML, label): a class gives one row for
-        its header and everything up to its second documented method, then one row per such method."""
-        first = first or min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
-        last = last or node.end_lineno
+        its header and what comes before its first documented method, then one row per such method."""
+        first, last = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])]), node.end_lineno
         doc, skip = self.docstring(node)
         if not doc:  # the comment block right above the statement speaks for it
             above = first - 1
@@ -126,10 +126,8 @@ class Source:
         label = f"{self.name} · {kind}{getattr(node, 'name', None) or self.lines[node.lineno - 1].split('=')[0].strip(' :')}"
         if not isinstance(node, ast.ClassDef):
             return [(doc, self.code(first, last, skip), label)]
-        methods = [n for n in node.body if isinstance(n, ast.FunctionDef)]
-        split = [m for m in methods[1:] if ast.get_docstring(m)]
-        rows = [(doc, self.code(first, (split[0].lineno - 1) if split else last,
-                                skip | self.docstring_lines(methods[:1])), label)]
+        split = [n for n in node.body if isinstance(n, ast.FunctionDef) and ast.get_docstring(n)]
+        rows = [(doc, self.code(first, (split[0].lineno - 1) if split else last, skip), label)]
         for i, method in enumerate(split):
             end = split[i + 1].lineno - 1 if i + 1 < len(split) else last
             method_doc, method_skip = self.docstring(method)
@@ -217,15 +215,14 @@ def build():
             out.append(row(doc, code, label, anchors))
         return out
 
-    for i, (title, first, last) in enumerate(sancl.sections()):
+    for title, first, last in sancl.sections():
         anchor = "section-" + re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
         nodes = [n for n in sancl.tree.body if first <= n.lineno <= last and n is not sancl.tree.body[0]]
         rows = []
         for node in nodes:
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 continue
-            start = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
-            rows += rows_html(sancl, sancl.rows(node, start))
+            rows += rows_html(sancl, sancl.rows(node))
         plumbing = title.startswith("plumbing")
         contents.append(f'<li><a href="#{anchor}">{html.escape(title)}</a>{" (folded)" if plumbing else ""}</li>')
         section = "\n".join(rows)
@@ -240,7 +237,7 @@ def build():
             listing = doc.split("Algorithm 1 as printed in the paper; the comments below cite these line numbers:\n")
             if len(listing) != 2:
                 fail("probe_mask.py's docstring no longer holds the listing of Algorithm 1")
-            intro = f'<pre class="listing">{html.escape(inspect.cleandoc(listing[1].split(chr(10) * 2)[0]))}</pre>'
+            intro = f'<pre class="listing">{html.escape(inspect.cleandoc(listing[1].split(PARAGRAPH)[0]))}</pre>'
         for file, names in pieces:
             source = sources.setdefault(file, Source(file))
             for name in names:
