@@ -17,6 +17,7 @@ import io
 import keyword
 import re
 import sys
+import textwrap
 import tokenize
 from pathlib import Path
 
@@ -237,7 +238,7 @@ def build():
             listing = doc.split("Algorithm 1 as printed in the paper; the comments below cite these line numbers:\n")
             if len(listing) != 2:
                 fail("probe_mask.py's docstring no longer holds the listing of Algorithm 1")
-            intro = f'<pre class="listing">{html.escape(inspect.cleandoc(listing[1].split(PARAGRAPH)[0]))}</pre>'
+            intro = f'<pre class="listing">{html.escape(textwrap.dedent(listing[1].split(PARAGRAPH)[0]))}</pre>'
         for file, names in pieces:
             source = sources.setdefault(file, Source(file))
             for name in names:
