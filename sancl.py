@@ -28,6 +28,7 @@ TABLE5 = {
 
 @dataclass
 class SANCLConfig:
+    """Every setting of the model; sizes from Table 5, each field's comment says where it comes from."""
     vocab_size: int  # V, rows of the word-embedding table (0 = padding)
     embed_dim: int = 300  # E, GloVe 300-d (Table 5)
     hidden: int = 128  # H, GRU hidden size (Table 5 "LSTM hidden dim")
@@ -306,7 +307,9 @@ class SANCL(nn.Module):
         return n - self.embedding.weight.numel() if non_embedding else n
 
     def forward(self, batch):
-        """Returns a dict: score (R,) xi; beta (R,); m_prime (R, Lr) M'; attention (R, Lr, Lr) A';
+        """Eq. (14): F = concat(S^ii_t,r, S^pr_t,r, S^ii_v,r, S^pr_v,r), the review's four projections;
+        Eq. (15): xi = W_o F + b_o, the helpfulness score of each review.
+        Returns a dict: score (R,) xi; beta (R,); m_prime (R, Lr) M'; attention (R, Lr, Lr) A';
         {t,v}_{ii,pr}_review (R, D) and {t,v}_{ii,pr}_product (P, D), the S^d_{m,f} of Eq. (9)."""
         c = self.config
         rp = batch["review_product"]  # (R,) each review's product
@@ -353,7 +356,9 @@ class SANCL(nn.Module):
         return out
 
     def losses(self, batch, out):
-        """Eq. (16)-(18): total = task + kappa * (cpc_ii + cpc_pr); all scalar tensors."""
+        """Eq. (13): cpc_pr = cpc^t_pr + cpc^v_pr, one term per modality;
+        Eq. (17), (18): L = L_task + kappa * L_aux, L_aux = cpc_ii + cpc_pr (task: Eq. 16).
+        Returns {"task", "cpc_ii", "cpc_pr", "total"}, all scalar tensors."""
         c = self.config
         zero = out["score"].new_zeros(())
         labels = batch["labels"]  # (R,)

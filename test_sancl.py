@@ -2998,3 +2998,137 @@ def test_resume_refuses_a_nan_optimizer_state_naming_the_checkpoint(tiny_run, tm
     assert train.main(["--resume", str(tmp_path / "run")]) == 2
     assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'run' / 'last.pt'}: 1 of its tensors hold NaN or "
                                               "infinite values (optimizer.state.0.exp_avg)")
+
+
+# --- issue 22: the side-by-side page (docs/make_page.py) and the exercise solutions (exercises/) ---
+def load_page_maker():
+    spec = importlib.util.spec_from_file_location("make_page", Path(__file__).parent / "docs" / "make_page.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_side_by_side_page_is_the_code_as_it_is():
+    """docs/sancl.html is written from the docstrings: any change to them, or to the code it shows,
+    needs `python docs/make_page.py` and the page committed with it."""
+    page = load_page_maker().build()
+    committed = (Path(__file__).parent / "docs" / "sancl.html").read_text(encoding="utf-8")
+    assert page == committed, "docs/sancl.html is stale: run python docs/make_page.py and commit it"
+    # every equation has its anchor, once; the page opens from disk (no script, font or style fetched)
+    assert all(page.count(f'id="eq-{n}"') == 1 for n in range(1, 19))
+    assert 'id="algorithm-1"' in page and 'id="training-pairs"' in page
+    assert not re.search(r"<script|<link|@import|url\(|src=", page)
+
+
+def test_the_page_maker_refuses_an_equation_stated_twice_or_never(monkeypatch):
+    make_page = load_page_maker()
+    text = (Path(__file__).parent / "sancl.py").read_text(encoding="utf-8")
+    for changed, message in [(text.replace('"""Eq. (8): S =', '"""Eq. (9): S ='), r"Eq\. \(9\) is stated twice"),
+                             (text.replace('"""Eq. (8): S =', '"""Eq. 8 gives S ='), r"no docstring line begins with Eq\. \(8\)")]:
+        assert changed != text
+        real_read = Path.read_text
+        monkeypatch.setattr(Path, "read_text", lambda self, *a, changed=changed, **k:
+                            changed if self.name == "sancl.py" else real_read(self, *a, **k))
+        with pytest.raises(SystemExit, match=message):
+            make_page.build()
+        monkeypatch.undo()
+
+
+EXERCISES = sorted((Path(__file__).parent / "exercises").glob("*.patch"))
+
+
+def test_each_readme_exercise_has_a_solution_patch():
+    """exercises/N-name.patch for each README exercise N, changing sancl.py at the exercise's mark, with
+    README's measured numbers as its expected effect (so a re-measured README and the patch agree)."""
+    readme = " ".join((Path(__file__).parent / "README.md").read_text(encoding="utf-8").split())
+    exercises = re.findall(r"### Exercise (\d+)", readme)
+    assert [patch.name.split("-")[0] for patch in EXERCISES] == exercises
+    for patch in EXERCISES:
+        header, diff = patch.read_text(encoding="utf-8").split("\ndiff --git a/sancl.py b/sancl.py\n")
+        n = patch.name.split("-")[0]
+        assert f"README exercise {n}:" in diff and diff.count("\n@@ ") >= 1, f"{patch.name}: not at the mark of exercise {n}"
+        expected = re.findall(r"(?:MAP|N@3|N@5) \d+\.\d+ ± \d+\.\d+", " ".join(header.split()))
+        assert len(expected) == 6 and all(number in readme for number in expected), \
+            f"{patch.name}: its expected numbers are not README's"
+
+
+def apply_exercise(patch, folder):
+    """The project's scripts copied to `folder`, the patch applied with git (CI clones, so git is
+    there), and the patched sancl.py imported as a module of its own."""
+    import subprocess
+
+    assert shutil.which("git"), "the exercise tests apply exercises/*.patch with git apply: install git"
+    for script in Path(__file__).parent.glob("*.py"):
+        shutil.copy(script, folder / script.name)
+    subprocess.run(["git", "init", "-q"], cwd=folder, check=True)  # paths of the patch are taken from here
+    done = subprocess.run(["git", "apply", str(patch)], cwd=folder, capture_output=True, text=True)
+    assert done.returncode == 0, (f"exercises/{patch.name} no longer applies to sancl.py ({done.stderr.strip()}): make "
+                                  "the change by hand and put `git diff sancl.py` under the patch's header")
+    spec = importlib.util.spec_from_file_location(f"sancl_exercise_{patch.name[0]}", folder / "sancl.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def pooling_weights(module, model, batch, monkeypatch):
+    """The weights of every weighted_mean (Eq. 8) of one forward pass."""
+    seen, weighted_mean = [], module.weighted_mean
+    monkeypatch.setattr(module, "weighted_mean", lambda h, w: seen.append(w) or weighted_mean(h, w))
+    model(batch)
+    monkeypatch.undo()
+    return seen
+
+
+def check_exercise(n, module, model, batch, monkeypatch):
+    """What exercise n is about, on the patched module: each assert fails on the unpatched sancl.py."""
+    out = model(batch)
+    real = module.lengths_to_mask(batch["review_lengths"], batch["review_tokens"].size(1))  # (R, Lr)
+    if n == 1:  # one beta for every review
+        assert torch.equal(out["beta"], out["beta"][:1].expand_as(out["beta"]))
+    elif n == 2:  # each real token's row of A' sums to 1, padded rows stay 0
+        sums = out["attention"].sum(-1)  # (R, Lr)
+        assert torch.allclose(sums[real], torch.ones_like(sums[real]), atol=1e-5) and (sums[~real] == 0).all()
+    elif n == 3:  # phi(a, b) = exp(a . b / tau), vectors of any length
+        a, b = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0)) * torch.tensor([[[2.0]], [[0.5]]])
+        assert torch.allclose(module.phi(a, b, 0.5), torch.exp((a * b).sum(-1) / 0.5))
+    elif n == 4:  # a 4-vs-0 pair and a 2-vs-1 pair get the same margin: gamma
+        score, labels = torch.zeros(4), torch.tensor([4, 0, 2, 1])
+        hinges = [module.task_loss(score, labels, torch.tensor([pair]), 2.0).item() for pair in ([0, 1], [2, 3])]
+        assert hinges == [2.0, 2.0]
+    elif n == 5:  # M' weighs no pooling; the review text is pooled over its real tokens
+        seen = pooling_weights(module, model, batch, monkeypatch)
+        assert not any(w.shape == out["m_prime"].shape and torch.allclose(w, out["m_prime"]) for w in seen)
+        assert any(w.shape == real.shape and torch.equal(w, real.float()) for w in seen)
+
+
+@pytest.mark.parametrize("patch", EXERCISES, ids=lambda patch: patch.stem)
+def test_exercise_solution(patch, tmp_path, monkeypatch):
+    """Each solution applies to today's sancl.py, does what its exercise asks, and trains one step."""
+    module = apply_exercise(patch, tmp_path)
+    torch.manual_seed(0)
+    config = module.SANCLConfig(vocab_size=50, embed_dim=8, hidden=8, image_dim=8, region_dim=16, shared_dim=4)
+    model, batch = module.SANCL(config), sancl.random_batch(config, seed=0)
+    model.eval()
+    with torch.no_grad():
+        check_exercise(int(patch.name.split("-")[0]), module, model, batch, monkeypatch)
+    model.train()  # one training step of the patched model: finite losses, the weights move
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    losses = model.losses(batch, model(batch))
+    assert all(torch.isfinite(loss) for loss in losses.values()), losses
+    losses["total"].backward()
+    optimizer.step()
+    moved = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    assert "output.weight" in moved and "review_self_attention.query.weight" in moved
+    if patch.name.startswith("1-"):
+        assert "probe_weights.beta_logit" in moved
+
+
+@pytest.mark.parametrize("n", range(1, len(EXERCISES) + 1))
+def test_each_exercise_check_fails_on_the_unpatched_model(n, monkeypatch):
+    """The checks above have teeth: on sancl.py as it is, each of them fails."""
+    torch.manual_seed(0)
+    model, config = tiny_model()
+    model.eval()
+    with torch.no_grad(), pytest.raises(AssertionError):
+        check_exercise(n, sancl, model, sancl.random_batch(config, seed=0), monkeypatch)
