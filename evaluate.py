@@ -85,23 +85,72 @@ def check_scores(scores, who, split):
 
 
 @torch.no_grad()
-def predict_scores(model, split, device, who=None):
+def predict_scores(model, split, device, who=None, geometry=None):
     """xi for every review of `split`, in split order (R,), checked to be finite. In eval mode a review's
     score depends on its product and itself only, so a product of more than CHUNK reviews (20,000 given
-    to --predict) is scored in chunks of its reviews, each with its product, instead of as one batch."""
+    to --predict) is scored in chunks of its reviews, each with its product, instead of as one batch.
+    With a `geometry` dict, add_geometry adds each batch's cosines to it."""
     model.eval()
     scores = torch.zeros(len(split.labels))
     plan = [rows[i:i + CHUNK] for rows in split.eval_plan(CHUNK) for i in range(0, len(rows), CHUNK)]
+    seen = set()  # products already counted (a product of more than CHUNK reviews comes in several batches)
     with Prefetch(split.batch, plan) as batches:
         for batch in batches:
-            scores[batch["review_rows"]] = model(to_device(batch, device))["score"].float().cpu()
+            out = model(to_device(batch, device))
+            scores[batch["review_rows"]] = out["score"].float().cpu()
+            if geometry is not None:
+                products = torch.unique(split.review_product[batch["review_rows"]]).tolist()  # as Split.batch
+                add_geometry(geometry, out, batch, model.config, [p not in seen for p in products])
+                seen.update(products)
     check_scores(scores, who, f"the {split.name} split")
     return scores
 
 
-def evaluate_split(model, split, device, threshold=1, who=None):
-    scores = predict_scores(model, split, device, who)
-    return ranking_metrics(split.review_product_ids(), split.labels, scores, threshold)
+def evaluate_split(model, split, device, threshold=1, who=None, geometry=False):
+    """MAP / N@3 / N@5 of the split; with `geometry`, also "geometry": what the contrastive losses shape."""
+    sums = {} if geometry else None
+    scores = predict_scores(model, split, device, who, sums)
+    metrics = ranking_metrics(split.review_product_ids(), split.labels, scores, threshold)
+    if geometry:
+        metrics["geometry"] = {name: total / count for name, (total, count) in sorted(sums.items()) if count}
+    return metrics
+
+
+# --- what the contrastive losses do to their spaces (Eq. 11-13), measured ------------------------
+# cpc_pr (Eq. 12) makes a helpful review's pr vector the one that matches its product's, against all the
+# reviews'; cpc_ii (Eq. 11) makes an instance's text and image ii vectors match, for products and helpful
+# reviews, against the unhelpful reviews' too. So each pushes the mean cosine of helpful reviews above that
+# of unhelpful ones in its own space, per modality; without the loss nothing does. Helpful = label >=
+# helpful_threshold, as in the losses.
+def add_geometry(sums, out, batch, config, new_products):
+    """Add one batch's cosines to `sums` ({name: (total, count)}): pr_t / pr_v (a review and its product in
+    the pr space, text and image) and ii (a review's text and image in the ii space), each for helpful and
+    for unhelpful reviews; ii_products for the products marked new (each product counted once)."""
+    helpful = (batch["labels"] >= config.helpful_threshold).cpu()  # (R,)
+    spaces = {f"pr_{m}": (out[f"{m}_pr_review"], out[f"{m}_pr_product"][batch["review_product"]])
+              for m in ("t", "v") if f"{m}_pr_review" in out}  # (R, D) each
+    if "v_ii_review" in out:
+        spaces["ii"] = (out["t_ii_review"], out["v_ii_review"])
+        cosine = torch.cosine_similarity(out["t_ii_product"], out["v_ii_product"], dim=-1).float().cpu()  # (P,)
+        total, count = sums.get("ii_products", (0.0, 0))
+        sums["ii_products"] = (total + float(cosine[torch.tensor(new_products)].sum()), count + sum(new_products))
+    for name, (a, b) in spaces.items():
+        cosine = torch.cosine_similarity(a, b, dim=-1).float().cpu()  # (R,)
+        for kind, rows in (("helpful", helpful), ("unhelpful", ~helpful)):
+            total, count = sums.get(f"{name}_{kind}", (0.0, 0))
+            sums[f"{name}_{kind}"] = (total + float(cosine[rows].sum()), count + int(rows.sum()))
+
+
+GEOMETRY = {"pr_t": "pr text", "pr_v": "pr image", "ii": "ii"}  # the spaces, as the lines and tables name them
+
+
+def format_geometry(geometry, split="test"):
+    """One line: the mean cosine of helpful / unhelpful reviews in each space a contrastive loss shapes."""
+    parts = [f"{label} {geometry[f'{key}_helpful']:+.2f} / {geometry[f'{key}_unhelpful']:+.2f}"
+             for key, label in GEOMETRY.items() if f"{key}_helpful" in geometry and f"{key}_unhelpful" in geometry]
+    if "ii_products" in geometry:
+        parts.append(f"ii products {geometry['ii_products']:+.2f}")
+    return f"{split} cosines, helpful / unhelpful reviews: " + (", ".join(parts) or "none (no contrastive space)")
 
 
 # --- reference rankers: what "better than trivial" means ----------------------------------
@@ -120,10 +169,14 @@ def baseline_metrics(products, threshold=1):
 
 
 def write_table(rows, folder, title):
-    """Table 2's layout: a row per setting, MAP / N@3 / N@5 as mean +- std over seeds (std with n - 1);
-    printed, and written as table2.md and table2.csv into `folder`."""
-    lines = [f"Table 2 on {title}", "", "| setting | MAP | N@3 | N@5 |", "|---|---|---|---|"]
-    csv_lines = ["setting,runs,MAP,MAP_std,N@3,N@3_std,N@5,N@5_std"]
+    """Table 2's layout: a row per setting, MAP / N@3 / N@5 as mean +- std over seeds (std with n - 1), and
+    the mean cosine of helpful / unhelpful test reviews in each contrastive space (add_geometry: what
+    cpc_pr and cpc_ii do, visible where MAP does not move); printed, and written as table2.md and
+    table2.csv into `folder`."""
+    spaces = " | ".join(f"{label} h / u" for label in GEOMETRY.values())
+    lines = [f"Table 2 on {title}", "", f"| setting | MAP | N@3 | N@5 | {spaces} |", "|---|---|---|---|" + "---|" * 3]
+    cosines = [f"{key}_{kind}" for key in GEOMETRY for kind in ("helpful", "unhelpful")]
+    csv_lines = ["setting,runs,MAP,MAP_std,N@3,N@3_std,N@5,N@5_std," + ",".join(f"cos_{c}" for c in cosines)]
     for name, runs in rows.items():
         cells, values = [], []
         for metric in ("MAP", "N@3", "N@5"):
@@ -131,6 +184,12 @@ def write_table(rows, folder, title):
             std = scores.std(ddof=1) if len(scores) > 1 else 0.0
             cells.append(f"{scores.mean():.2f} ± {std:.2f}" if len(scores) > 1 else f"{scores.mean():.2f}")
             values += [f"{scores.mean():.4f}", f"{std:.4f}"]
+        # the mean cosine of helpful / unhelpful reviews in each contrastive space, over the runs that have it
+        mean = {c: np.mean([run["geometry"][c] for run in runs if c in run.get("geometry", {})] or [np.nan])
+                for c in cosines}
+        cells += [f"{mean[key + '_helpful']:+.2f} / {mean[key + '_unhelpful']:+.2f}"
+                  if not np.isnan(mean[key + "_helpful"]) else "-" for key in GEOMETRY]
+        values += ["" if np.isnan(mean[c]) else f"{mean[c]:.4f}" for c in cosines]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
         csv_lines.append(f"{name},{len(runs)}," + ",".join(values))
     (folder / "table2.md").write_text("\n".join(lines) + "\n")
@@ -358,8 +417,8 @@ def main(argv=None):
             predict_file(model, checkpoint, args.predict, device)
         elif args.checkpoint:
             model, _, splits = load_run(args.checkpoint, args.data_dir, (args.split,), device)
-            metrics = evaluate_split(model, splits[args.split], device, args.threshold, args.checkpoint)
-            print(format_metrics(args.split, metrics))
+            metrics = evaluate_split(model, splits[args.split], device, args.threshold, args.checkpoint, geometry=True)
+            print(format_metrics(args.split, metrics) + "\n" + format_geometry(metrics["geometry"], args.split))
         else:
             p.error("pass --checkpoint PATH, or --data NAME --baselines")
     except data.DataError as error:

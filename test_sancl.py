@@ -1222,13 +1222,20 @@ def test_ablation_table_trains_every_setting_and_reuses_finished_runs(tiny_root,
     out = capsys.readouterr().out
     assert "7 settings x 1 seeds = 7 runs, 2 at a time" in out and "[7/7] no_cpc_ii_no_cpc_pr-s0: test  MAP" in out
     table = (tmp_path / "table2.md").read_text().splitlines()
-    assert table[2] == "| setting | MAP | N@3 | N@5 |"
+    assert table[2] == "| setting | MAP | N@3 | N@5 | pr text h / u | pr image h / u | ii h / u |"
     assert [row.split(" | ")[0] for row in table[4:]] == ["| " + name for name in list(train.TABLE2) + ["random", "length"]]
     text_only = json.loads((tmp_path / "text_only-s0" / "test.json").read_text())["test"]
-    assert f"| text-only | {text_only['MAP']:.2f} | {text_only['N@3']:.2f} | {text_only['N@5']:.2f} |" in table
+    pr_text = f"{text_only['geometry']['pr_t_helpful']:+.2f} / {text_only['geometry']['pr_t_unhelpful']:+.2f}"
+    assert (f"| text-only | {text_only['MAP']:.2f} | {text_only['N@3']:.2f} | {text_only['N@5']:.2f} | {pr_text} | - | - |"
+            in table)  # a text-only model has no image space: no pr image, no ii
+    full = table[4].split(" | ")
+    assert all(re.fullmatch(r"[+-]\d\.\d\d / [+-]\d\.\d\d", cell.strip(" |")) for cell in full[4:]), full
+    assert table[-1].endswith("| - | - | - |")  # the length ranker has no vectors
     assert json.loads((tmp_path / "text_only-s0" / "config.json").read_text())["config"]["text_only"]
     csv_rows = (tmp_path / "table2.csv").read_text().splitlines()
     assert csv_rows[0].startswith("setting,runs,MAP,MAP_std") and len(csv_rows) == 1 + 7 + 2
+    assert csv_rows[0].endswith(",cos_pr_t_helpful,cos_pr_t_unhelpful,cos_pr_v_helpful,cos_pr_v_unhelpful,"
+                                "cos_ii_helpful,cos_ii_unhelpful")
     again = ["--data-dir", str(tiny_root), "--ablations", "--seeds=1", "--jobs=1", "--epochs", "1", "--batch-size",
              "8", f"--out={tmp_path}"]
     assert train.main(again) == 0  # the same table again: every run is read back, none trained
@@ -3132,3 +3139,34 @@ def test_each_exercise_check_fails_on_the_unpatched_model(n, monkeypatch):
     model.eval()
     with torch.no_grad(), pytest.raises(AssertionError):
         check_exercise(n, sancl, model, sancl.random_batch(config, seed=0), monkeypatch)
+
+
+# --- issue 22: what the contrastive losses do to their spaces -------------------------------------------
+def test_geometry_is_the_mean_cosine_of_helpful_and_unhelpful_reviews_per_space():
+    config = sancl.SANCLConfig(vocab_size=10)  # helpful: label >= 3
+    e = torch.eye(3)
+    out = {"t_pr_review": torch.stack([e[0], e[0], e[1]]), "t_pr_product": torch.stack([e[0], e[1]]),
+           "v_pr_review": torch.stack([e[2], -e[2], e[2]]), "v_pr_product": torch.stack([e[2], e[2]]),
+           "t_ii_review": torch.stack([e[0], e[0], e[0]]), "v_ii_review": torch.stack([e[0], e[1], -e[0]]),
+           "t_ii_product": torch.stack([e[0], e[0]]), "v_ii_product": torch.stack([e[0], e[1]])}
+    batch = {"labels": torch.tensor([4, 0, 3]), "review_product": torch.tensor([0, 0, 1])}
+    sums = {}
+    evaluate.add_geometry(sums, out, batch, config, [True, False])  # product 1 was counted in an earlier batch
+    mean = {k: total / count for k, (total, count) in sums.items()}
+    # helpful reviews 0 and 2: pr text cos(e0, e0) = 1 and cos(e1, e1) = 1; unhelpful review 1: cos(e0, e0) = 1
+    assert mean == {"pr_t_helpful": 1.0, "pr_t_unhelpful": 1.0, "pr_v_helpful": 1.0, "pr_v_unhelpful": -1.0,
+                    "ii_helpful": 0.0, "ii_unhelpful": 0.0, "ii_products": 1.0}
+    assert sums["ii_products"] == (1.0, 1) and sums["ii_helpful"] == (0.0, 2)
+    line = evaluate.format_geometry(mean)
+    assert line == ("test cosines, helpful / unhelpful reviews: pr text +1.00 / +1.00, pr image +1.00 / -1.00, "
+                    "ii +0.00 / +0.00, ii products +1.00")
+
+
+def test_a_run_reports_the_geometry_of_its_test_split(tiny_root, tmp_path, capsys):
+    test = run_train(tiny_root, tmp_path / "run")
+    printed = capsys.readouterr().out
+    geometry = json.loads((tmp_path / "run" / "test.json").read_text())["test"]["geometry"]
+    assert geometry == test["geometry"] and evaluate.format_geometry(geometry) in printed
+    assert set(geometry) == {f"{space}_{kind}" for space in ("pr_t", "pr_v", "ii") for kind in ("helpful", "unhelpful")
+                             } | {"ii_products"}
+    assert all(-1 <= value <= 1 for value in geometry.values())

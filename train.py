@@ -35,7 +35,8 @@ import torch
 import data
 import plots
 import sancl
-from evaluate import baseline_metrics, evaluate_split, finished_test, format_metrics, run_digest, write_table
+from evaluate import (baseline_metrics, evaluate_split, finished_test, format_geometry, format_metrics, run_digest,
+                      write_table)
 from plumbing import (DROPOUT, KAPPA, SEED, THRESHOLD, Prefetch, adam, autocast, check_weights, cores, count,
                       device_flag, die_with_parent, find_data, folder_lock, load_checkpoint, load_data,
                       model_from_checkpoint, pick_device, rate, report_data, rng_state, save_atomic, seed_everything,
@@ -394,11 +395,11 @@ def train_locked(args, progress, hold):
     print(f"history {out / 'history.csv'}" + (f", curves {drawn}" if drawn else ""))
     best = load_checkpoint(out / "best.pt")
     model.load_state_dict(best["model"])
-    test = evaluate_split(model, splits["test"], device, args.threshold)
+    test = evaluate_split(model, splits["test"], device, args.threshold, geometry=True)
     (out / "test.json").write_text(json.dumps({"best_epoch": state["best_epoch"], "test": test,
                                                "digest": run_digest(out, test)}, indent=2))
     print(f"best dev epoch {state['best_epoch']} (dev MAP {state['best_map']:.2f}); checkpoint {out / 'best.pt'}")
-    print(format_metrics("test", test))
+    print(format_metrics("test", test) + "\n" + format_geometry(test["geometry"]))
     return test
 
 
