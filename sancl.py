@@ -352,9 +352,13 @@ class SANCL(nn.Module):
         out["score"] = self.output(features).squeeze(-1)  # (R,)
         return out
 
+    gather = None  # plumbing: several processes (torchrun) set plumbing.gather_step here; one process: None
+
     def losses(self, batch, out):
         """Eq. (16)-(18): total = task + kappa * (cpc_ii + cpc_pr); all scalar tensors."""
         c = self.config
+        if self.gather:  # plumbing: each process holds a share of the step; the losses see the whole step
+            batch, out = self.gather(batch, out)
         zero = out["score"].new_zeros(())
         labels = batch["labels"]  # (R,)
         task = task_loss(out["score"], labels, batch["pairs"], c.gamma)

@@ -2321,3 +2321,78 @@ def test_gold_cluster_is_the_first_with_a_core_word_or_a_noun_rule_mention():
     assert pm._algorithm_1(words, [other, core_1, core_2], {"kettle"}) == ({1}, 1)
     assert pm._algorithm_1(words, [other, by_rule, core_2], {"kettle"}) == ({3}, 1)
     assert pm._algorithm_1(words, [other, [mention(2, 40, "pot", "coreference", None)]], {"kettle"}) == ({0}, 0)
+
+
+# --- issue 20: several processes (torchrun, gloo on CPU) ---
+HERE = Path(__file__).parent
+
+
+def gradient_steps(root, out=None, processes=False):
+    """Two steps of the tiny sample, each loss term's gradient on its own (one forward and backward each):
+    [(losses, gradients)]; under torchrun's variables (`processes`) each process encodes its share. Steps:
+    3 groups, two of one product dealt to different processes (a product and reviews in both shares, and
+    uneven shares, 2 + 1 groups); then 1 group, so that the second process encodes a stand-in."""
+    device = plumbing.start_processes("cpu")
+    splits, vocab, embeddings, _ = plumbing.rank0_first(plumbing.load_data, data.resolve_data(data_dir=root))
+    torch.manual_seed(0)
+    model = sancl.SANCL(sancl.SANCLConfig(vocab_size=len(vocab)), embeddings).eval()  # eval: no dropout draws
+    net = plumbing.wrap_model(model, device)
+    train_split = splits["train"]
+    groups = train.epoch_groups(train_split, np.random.default_rng([0, 1]))
+    product = train_split.review_product[groups[0][0]]
+    same = [g for g in groups if train_split.review_product[g[0]] == product]
+    other = [g for g in groups if train_split.review_product[g[0]] != product]
+    found = []
+    for step in ([same[0], same[1], other[0]], [other[1]]):
+        make, _ = plumbing.share_steps(train_split.group_batch, [step])
+        for term in ("task", "cpc_ii", "cpc_pr"):
+            model.zero_grad(set_to_none=True)
+            batch = make(step)
+            losses = model.losses(batch, net(batch))
+            losses[term].backward()
+            found.append(({k: v.item() for k, v in losses.items()},
+                          {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    if out and plumbing.WORLD["rank"] == 0:
+        torch.save(found, out)
+    plumbing.end_processes()
+    return found
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_processes(argv, timeout=60, env=None):
+    """`python argv...` twice, as torchrun starts them (RANK, WORLD_SIZE, a rendezvous on 127.0.0.1),
+    one thread each; [(returncode, stdout, stderr)] per rank. Killed and failed past `timeout` s."""
+    import subprocess
+    port, runs = free_port(), []
+    for rank in range(2):
+        own = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", **(env or {})}
+        runs.append(subprocess.Popen([sys.executable, *[a.replace("{rank}", str(rank)) for a in argv]], cwd=HERE,
+                                     env=own, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        outputs = [run.communicate(timeout=timeout) for run in runs]
+        return [(run.returncode, *output) for run, output in zip(runs, outputs)]
+    except subprocess.TimeoutExpired:
+        for run in runs:
+            run.kill()
+        pytest.fail(f"two processes still running after {timeout} s: a rank hangs")
+
+
+def test_two_processes_give_the_one_process_losses_and_gradients(tiny_root, tmp_path):
+    runs = two_processes(["-c", "import sys, test_sancl; test_sancl.gradient_steps(*sys.argv[1:], True)",
+                          str(tiny_root), str(tmp_path / "two.pt")])
+    assert all(rc == 0 for rc, _, _ in runs), runs
+    two, one = torch.load(tmp_path / "two.pt"), gradient_steps(tiny_root)
+    assert len(one) == len(two) == 6  # 2 steps x 3 loss terms
+    for (losses_1, grads_1), (losses_2, grads_2) in zip(one, two):
+        assert losses_2 == pytest.approx(losses_1, rel=1e-5, abs=1e-6)
+        # a parameter the term does not reach: no gradient in one process, zeros after DDP's average
+        largest = max((grads_2[n] - grads_1.get(n, 0)).abs().max().item() for n in grads_2)
+        scale = max(grad.abs().max().item() for grad in grads_2.values())
+        assert largest <= 1e-5 * scale and set(grads_1) <= set(grads_2), (largest, scale)  # float rounding only
