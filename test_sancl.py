@@ -2396,3 +2396,51 @@ def test_two_processes_give_the_one_process_losses_and_gradients(tiny_root, tmp_
         largest = max((grads_2[n] - grads_1.get(n, 0)).abs().max().item() for n in grads_2)
         scale = max(grad.abs().max().item() for grad in grads_2.values())
         assert largest <= 1e-5 * scale and set(grads_1) <= set(grads_2), (largest, scale)  # float rounding only
+
+
+def test_two_process_run_is_read_by_evaluate_and_resumed_in_one(tiny_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    runs = two_processes(["train.py", "--data-dir", str(tiny_root), "--out", str(out), "--epochs", "1"])
+    assert [rc for rc, _, _ in runs] == [0, 0], runs
+    assert runs[1][1:] == ("", "") and "epoch  1  task" in runs[0][1]  # process 0 alone prints
+    test_line = runs[0][1].strip().splitlines()[-1]
+    assert test_line.startswith("test  MAP") and json.loads((out / "test.json").read_text())["best_epoch"] == 1
+    assert evaluate.main(["--checkpoint", str(out / "best.pt")]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == test_line
+    assert train.main(["--resume", str(out), "--epochs", "2"]) == 0  # a two-process run goes on in one
+    assert "resuming" in capsys.readouterr().out and len(plumbing.load_checkpoint(out / "last.pt")["state"]["history"]) == 2
+
+
+BAD_SHARE = """import sys, data, train
+real = data.Split.group_batch
+def group_batch(self, groups):  # process 1's share of the second step holds a broken item
+    group_batch.calls = getattr(group_batch, "calls", 0) + 1
+    if group_batch.calls == 2 and sys.argv[1] == "1":
+        raise data.DataError("features/R1.npz: not a .npz file (broken on purpose)")
+    return real(self, groups)
+data.Split.group_batch = group_batch
+sys.exit(train.main(sys.argv[2:]))"""
+
+
+def test_a_bad_input_in_one_process_stops_both_with_one_message(tiny_root, tmp_path):
+    runs = two_processes(["-c", BAD_SHARE, "{rank}", "--data-dir", str(tiny_root), "--out", str(tmp_path / "run")])
+    assert [rc for rc, _, _ in runs] == [2, 2], runs
+    assert runs[0][2].count("error: ") == 1 and runs[1][2] == ""  # one message, from process 0
+    assert "error: process 1 of 2: features/R1.npz: not a .npz file (broken on purpose)" in runs[0][2]
+    assert "epoch" not in runs[0][1] and not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_several_processes_refuse_a_step_they_cannot_split_and_a_missing_rendezvous(monkeypatch, capsys):
+    monkeypatch.setitem(plumbing.WORLD, "size", 2)
+    plumbing.check_split(2)
+    with pytest.raises(data.DataError, match=r"a step of 1 group cannot be split across 2 processes: --batch-size 16"):
+        plumbing.check_split(1)
+    monkeypatch.setitem(plumbing.WORLD, "size", 1)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    assert train.main(["--data", "home_kitchen"]) == 2
+    assert capsys.readouterr().err == ("error: RANK/WORLD_SIZE are set but MASTER_ADDR, MASTER_PORT are not: start "
+                                       "several processes with `torchrun --standalone --nproc_per_node N train.py "
+                                       "...`, or unset RANK and WORLD_SIZE for one process\n")
