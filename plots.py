@@ -1,4 +1,4 @@
-"""Pictures of a run: the training curves and the review's attention map A' (Fig. 3).
+"""Pictures and tables of a run: the training curves, the review's attention map A' (Fig. 3), Table 2.
 
 matplotlib is optional. It is imported inside `_pyplot`, so every command runs without it:
 a function that would draw prints where the picture would have been and how to get it, and
@@ -8,6 +8,8 @@ Imports go one way: this file uses no other script; train.py and evaluate.py use
 """
 import csv
 from pathlib import Path
+
+import numpy as np
 
 INSTALL_HINT = "pip install matplotlib (pinned in requirements.txt)"
 HISTORY_COLUMNS = ("epoch", "task", "cpc_ii", "cpc_pr", "dev_MAP", "dev_N@3", "dev_N@5", "lr",
@@ -134,3 +136,22 @@ def draw_attention(attention, tokens, token_sentence, marked, beta, path, title=
     fig.savefig(path, dpi=80, bbox_inches="tight")
     plt.close(fig)
     return Path(path)
+
+
+def write_table(rows, folder, title):
+    """Table 2's layout: a row per setting, MAP / N@3 / N@5 as mean +- std over seeds (std with n - 1);
+    printed, and written as table2.md and table2.csv into `folder`."""
+    lines = [f"Table 2 on {title}", "", "| setting | MAP | N@3 | N@5 |", "|---|---|---|---|"]
+    csv_lines = ["setting,runs,MAP,MAP_std,N@3,N@3_std,N@5,N@5_std"]
+    for name, runs in rows.items():
+        cells, values = [], []
+        for metric in ("MAP", "N@3", "N@5"):
+            scores = np.array([run[metric] for run in runs])
+            std = scores.std(ddof=1) if len(scores) > 1 else 0.0
+            cells.append(f"{scores.mean():.2f} ± {std:.2f}" if len(scores) > 1 else f"{scores.mean():.2f}")
+            values += [f"{scores.mean():.4f}", f"{std:.4f}"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        csv_lines.append(f"{name},{len(runs)}," + ",".join(values))
+    (folder / "table2.md").write_text("\n".join(lines) + "\n")
+    (folder / "table2.csv").write_text("\n".join(csv_lines) + "\n")
+    print("\n".join(lines) + f"\n(written to {folder / 'table2.md'} and {folder / 'table2.csv'})")

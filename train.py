@@ -37,10 +37,10 @@ import data
 import plots
 import sancl
 from evaluate import baseline_metrics, evaluate_split, format_metrics
-from plumbing import (WORLD, Prefetch, adam, autocast, check_split, device_flag, end_processes, find_data,
-                      load_checkpoint, load_data, on_rank0, rank0_first, report_data, rng_state, save_atomic,
-                      seed_everything, set_rng_state, share_steps, start_processes, to_device, together,
-                      total_over_processes, wrap_model)
+from plumbing import (Prefetch, adam, autocast, check_split, device_flag, end_processes, find_data, load_checkpoint,
+                      load_data, on_rank0, rank0_first, report_data, rng_state, save_atomic, seed_everything,
+                      set_rng_state, share_steps, start_processes, to_device, together, total_over_processes,
+                      wrap_model)
 
 SWITCHES = ("text_only", "fixed_beta", "no_probe_mask", "no_cpc_ii", "no_cpc_pr")
 RELEASE_EPOCHS = 11  # the reference trains 11 epochs (SPEC §10)
@@ -320,8 +320,7 @@ def train(args, progress=None):
         say_where(out, state, args)
     run_info = {"args": vars(args), "settings": hp, "config": dataclasses.asdict(config), "data": str(source.root),
                 "sample": source.is_sample}
-    if WORLD["rank"] == 0:  # several processes: process 0 alone writes the run folder
-        (out / "config.json").write_text(json.dumps(run_info, indent=2))
+    on_rank0((out / "config.json").write_text, json.dumps(run_info, indent=2))  # several processes: 0 writes
     print(f"data {source.root} ({'SAMPLE' if source.is_sample else 'release'}): "
           + ", ".join(f"{n} {len(s.products)}/{len(s.labels)}" for n, s in splits.items())
           + f" products/reviews; loaded in {time.time() - t0:.1f}s")
@@ -361,8 +360,7 @@ def train(args, progress=None):
         means = {k: v.item() / max(1, steps) for k, v in sums.items()}
         state["history"].append({"epoch": epoch, **means, "dev": dev, "lr": optimizer.param_groups[0]["lr"],
                                  "train_s": train_time, "dev_s": dev_time, "wait_s": waited})
-        if WORLD["rank"] == 0:
-            plots.write_history_csv(state["history"], out / "history.csv")  # rewritten each epoch: resume-safe
+        on_rank0(plots.write_history_csv, state["history"], out / "history.csv")  # each epoch: resume-safe
         scheduler.step(dev["MAP"])
         better = dev["MAP"] > state["best_map"]
         if better:
@@ -451,27 +449,8 @@ def ablation_table(args, argv):
                   f"{elapsed / n * (len(jobs) - n) / 60:.0f} min)", flush=True)
     rows = {name: [results[run_name(flags, seed)] for seed in range(args.seeds)] for name, flags in TABLE2.items()}
     rows.update({name: [m] for name, m in baseline_metrics(data.read_split(source, "test"), args.threshold).items()})
-    write_table(rows, folder, f"{source.root} ({'SAMPLE' if source.is_sample else 'release'}), test split, "
+    plots.write_table(rows, folder, f"{source.root} ({'SAMPLE' if source.is_sample else 'release'}), test split, "
                 f"{args.seeds} seeds, {(time.time() - start) / 60:.1f} min")
-
-
-def write_table(rows, folder, title):
-    """Table 2's layout: a row per setting, MAP / N@3 / N@5 as mean +- std over seeds (std with n - 1);
-    printed, and written as table2.md and table2.csv into `folder`."""
-    lines = [f"Table 2 on {title}", "", "| setting | MAP | N@3 | N@5 |", "|---|---|---|---|"]
-    csv_lines = ["setting,runs,MAP,MAP_std,N@3,N@3_std,N@5,N@5_std"]
-    for name, runs in rows.items():
-        cells, values = [], []
-        for metric in ("MAP", "N@3", "N@5"):
-            scores = np.array([run[metric] for run in runs])
-            std = scores.std(ddof=1) if len(scores) > 1 else 0.0
-            cells.append(f"{scores.mean():.2f} ± {std:.2f}" if len(scores) > 1 else f"{scores.mean():.2f}")
-            values += [f"{scores.mean():.4f}", f"{std:.4f}"]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        csv_lines.append(f"{name},{len(runs)}," + ",".join(values))
-    (folder / "table2.md").write_text("\n".join(lines) + "\n")
-    (folder / "table2.csv").write_text("\n".join(csv_lines) + "\n")
-    print("\n".join(lines) + f"\n(written to {folder / 'table2.md'} and {folder / 'table2.csv'})")
 
 
 def main(argv=None):
