@@ -2444,3 +2444,15 @@ def test_several_processes_refuse_a_step_they_cannot_split_and_a_missing_rendezv
     assert capsys.readouterr().err == ("error: RANK/WORLD_SIZE are set but MASTER_ADDR, MASTER_PORT are not: start "
                                        "several processes with `torchrun --standalone --nproc_per_node N train.py "
                                        "...`, or unset RANK and WORLD_SIZE for one process\n")
+
+
+def test_benchmark_times_a_step_on_a_device_or_says_it_has_none(monkeypatch, capsys):
+    import benchmark
+    benchmark.device_benchmark("home_kitchen", torch.device("cpu"), False, 500, repeats=1, warmup=0)  # cuda's path
+    out = capsys.readouterr().out
+    assert "up to 128 regions an item, 500-word table" in out and out.count(" s/step, epoch ") == 2
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(sys, "argv", ["benchmark.py", "--device", "cuda"])
+        with pytest.raises(SystemExit):
+            benchmark.main()
+        assert "--device: cuda: this torch sees no CUDA device" in capsys.readouterr().err
