@@ -221,10 +221,15 @@ def device_benchmark(category, device, amp, vocab_rows, repeats=20, warmup=5):
     an item, a `vocab_rows`-word table trained. Random batches: no data, no spaCy. Prints seconds a step,
     the projected epoch (the reference's groups: 47,767 steps) and, on CUDA, the peak GPU memory
     (torch.cuda.max_memory_allocated: tensors; reserved: what the caching allocator holds), to set beside
-    the paper's 2.4 GB. --amp: bfloat16 autocast, as train.py --amp."""
+    the paper's 2.4 GB. --amp: bfloat16 autocast, as train.py --amp. Under torchrun each process takes its
+    share of the batch's 4 products, as train.py's processes share a step's groups."""
     table = sancl.TABLE5[category]
     cuda = device.type == "cuda"
+    rank, size = plumbing.WORLD["rank"], plumbing.WORLD["size"]
+    if 4 % size:
+        raise SystemExit(f"the 4 products of Table 5's batch cannot be shared by {size} processes: use 1, 2 or 4")
     print(f"training step on {torch.cuda.get_device_name(device) if cuda else 'CPU'}"
+          f"{f', {size} processes' if size > 1 else ''}"
           f"{' (bfloat16 autocast)' if amp else ''}: Table 5 batch 32 rows (4 products x 8 reviews), texts up to "
           f"128 tokens, up to 128 regions an item, {vocab_rows}-word table; median of {repeats} after {warmup}:")
     for text_only in (True, False):
@@ -236,14 +241,18 @@ def device_benchmark(category, device, amp, vocab_rows, repeats=20, warmup=5):
             torch.cuda.reset_peak_memory_stats(device)
         model = sancl.SANCL(config).to(device).train()
         optimizer = plumbing.adam(model, table["lr"])
-        batches = [sancl.random_batch(config, 4, 8, product_len=128, review_len=128, regions=128, seed=seed,
-                                      device=device) for seed in range(min(4, warmup + repeats))]
+        net = plumbing.wrap_model(model, device)  # DistributedDataParallel under torchrun
+        batches = [sancl.random_batch(config, 4 // size, 8, product_len=128, review_len=128, regions=128,
+                                      seed=seed * size + rank, device=device) for seed in range(min(4, warmup + repeats))]
+        for batch in batches:  # distinct rows in every process (gather_step keeps repeats once)
+            batch["review_rows"] = torch.arange(32 // size, device=device) + rank * 32
+            batch["product_rows"] = torch.arange(4 // size, device=device) + rank * 4
         times = []
         for n in range(warmup + repeats):
             if cuda:
                 torch.cuda.synchronize(device)
             start = time.perf_counter()
-            train.train_step(model, optimizer, batches[n % len(batches)], amp, None, 1)
+            train.train_step(net, optimizer, batches[n % len(batches)], amp, None, 1)
             if cuda:
                 torch.cuda.synchronize(device)  # the step is done on the GPU, not only queued
             times.append(time.perf_counter() - start)
@@ -253,7 +262,7 @@ def device_benchmark(category, device, amp, vocab_rows, repeats=20, warmup=5):
                   f"peak process memory {peak_memory_gb():.2f} GB")
         print(f"  {'text-only' if text_only else 'multimodal':10} {step:.4f} s/step, epoch {step * RELEASE_STEPS['groups'] / 3600:.2f} h "
               f"({RELEASE_STEPS['groups']} steps, the reference's groups); {memory} (the paper: 2.4 GB)")
-        del model, optimizer, batches
+        del model, net, optimizer, batches
 
 
 def main():
@@ -286,7 +295,8 @@ def main():
     if args.amp and not args.device:
         parser.error("--amp times a step on --device: add --device cuda")
     if args.device:
-        device_benchmark(args.data, plumbing.pick_device(args.device), args.amp, args.vocab, args.steps)
+        device_benchmark(args.data, plumbing.start_processes(args.device), args.amp, args.vocab, args.steps)
+        plumbing.end_processes()
         return
     if args.release:
         release_benchmark(args.release, args.data, args.steps, args.cold, args.vocab)
