@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 import warnings
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -326,7 +327,8 @@ def start_processes(device_name):
                                  f"start at most {torch.cuda.device_count()} processes per machine (--nproc_per_node)")
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    # the others wait in a collective while process 0 scores dev (6 min on one CPU core at the release's size)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=1))
     WORLD.update(rank=torch.distributed.get_rank(), size=torch.distributed.get_world_size())
     if WORLD["rank"] > 0:  # one voice: rank 0's. A crash of ours still shows its traceback (on the real stderr)
         sys.stdout = sys.stderr = open(os.devnull, "w")
