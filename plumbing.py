@@ -20,6 +20,7 @@ import re
 import sys
 import threading
 import time
+import traceback
 import warnings
 from datetime import timedelta
 from pathlib import Path
@@ -332,7 +333,7 @@ def start_processes(device_name):
     WORLD.update(rank=torch.distributed.get_rank(), size=torch.distributed.get_world_size())
     if WORLD["rank"] > 0:  # one voice: rank 0's. A crash of ours still shows its traceback (on the real stderr)
         sys.stdout = sys.stderr = open(os.devnull, "w")
-        sys.excepthook = lambda *error: __import__("traceback").print_exception(*error, file=sys.__stderr__)
+        sys.excepthook = lambda *error: traceback.print_exception(*error, file=sys.__stderr__)
     return device
 
 
