@@ -4,6 +4,7 @@
     python benchmark.py --text-only     # the same for the text-only model
     python benchmark.py --products 32   # a bigger batch: 32 products x 8 reviews
     python benchmark.py --release DIR   # the whole pipeline at the release's size (Table 4)
+    python benchmark.py --device cuda   # a step at Home & Kitchen's shapes on a GPU: seconds, peak memory (--amp)
 
 `--release DIR` writes a synthetic folder of Home & Kitchen's size into DIR when it is not there
 (`python sample.py --size release`, ~10 minutes), then measures what a user of the real release
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 
 import data
+import distributed
 import evaluate
 import features
 import plumbing
@@ -211,6 +213,59 @@ def release_benchmark(folder, category, steps, cold=False, vocab_rows=None):
     print(f"peak memory of the whole benchmark: {peak_memory_gb():.2f} GB")
 
 
+RELEASE_STEPS = {"groups": 47767, "products": 13629}  # Home & Kitchen's steps per epoch (README, Speed)
+
+
+def device_benchmark(category, device, amp, vocab_rows, repeats=20, warmup=5):
+    """--device: train.py's training step (forward, losses, backward, fused Adam) on `device` at Home &
+    Kitchen's shapes: Table 5's batch (4 products x 8 reviews), texts up to 128 tokens, up to 128 regions
+    an item, a `vocab_rows`-word table trained. Random batches: no data, no spaCy. Prints seconds a step,
+    the projected epoch (the reference's groups: 47,767 steps) and, on CUDA, the peak GPU memory
+    (torch.cuda.max_memory_allocated: tensors; reserved: what the caching allocator holds), to set beside
+    the paper's 2.4 GB. --amp: bfloat16 autocast, as train.py --amp. Under torchrun each process takes its
+    share of the batch's 4 products, as train.py's processes share a step's groups."""
+    table = sancl.TABLE5[category]
+    cuda = device.type == "cuda"
+    rank, size = distributed.WORLD["rank"], distributed.WORLD["size"]
+    if 4 % size:
+        raise SystemExit(f"the 4 products of Table 5's batch cannot be shared by {size} processes: use 1, 2 or 4")
+    print(f"training step on {torch.cuda.get_device_name(device) if cuda else 'CPU'}"
+          f"{f', {size} processes' if size > 1 else ''}"
+          f"{' (bfloat16 autocast)' if amp else ''}: Table 5 batch 32 rows (4 products x 8 reviews), texts up to "
+          f"128 tokens, up to 128 regions an item, {vocab_rows}-word table; median of {repeats} after {warmup}:")
+    for text_only in (True, False):
+        config = sancl.SANCLConfig(vocab_size=vocab_rows, text_dropout=table["text_dropout"], kappa=table["kappa"],
+                                   text_only=text_only)
+        torch.manual_seed(0)
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        model = sancl.SANCL(config).to(device).train()
+        optimizer = plumbing.adam(model, table["lr"])
+        net = distributed.wrap_model(model, device)  # DistributedDataParallel under torchrun
+        batches = [sancl.random_batch(config, 4 // size, 8, product_len=128, review_len=128, regions=128,
+                                      seed=seed * size + rank, device=device) for seed in range(min(4, warmup + repeats))]
+        for batch in batches:  # distinct rows in every process (gather_step keeps repeats once)
+            batch["review_rows"] = torch.arange(32 // size, device=device) + rank * 32
+            batch["product_rows"] = torch.arange(4 // size, device=device) + rank * 4
+        times = []
+        for n in range(warmup + repeats):
+            if cuda:
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            train.train_step(net, optimizer, batches[n % len(batches)], amp, None, 1)
+            if cuda:
+                torch.cuda.synchronize(device)  # the step is done on the GPU, not only queued
+            times.append(time.perf_counter() - start)
+        step = sorted(times[warmup:])[repeats // 2]
+        memory = (f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GB allocated, "
+                  f"{torch.cuda.max_memory_reserved(device) / 2 ** 30:.2f} GB reserved" if cuda else
+                  f"peak process memory {peak_memory_gb():.2f} GB")
+        print(f"  {'text-only' if text_only else 'multimodal':10} {step:.4f} s/step, epoch {step * RELEASE_STEPS['groups'] / 3600:.2f} h "
+              f"({RELEASE_STEPS['groups']} steps, the reference's groups); {memory} (the paper: 2.4 GB)")
+        del model, net, optimizer, batches
+
+
 def main():
     parser = argparse.ArgumentParser(description="Time a SANCL training step against its input encoding alone, "
                                      "or (--release DIR) the whole pipeline at the release's size.")
@@ -229,12 +284,22 @@ def main():
                         "table in the timed training steps (default 50000, an estimate for the release's 37M "
                         "training tokens at the reference's min count 5; train.py prints the real vocabulary); "
                         "the synthetic folder itself has a few hundred words")
-    parser.add_argument("--steps", type=int, default=20, help="--release: training steps timed per setting")
+    parser.add_argument("--steps", type=int, default=20, help="--release, --device: training steps timed per setting")
+    parser.add_argument("--device", type=plumbing.device_flag, help="time train.py's step at Home & Kitchen's "
+                        "shapes on this device (cuda, cuda:1, cpu): seconds a step, projected epoch, peak GPU memory")
+    parser.add_argument("--amp", action="store_true", help="--device: in bfloat16 autocast (train.py --amp)")
     parser.add_argument("--cold", action="store_true", help="--release: empty the page cache before each multimodal "
                         "timing (Linux, root), so that region files are read from disk as on the real release")
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads or (1 if args.release else torch.get_num_threads()))
+    if args.amp and not args.device:
+        parser.error("--amp times a step on --device: add --device cuda")
+    if args.device:
+        device = distributed.start_processes(plumbing.pick_device(args.device))
+        device_benchmark(args.data, device, args.amp, args.vocab, args.steps)
+        distributed.end_processes()
+        return
     if args.release:
         release_benchmark(args.release, args.data, args.steps, args.cold, args.vocab)
         return

@@ -313,7 +313,7 @@ def predict_file(model, checkpoint, path, device):
     split, skipped, _ = read_product_file(model, checkpoint, path)
     product, unknown = split.products[0], unknown_share(split)
     print(f"unknown tokens: {100 * unknown:.1f}% of the file's words are not in the run's vocabulary"
-          + (f"\nWARNING: is this the checkpoint of this product's category?" if unknown > WARN_SHARE else ""),
+          + ("\nWARNING: is this the checkpoint of this product's category?" if unknown > WARN_SHARE else ""),
           file=sys.stderr)
     scores = predict_scores(model, split, device, who=checkpoint["path"])
     print(f"{product.name}: {len(product.reviews)} reviews, most helpful first"

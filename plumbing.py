@@ -6,6 +6,7 @@
      features from features.py
   3. checkpoints: written atomically, read back with everything a run needs, checked before use
   4. run folders: one process writes into a folder at a time; write errors said in one line
+  5. several processes (torchrun) live in distributed.py; save_atomic writes on process 0 only
 
 Imports go one way: this file uses data, features, probe_mask, sample and sancl;
 evaluate.py and train.py use it; nothing below imports it.
@@ -33,6 +34,7 @@ import data
 import probe_mask
 import sample
 import sancl
+from distributed import WORLD
 from features import RegionStore, scan_regions
 
 
@@ -288,6 +290,8 @@ def report_data(info, file=None):
 # --- 3. checkpoints --------------------------------------------------------------------------
 def save_atomic(obj, path):
     """Write to a temporary file, then rename: a crash mid-write never leaves a corrupt checkpoint."""
+    if WORLD["rank"] > 0:  # several processes: process 0 alone writes the run folder
+        return
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
@@ -322,8 +326,8 @@ def load_checkpoint(path):
     if not path.is_file():
         raise data.DataError(f"checkpoint {path} not found: train.py writes best.pt and last.pt into its "
                              f"run folder (--out, default runs/{{data}}-{{switches}}-s{{seed}}).")
-    damaged = (f"the file is damaged or truncated: copy it again or use the run's other checkpoint "
-               f"(best.pt / last.pt)")
+    damaged = ("the file is damaged or truncated: copy it again or use the run's other checkpoint "
+               "(best.pt / last.pt)")
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols before it refuses them
             warnings.simplefilter("ignore")

@@ -355,11 +355,15 @@ class SANCL(nn.Module):
         out["score"] = self.output(features).squeeze(-1)  # (R,)
         return out
 
+    gather = None  # plumbing: several processes (torchrun) set distributed.gather_step here; one process: None
+
     def losses(self, batch, out):
         """Eq. (13): cpc_pr = cpc^t_pr + cpc^v_pr, one term per modality;
         Eq. (17), (18): L = L_task + kappa * L_aux, L_aux = cpc_ii + cpc_pr (task: Eq. 16).
         Returns {"task", "cpc_ii", "cpc_pr", "total"}, all scalar tensors."""
         c = self.config
+        if self.gather:  # plumbing: each process holds a share of the step; the losses see the whole step
+            batch, out = self.gather(batch, out)
         zero = out["score"].new_zeros(())
         labels = batch["labels"]  # (R,)
         task = task_loss(out["score"], labels, batch["pairs"], c.gamma)

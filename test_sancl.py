@@ -27,6 +27,7 @@ import torch
 
 import build_data
 import data
+import distributed
 import evaluate
 import features
 import grid_features
@@ -3170,3 +3171,138 @@ def test_a_run_reports_the_geometry_of_its_test_split(tiny_root, tmp_path, capsy
     assert set(geometry) == {f"{space}_{kind}" for space in ("pr_t", "pr_v", "ii") for kind in ("helpful", "unhelpful")
                              } | {"ii_products"}
     assert all(-1 <= value <= 1 for value in geometry.values())
+
+
+# --- issue 20: several processes (torchrun, gloo on CPU) ---
+HERE = Path(__file__).parent
+
+
+def gradient_steps(root, out=None, processes=False):
+    """Two steps of the tiny sample, each loss term's gradient on its own (one forward and backward each):
+    [(losses, gradients)]; under torchrun's variables (`processes`) each process encodes its share. Steps:
+    3 groups, two of one product dealt to different processes (a product and reviews in both shares, and
+    uneven shares, 2 + 1 groups); then 1 group, so that the second process encodes a stand-in."""
+    device = distributed.start_processes(torch.device("cpu"))
+    splits, vocab, embeddings, _ = distributed.rank0_first(plumbing.load_data, data.resolve_data(data_dir=root))
+    torch.manual_seed(0)
+    model = sancl.SANCL(sancl.SANCLConfig(vocab_size=len(vocab)), embeddings).eval()  # eval: no dropout draws
+    net = distributed.wrap_model(model, device)
+    train_split = splits["train"]
+    groups = train.epoch_groups(train_split, np.random.default_rng([0, 1]))
+    product = train_split.review_product[groups[0][0]]
+    same = [g for g in groups if train_split.review_product[g[0]] == product]
+    other = [g for g in groups if train_split.review_product[g[0]] != product]
+    found = []
+    for step in ([same[0], same[1], other[0]], [other[1]]):
+        make, _ = distributed.share_steps(train_split.group_batch, [step])
+        for term in ("task", "cpc_ii", "cpc_pr"):
+            model.zero_grad(set_to_none=True)
+            batch = make(step)
+            losses = model.losses(batch, net(batch))
+            losses[term].backward()
+            found.append(({k: v.item() for k, v in losses.items()},
+                          {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    if out and distributed.WORLD["rank"] == 0:
+        torch.save(found, out)
+    distributed.end_processes()
+    return found
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_processes(argv, timeout=60, env=None):
+    """`python argv...` twice, as torchrun starts them (RANK, WORLD_SIZE, a rendezvous on 127.0.0.1),
+    one thread each; [(returncode, stdout, stderr)] per rank. Killed and failed past `timeout` s."""
+    import subprocess
+    port, runs = free_port(), []
+    for rank in range(2):
+        own = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", **(env or {})}
+        runs.append(subprocess.Popen([sys.executable, *[a.replace("{rank}", str(rank)) for a in argv]], cwd=HERE,
+                                     env=own, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        outputs = [run.communicate(timeout=timeout) for run in runs]
+        return [(run.returncode, *output) for run, output in zip(runs, outputs)]
+    except subprocess.TimeoutExpired:
+        for run in runs:
+            run.kill()
+        pytest.fail(f"two processes still running after {timeout} s: a rank hangs")
+
+
+def test_two_processes_give_the_one_process_losses_and_gradients(tiny_root, tmp_path):
+    runs = two_processes(["-c", "import sys, test_sancl; test_sancl.gradient_steps(*sys.argv[1:], True)",
+                          str(tiny_root), str(tmp_path / "two.pt")])
+    assert all(rc == 0 for rc, _, _ in runs), runs
+    two, one = torch.load(tmp_path / "two.pt"), gradient_steps(tiny_root)
+    assert len(one) == len(two) == 6  # 2 steps x 3 loss terms
+    for (losses_1, grads_1), (losses_2, grads_2) in zip(one, two):
+        assert losses_2 == pytest.approx(losses_1, rel=1e-5, abs=1e-6)
+        # a parameter the term does not reach: no gradient in one process, zeros after DDP's average
+        largest = max((grads_2[n] - grads_1.get(n, 0)).abs().max().item() for n in grads_2)
+        scale = max(grad.abs().max().item() for grad in grads_2.values())
+        assert largest <= 1e-5 * scale and set(grads_1) <= set(grads_2), (largest, scale)  # float rounding only
+
+
+def test_two_process_run_is_read_by_evaluate_and_resumed_in_one(tiny_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    runs = two_processes(["train.py", "--data-dir", str(tiny_root), "--out", str(out), "--epochs", "1"])
+    assert [rc for rc, _, _ in runs] == [0, 0], runs
+    assert runs[1][1:] == ("", "") and "epoch  1  task" in runs[0][1]  # process 0 alone prints
+    test_lines = runs[0][1].strip().splitlines()[-2:]  # the metrics, then the contrastive spaces' cosines
+    assert test_lines[0].startswith("test  MAP") and json.loads((out / "test.json").read_text())["best_epoch"] == 1
+    assert evaluate.main(["--checkpoint", str(out / "best.pt")]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-2:] == test_lines
+    assert train.main(["--resume", str(out), "--epochs", "2"]) == 0  # a two-process run goes on in one
+    assert "resuming" in capsys.readouterr().out and len(plumbing.load_checkpoint(out / "last.pt")["state"]["history"]) == 2
+
+
+BAD_SHARE = """import sys, data, train
+real = data.Split.group_batch
+def group_batch(self, groups):  # process 1's share of the second step holds a broken item
+    group_batch.calls = getattr(group_batch, "calls", 0) + 1
+    if group_batch.calls == 2 and sys.argv[1] == "1":
+        raise data.DataError("features/R1.npz: not a .npz file (broken on purpose)")
+    return real(self, groups)
+data.Split.group_batch = group_batch
+sys.exit(train.main(sys.argv[2:]))"""
+
+
+def test_a_bad_input_in_one_process_stops_both_with_one_message(tiny_root, tmp_path):
+    runs = two_processes(["-c", BAD_SHARE, "{rank}", "--data-dir", str(tiny_root), "--out", str(tmp_path / "run")])
+    assert [rc for rc, _, _ in runs] == [2, 2], runs
+    assert runs[0][2].count("error: ") == 1 and runs[1][2] == ""  # one message, from process 0
+    assert "error: process 1 of 2: features/R1.npz: not a .npz file (broken on purpose)" in runs[0][2]
+    assert "epoch" not in runs[0][1] and not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_several_processes_refuse_a_step_they_cannot_split_and_a_missing_rendezvous(monkeypatch, capsys):
+    monkeypatch.setitem(distributed.WORLD, "size", 2)
+    distributed.check_split(2)
+    with pytest.raises(data.DataError, match=r"a step of 1 group cannot be split across 2 processes: --batch-size 16"):
+        distributed.check_split(1)
+    monkeypatch.setitem(distributed.WORLD, "size", 1)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    assert train.main(["--data", "home_kitchen"]) == 2
+    assert capsys.readouterr().err == ("error: RANK/WORLD_SIZE are set but MASTER_ADDR, MASTER_PORT are not: start "
+                                       "several processes with `torchrun --standalone --nproc_per_node N train.py "
+                                       "...`, or unset RANK and WORLD_SIZE for one process\n")
+
+
+def test_benchmark_times_a_step_on_a_device_or_says_it_has_none(monkeypatch, capsys):
+    import benchmark
+    benchmark.device_benchmark("home_kitchen", torch.device("cpu"), False, 500, repeats=1, warmup=0)  # cuda's path
+    out = capsys.readouterr().out
+    assert "up to 128 regions an item, 500-word table" in out and out.count(" s/step, epoch ") == 2
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(sys, "argv", ["benchmark.py", "--device", "cuda"])
+        with pytest.raises(SystemExit):
+            benchmark.main()
+        assert "--device: cuda: this torch sees no CUDA device" in capsys.readouterr().err

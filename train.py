@@ -35,6 +35,8 @@ import torch
 import data
 import plots
 import sancl
+from distributed import (WORLD, check_split, end_processes, on_rank0, rank0_first, share_steps, start_processes, together,
+                         total_over_processes, wrap_model)
 from evaluate import (baseline_metrics, evaluate_split, finished_test, format_geometry, format_metrics, run_digest,
                       write_table)
 from plumbing import (DROPOUT, KAPPA, SEED, THRESHOLD, Prefetch, adam, autocast, check_weights, cores, count,
@@ -252,8 +254,8 @@ def check_finite(losses, batch, split, epoch):
 def train_step(model, optimizer, batch, amp, split, epoch):
     """One optimizer step on a batch (on the model's device): the losses of Eq. (16)-(18), checked to be
     finite before they reach the weights, backward, Adam. Returns the losses."""
-    with autocast(batch["labels"].device, amp):
-        losses = model.losses(batch, model(batch))
+    with autocast(batch["labels"].device, amp):  # model: DistributedDataParallel around SANCL under torchrun
+        losses = getattr(model, "module", model).losses(batch, model(batch))
     check_finite(losses, batch, split, epoch)
     optimizer.zero_grad(set_to_none=True)
     losses["total"].backward()
@@ -294,27 +296,29 @@ def resume_from(run, args):
 
 
 def train_locked(args, progress, hold):
-    device = pick_device(args.device)
+    device = start_processes(pick_device(args.device))  # plumbing: one process, or torchrun's (README "Several processes")
     resume, args = resume_from(args.resume, args) if args.resume else (None, args)  # the saved run's flags win
     seed_everything(args.seed, args.threads)
     autocast(device, args.amp)  # --amp refused here, before the data loads, where it cannot work
-    source = find_data(args.data, args.data_dir, args.glove, args.features)
+    source = rank0_first(find_data, args.data, args.data_dir, args.glove, args.features)
     category = args.data or data.NAMES.get(source.prefix)
     hp = settings(args, category)
+    check_split(max(1, hp["batch_size"] // (1 + NEGATIVES)))  # several processes: each needs a group a step
     args.epochs = args.epochs or (SAMPLE_EPOCHS if source.is_sample else RELEASE_EPOCHS)
-    out = run_folder(args, category or source.prefix, hold)
+    out = run_folder(args, category or source.prefix, hold if WORLD["rank"] == 0 else None)  # process 0 locks it
     progress["run"] = out
 
     t0 = time.time()
-    splits, vocab, embeddings, info = load_data(
-        source, vocab=resume["vocab"] if resume else None, with_images=not args.text_only,
-        with_masks=not args.no_probe_mask, compute_masks=args.compute_masks)
+    splits, vocab, embeddings, info = rank0_first(  # process 0 first: it may write the probe-mask cache
+        load_data, source, resume["vocab"] if resume else None, not args.text_only, not args.no_probe_mask,
+        args.compute_masks)
     config = sancl.SANCLConfig(vocab_size=len(vocab), text_dropout=hp["text_dropout"], kappa=hp["kappa"],
                                freeze_embeddings=args.freeze_embeddings, **{s: getattr(args, s) for s in SWITCHES})
     model = resume["model"] if resume else sancl.SANCL(config, embeddings)
     config = model.config  # a resumed run's own (hp below say its kappa and dropout)
     hp.update(kappa=config.kappa, text_dropout=config.text_dropout)
     model.to(device)
+    net = wrap_model(model, device)  # the model, or DistributedDataParallel around it under torchrun
     optimizer = adam(model, hp["lr"])
     # the reference's schedule: halve the learning rate after 5 epochs without a better dev score. "Better" is
     # one notion for the schedule, early stopping and best.pt: a strictly higher dev MAP (threshold=0; the
@@ -330,7 +334,7 @@ def train_locked(args, progress, hold):
         say_where(out, state, args)
     run_info = {"args": vars(args), "settings": hp, "config": dataclasses.asdict(config), "data": str(source.root),
                 "sample": source.is_sample}
-    (out / "config.json").write_text(json.dumps(run_info, indent=2))
+    on_rank0((out / "config.json").write_text, json.dumps(run_info, indent=2))  # several processes: 0 writes
     print(f"data {source.root} ({'SAMPLE' if source.is_sample else 'release'}): "
           + ", ".join(f"{n} {len(s.products)}/{len(s.labels)}" for n, s in splits.items())
           + f" products/reviews; loaded in {time.time() - t0:.1f}s")
@@ -353,24 +357,24 @@ def train_locked(args, progress, hold):
         steps, reviews, t0 = 0, 0, time.time()
         groups = epoch_groups(splits["train"], rng)
         plan = epoch_plan(splits["train"], groups, args.batching, hp["batch_size"], rng)
-        with Prefetch(splits["train"].group_batch, plan) as batches:  # the next batch is built during this step
-            for batch in batches:
-                losses = train_step(model, optimizer, to_device(batch, device), args.amp, splits["train"], epoch)
+        with Prefetch(*share_steps(splits["train"].group_batch, plan)) as batches:  # the next batch is built now
+            for batch in together(batches):  # several processes: each its share of a step, stopping together
+                losses = train_step(net, optimizer, to_device(batch, device), args.amp, splits["train"], epoch)
                 for k in sums:
                     sums[k] += losses[k].detach().double()
                 steps, reviews = steps + 1, reviews + len(batch["labels"])
                 if steps % 20 == 0 and sys.stderr.isatty():
                     print(f"\r  epoch {epoch} step {steps}/{len(plan)}  loss {sums['task'].item() / steps:.4f}  "
                           f"{reviews / (time.time() - t0):.0f} reviews/s", end="", file=sys.stderr)
-        waited = batches.waited
+        waited, reviews = batches.waited, total_over_processes(reviews)
         train_time, t0 = time.time() - t0, time.time()
-        dev = evaluate_split(model, splits["dev"], device, args.threshold)
+        dev = on_rank0(evaluate_split, model, splits["dev"], device, args.threshold)
         dev_time = time.time() - t0
         state["epoch"] = epoch
         means = {k: v.item() / max(1, steps) for k, v in sums.items()}
         state["history"].append({"epoch": epoch, **means, "dev": dev, "lr": optimizer.param_groups[0]["lr"],
                                  "train_s": train_time, "dev_s": dev_time, "wait_s": waited})
-        plots.write_history_csv(state["history"], out / "history.csv")  # rewritten each epoch: resume-safe
+        on_rank0(plots.write_history_csv, state["history"], out / "history.csv")  # each epoch: resume-safe
         scheduler.step(dev["MAP"])
         better = dev["MAP"] > state["best_map"]
         if better:
@@ -391,11 +395,16 @@ def train_locked(args, progress, hold):
               f"{len(splits['dev'].labels) / dev_time:.0f} reviews/s, waiting for data {waited / train_time:.0%}"
               + ("  *best" if better else ""), flush=True)
 
+    return on_rank0(score_best, model, splits["test"], out, state, device, args.threshold)
+
+
+def score_best(model, split, out, state, device, threshold):
+    """The end of a run: curves, then the best dev epoch's checkpoint scored on test (test.json)."""
     drawn = plots.draw_curves(state["history"], out / "curves.png", f"{out}: loss and dev MAP per epoch")
     print(f"history {out / 'history.csv'}" + (f", curves {drawn}" if drawn else ""))
     best = load_checkpoint(out / "best.pt")
     model.load_state_dict(best["model"])
-    test = evaluate_split(model, splits["test"], device, args.threshold, geometry=True)
+    test = evaluate_split(model, split, device, threshold, geometry=True)
     (out / "test.json").write_text(json.dumps({"best_epoch": state["best_epoch"], "test": test,
                                                "digest": run_digest(out, test)}, indent=2))
     print(f"best dev epoch {state['best_epoch']} (dev MAP {state['best_map']:.2f}); checkpoint {out / 'best.pt'}")
@@ -476,6 +485,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args, progress = parse_args(argv), {}
     try:
+        if args.ablations and "RANK" in os.environ:
+            raise data.DataError("--ablations starts its own processes: run it with python, not torchrun")
         if args.ablations:
             ablation_table(args, argv)
             return 0
@@ -498,6 +509,8 @@ def main(argv=None):
             print(f"\ninterrupted {f'in epoch {epoch}' if epoch else 'before training'}: python train.py --resume "
                   f"{run} continues exactly", file=sys.stderr)
         return 130
+    finally:
+        end_processes()
     return 0
 
 
