@@ -22,9 +22,9 @@ import data
 import plots
 import probe_mask
 from features import RegionStore
-from plumbing import (THRESHOLD, WARN_SHARE, Prefetch, device_flag, find_data, load_checkpoint, load_data,
-                      model_from_checkpoint, pick_device, report_data, seed_everything, to_device, unknown_share,
-                      write_error)
+from plumbing import (THRESHOLD, WARN_SHARE, Prefetch, device_flag, find_data, load_data, pick_device, report_data,
+                      seed_everything, to_device, unknown_share)
+from runs import (load_checkpoint, model_from_checkpoint, write_error)
 
 
 # --- the metrics, written out ------------------------------------------------------------

@@ -34,6 +34,7 @@ import grid_features
 import plots
 import plumbing
 import probe_mask as pm
+import runs
 import sample
 import sancl
 import train
@@ -1305,9 +1306,14 @@ def test_train_adam_is_fused_and_makes_the_for_loop_update():
                                     ["--no-cpc-ii"], ["--no-cpc-pr"], ["--no-cpc-ii", "--no-cpc-pr"]])
 def test_one_epoch_smoke_run_of_every_switch(tiny_root, tmp_path, switch, capsys):
     test = run_train(tiny_root, tmp_path, *switch)
+    geometry = test.pop("geometry")
     assert set(test) == {"MAP", "N@3", "N@5"} and all(0 <= v <= 100 for v in test.values())
+    spaces = ("pr_t",) if "--text-only" in switch else ("pr_t", "pr_v", "ii")  # text only: no image space
+    assert set(geometry) == {f"{s}_{kind}" for s in spaces for kind in ("helpful", "unhelpful")} | (
+        set() if "--text-only" in switch else {"ii_products"})
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[-1].startswith("test  MAP ") and lines[-1] == evaluate.format_metrics("test", test)
+    assert lines[-2].startswith("test  MAP ") and lines[-2] == evaluate.format_metrics("test", test)
+    assert lines[-1] == evaluate.format_geometry(geometry)
     assert (tmp_path / "best.pt").exists() and (tmp_path / "config.json").exists()
 
 
@@ -1346,7 +1352,7 @@ def test_resume_continues_exactly(tiny_root, tmp_path, flags):
     run_train(tiny_root, tmp_path / "b", "--epochs", "1", *flags)
     resumed = train.train(train.parse_args(["--resume", str(tmp_path / "b"), "--epochs", "2"]))
     assert straight == resumed
-    a, b = (plumbing.load_checkpoint(tmp_path / run / "last.pt") for run in "ab")
+    a, b = (runs.load_checkpoint(tmp_path / run / "last.pt") for run in "ab")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert without_seconds(a["state"]["history"]) == without_seconds(b["state"]["history"])
 
@@ -1360,7 +1366,7 @@ def test_missing_run_or_checkpoint_is_a_clear_error(tmp_path, capsys):
 @pytest.mark.parametrize("flags", [[], ["--batching", "products"]])
 def test_same_seed_same_numbers(tiny_root, tmp_path, flags):
     assert run_train(tiny_root, tmp_path / "a", *flags) == run_train(tiny_root, tmp_path / "b", *flags)
-    a, b = (plumbing.load_checkpoint(tmp_path / run / "last.pt") for run in "ab")
+    a, b = (runs.load_checkpoint(tmp_path / run / "last.pt") for run in "ab")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])  # to the last bit
     assert without_seconds(a["state"]["history"]) == without_seconds(b["state"]["history"])
 
@@ -1368,9 +1374,9 @@ def test_same_seed_same_numbers(tiny_root, tmp_path, flags):
 def test_amp_trains_on_cpu_or_is_refused_in_one_line(tiny_root, tmp_path, monkeypatch, capsys):
     if torch.amp.is_autocast_available("cpu"):
         test = run_train(tiny_root, tmp_path / "amp", "--amp")
-        assert all(math.isfinite(v) for v in test.values())
+        assert all(math.isfinite(test[k]) for k in ("MAP", "N@3", "N@5"))
         assert "bfloat16 autocast" in capsys.readouterr().out
-        assert plumbing.load_checkpoint(tmp_path / "amp" / "last.pt")["args"]["amp"] is True
+        assert runs.load_checkpoint(tmp_path / "amp" / "last.pt")["args"]["amp"] is True
     monkeypatch.setattr(torch.amp, "is_autocast_available", lambda device_type: False)
     assert train.main(["--data-dir", str(tiny_root), "--out", str(tmp_path / "no"), "--amp"]) == 2
     assert capsys.readouterr().err == "error: --amp: this torch cannot run bfloat16 autocast on cpu; train without --amp\n"
@@ -1381,7 +1387,8 @@ def test_evaluate_checkpoint_predict_and_baselines(tiny_root, tmp_path, capsys):
     test = run_train(tiny_root, tmp_path / "run")
     capsys.readouterr()
     assert evaluate.main(["--checkpoint", str(tmp_path / "run" / "best.pt")]) == 0
-    assert capsys.readouterr().out.strip() == evaluate.format_metrics("test", test)
+    assert capsys.readouterr().out.strip() == (evaluate.format_metrics("test", test) + "\n"
+                                               + evaluate.format_geometry(test["geometry"]))
     (tmp_path / "img").mkdir()
     np.savez(tmp_path / "img" / "0.npz", x=np.ones((3, 2048), np.float32))
     product = {"name": "Nordvik Classic Kettle", "description": "This kettle boils water.", "features": "img",
@@ -1417,7 +1424,7 @@ def without_matplotlib(monkeypatch):
 
 def test_history_csv_is_written_every_epoch(tiny_run):
     rows = plots.read_history_csv(tiny_run / "history.csv")
-    history = plumbing.load_checkpoint(tiny_run / "last.pt")["state"]["history"]
+    history = runs.load_checkpoint(tiny_run / "last.pt")["state"]["history"]
     assert [row["epoch"] for row in rows] == [1.0, 2.0] and len(history) == 2
     assert list(rows[0]) == list(plots.HISTORY_COLUMNS)
     assert rows[1]["dev_MAP"] == pytest.approx(history[1]["dev"]["MAP"]) and rows[1]["lr"] == history[1]["lr"]
@@ -1425,7 +1432,7 @@ def test_history_csv_is_written_every_epoch(tiny_run):
 
 
 def test_curves_with_and_without_matplotlib(tiny_run, tmp_path, monkeypatch, capsys):
-    history = plumbing.load_checkpoint(tiny_run / "last.pt")["state"]["history"]
+    history = runs.load_checkpoint(tiny_run / "last.pt")["state"]["history"]
     if importlib.util.find_spec("matplotlib"):
         assert (tiny_run / "curves.png").stat().st_size > 0  # drawn at the end of the run
         assert plots.draw_curves(plots.read_history_csv(tiny_run / "history.csv"), tmp_path / "c.png")
@@ -1491,18 +1498,18 @@ def test_a_checkpoint_cannot_run_code(tmp_path, capsys):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "last.pt").write_bytes((tmp_path / "best.pt").read_bytes())
     with pytest.raises(data.DataError, match="refused: it holds more than tensors.*could run code"):
-        plumbing.load_checkpoint(tmp_path / "best.pt")
+        runs.load_checkpoint(tmp_path / "best.pt")
     assert evaluate.main(["--checkpoint", str(tmp_path / "best.pt")]) == 2
     assert train.main(["--resume", str(tmp_path / "run")]) == 2
     assert not marker.exists()
     assert capsys.readouterr().err.count("refused") == 2
     torch.save({"model": {}}, tmp_path / "other.pt")  # loads safely, but is not ours
     with pytest.raises(data.DataError, match="not a train.py checkpoint"):
-        plumbing.load_checkpoint(tmp_path / "other.pt")
-    state = plumbing.rng_state()  # what a checkpoint holds of the RNGs loads with weights_only=True
+        runs.load_checkpoint(tmp_path / "other.pt")
+    state = runs.rng_state()  # what a checkpoint holds of the RNGs loads with weights_only=True
     torch.save(state, tmp_path / "rng.pt")
-    plumbing.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
-    assert np.random.get_state()[1].tolist() == plumbing.rng_state()["numpy"][1].tolist()
+    runs.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert np.random.get_state()[1].tolist() == runs.rng_state()["numpy"][1].tolist()
 
 
 def test_non_finite_input_stops_the_run_before_training(tiny_copy, tmp_path, monkeypatch, capsys):
@@ -1559,7 +1566,7 @@ def test_each_run_has_its_own_folder_and_none_is_overwritten(tiny_root, tmp_path
     monkeypatch.chdir(tmp_path)  # runs/ of the working copy may hold runs
 
     def folder(*flags):
-        return train.run_folder(train.parse_args(["--data", "home_kitchen", *flags]), "home_kitchen")
+        return runs.run_folder(train.parse_args(["--data", "home_kitchen", *flags]), "home_kitchen", train.SWITCHES)
 
     assert folder() == Path("runs/home_kitchen-s0")
     assert folder("--text-only", "--seed", "3") == Path("runs/home_kitchen-text_only-s3")
@@ -1674,7 +1681,7 @@ def test_bad_files_are_one_sentence_not_a_traceback(tmp_path):
             content = (run / "full.pt").read_bytes()[:3000]
         (run / "last.pt").write_bytes(content)
         with pytest.raises(data.DataError, match=message):
-            plumbing.load_checkpoint(run / "last.pt")
+            runs.load_checkpoint(run / "last.pt")
 
 
 def test_ctrl_c_says_how_to_resume(tiny_root, tmp_path, monkeypatch, capsys):
@@ -2173,15 +2180,15 @@ def scripted_run(tiny_root, tmp_path, monkeypatch, dev_maps, *flags):
     with are kept. Returns (the run's last.pt, its best.pt, the weights scored on test)."""
     script, scored = iter(dev_maps), {}
 
-    def evaluate_split(model, split, device, threshold=1):
+    def evaluate_split(model, split, device, threshold=1, **geometry):
         if split.name == "dev":
             return {"MAP": next(script), "N@3": 0.0, "N@5": 0.0}
         scored.update(copy.deepcopy(model.state_dict()))
-        return evaluate.evaluate_split(model, split, device, threshold)
+        return evaluate.evaluate_split(model, split, device, threshold, **geometry)
 
     monkeypatch.setattr(train, "evaluate_split", evaluate_split)
     run_train(tiny_root, tmp_path, "--text-only", "--lr", "1e-3", "--batch-size", "64", *flags)
-    last, best = (plumbing.load_checkpoint(tmp_path / name) for name in ("last.pt", "best.pt"))
+    last, best = (runs.load_checkpoint(tmp_path / name) for name in ("last.pt", "best.pt"))
     return last, best, scored
 
 
@@ -2645,29 +2652,29 @@ def test_a_run_folder_is_locked_and_a_dead_runs_lock_is_taken_over(tiny_root, tm
     out.mkdir()
     other = sleeper()
     try:
-        (out / plumbing.LOCK).write_text(f"{other.pid}\n")  # a second command while the first one trains
+        (out / runs.LOCK).write_text(f"{other.pid}\n")  # a second command while the first one trains
         with pytest.raises(data.DataError, match=rf"{out} is in use: process {other.pid} is writing a train.py run"):
             run_train(tiny_root, out)
-        assert sorted(p.name for p in out.iterdir()) == [plumbing.LOCK]  # nothing written, the lock left alone
+        assert sorted(p.name for p in out.iterdir()) == [runs.LOCK]  # nothing written, the lock left alone
     finally:
         other.kill()
         other.wait()
     run_train(tiny_root, out)  # the holder was killed: its lock is stale
     assert f"taking over the lock of process {other.pid}, which is no longer running" in capsys.readouterr().err
-    assert (out / "test.json").exists() and not (out / plumbing.LOCK).exists()  # released at the end
-    with plumbing.folder_lock(out):  # the lock is taken by an exclusive create, and names its holder
-        assert plumbing.lock_owner(out / plumbing.LOCK) == os.getpid()
+    assert (out / "test.json").exists() and not (out / runs.LOCK).exists()  # released at the end
+    with runs.folder_lock(out):  # the lock is taken by an exclusive create, and names its holder
+        assert runs.lock_owner(out / runs.LOCK) == os.getpid()
         with pytest.raises(data.DataError, match="is in use"):
-            with plumbing.folder_lock(out):
+            with runs.folder_lock(out):
                 pass
-    assert not plumbing.running(-1) and not plumbing.running(0)  # never a process group
+    assert not runs.running(-1) and not runs.running(0)  # never a process group
 
 
 def test_ablations_started_twice_stop_and_its_workers_die_with_it(tiny_root, tmp_path, monkeypatch, capsys):
     argv = ["--data-dir", str(tiny_root), "--ablations", "--seeds", "1", "--jobs", "1", "--out", str(tmp_path)]
     other = sleeper()
     try:
-        (tmp_path / plumbing.LOCK).write_text(f"{other.pid}\n")
+        (tmp_path / runs.LOCK).write_text(f"{other.pid}\n")
         assert train.main(argv) == 2
         assert f"is in use: process {other.pid} is writing a Table 2 (--ablations)" in capsys.readouterr().err
     finally:
@@ -2685,8 +2692,8 @@ def test_ablations_started_twice_stop_and_its_workers_die_with_it(tiny_root, tmp
     monkeypatch.setattr(train.multiprocessing, "get_context", lambda kind: SimpleNamespace(Pool=pool))
     with pytest.raises(Stop):
         train.main(argv[:-4] + ["--seeds", "1", "--jobs", "2", "--out", str(tmp_path)])
-    assert pools == [(2, plumbing.die_with_parent)]
-    assert "taking over the lock" in capsys.readouterr().err and not (tmp_path / plumbing.LOCK).exists()
+    assert pools == [(2, runs.die_with_parent)]
+    assert "taking over the lock" in capsys.readouterr().err and not (tmp_path / runs.LOCK).exists()
 
 
 def test_a_pool_worker_ends_when_its_parent_is_killed(tmp_path):
@@ -2696,10 +2703,10 @@ def test_a_pool_worker_ends_when_its_parent_is_killed(tmp_path):
     marker = tmp_path / "worker.pid"
     script = tmp_path / "parent.py"
     script.write_text(f"import multiprocessing, os, sys, time\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-                      "import plumbing\n\ndef work(path):\n    open(path + '.tmp', 'w').write(str(os.getpid()))\n"
+                      "import runs\n\ndef work(path):\n    open(path + '.tmp', 'w').write(str(os.getpid()))\n"
                       "    os.replace(path + '.tmp', path)\n    time.sleep(120)\n\n"
                       "if __name__ == '__main__':\n    with multiprocessing.get_context('spawn').Pool(1, initializer="
-                      f"plumbing.die_with_parent) as pool:\n        pool.apply(work, ({str(marker)!r},))\n")
+                      f"runs.die_with_parent) as pool:\n        pool.apply(work, ({str(marker)!r},))\n")
     parent = subprocess.Popen([sys.executable, str(script)])
     worker = None
     try:
@@ -2711,19 +2718,19 @@ def test_a_pool_worker_ends_when_its_parent_is_killed(tmp_path):
         parent.send_signal(signal.SIGKILL)
         parent.wait()
         for _ in range(300):
-            if not plumbing.running(worker):
+            if not runs.running(worker):
                 break
             time.sleep(0.1)
-        assert not plumbing.running(worker), "the pool worker kept running after its parent was killed"
+        assert not runs.running(worker), "the pool worker kept running after its parent was killed"
     finally:
         parent.kill()
         parent.wait()
-        if worker and plumbing.running(worker):
+        if worker and runs.running(worker):
             os.kill(worker, signal.SIGKILL)
 
 
 def test_nan_weights_are_refused_naming_the_checkpoint(tiny_run, tmp_path, monkeypatch, capsys):
-    checkpoint = plumbing.load_checkpoint(tiny_run / "best.pt")
+    checkpoint = runs.load_checkpoint(tiny_run / "best.pt")
     checkpoint["model"]["output.weight"] = checkpoint["model"]["output.weight"] * math.nan
     (tmp_path / "run").mkdir()
     torch.save(checkpoint, tmp_path / "run" / "last.pt")  # also the run --resume reads
@@ -2738,7 +2745,7 @@ def test_nan_weights_are_refused_naming_the_checkpoint(tiny_run, tmp_path, monke
                    "diverged before it was saved or the file was altered; use the run's other checkpoint "
                    "(best.pt / last.pt) or train again."] * 4
     assert not (tmp_path / "maps").exists()
-    checkpoint = plumbing.load_checkpoint(tiny_run / "best.pt")  # finite weights, NaN scores (an overflow)
+    checkpoint = runs.load_checkpoint(tiny_run / "best.pt")  # finite weights, NaN scores (an overflow)
     torch.save(checkpoint, tmp_path / "finite.pt")
     real = sancl.SANCL.forward
 
@@ -2773,7 +2780,7 @@ def test_a_forged_or_broken_test_json_is_recomputed_from_best_pt(tiny_root, tmp_
         again, seconds, note = train.table_run(job)
         assert again == test and seconds is not None and note == f"test.json {why}: recomputed from best.pt"
         assert json.loads((out / "test.json").read_text()) == record  # rewritten from the checkpoint
-    torch.save(plumbing.load_checkpoint(out / "last.pt"), out / "best.pt")  # another best.pt, same numbers
+    torch.save(runs.load_checkpoint(out / "last.pt"), out / "best.pt")  # another best.pt, same numbers
     assert evaluate.finished_test(out) == (None, "it does not match the run's best.pt")
 
 
@@ -2798,7 +2805,7 @@ def test_an_empty_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / "best.pt").write_bytes(b"")
     with pytest.raises(data.DataError, match=r"best.pt: not a readable checkpoint \(EOFError: 0 bytes\); the file "
                                              r"is damaged or truncated"):
-        plumbing.load_checkpoint(tmp_path / "best.pt")
+        runs.load_checkpoint(tmp_path / "best.pt")
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -2873,7 +2880,7 @@ def test_bad_paths_are_one_line(tiny_root, tiny_run, tmp_path, monkeypatch, caps
 
 
 def test_a_checkpoint_is_checked_before_a_model_is_built(tiny_run, tmp_path, capsys):
-    good = plumbing.load_checkpoint(tiny_run / "best.pt")
+    good = runs.load_checkpoint(tiny_run / "best.pt")
     text_only = sancl.SANCL(sancl.SANCLConfig(**{**good["config"], "text_only": True}), None).state_dict()
     cases = [
         (lambda c: c["model"].update({"output.weight": torch.zeros(3, 3)}), "its weights do not fit the model its "
@@ -2895,7 +2902,7 @@ def test_a_checkpoint_is_checked_before_a_model_is_built(tiny_run, tmp_path, cap
         checkpoint = copy.deepcopy(good)
         change(checkpoint)
         with pytest.raises(data.DataError, match=f"^{re.escape(str(tmp_path / 'x.pt'))}: {message}"):
-            plumbing.model_from_checkpoint(checkpoint, tmp_path / "x.pt")
+            runs.model_from_checkpoint(checkpoint, tmp_path / "x.pt")
     torch.save(checkpoint, tmp_path / "x.pt")  # through the commands: one line each
     (tmp_path / "run").mkdir()
     torch.save(checkpoint, tmp_path / "run" / "last.pt")
@@ -2906,13 +2913,13 @@ def test_a_checkpoint_is_checked_before_a_model_is_built(tiny_run, tmp_path, cap
 
 def test_resume_keeps_the_saved_config(tiny_run, tmp_path, capsys):
     shutil.copytree(tiny_run, tmp_path / "run")
-    checkpoint = plumbing.load_checkpoint(tmp_path / "run" / "last.pt")
+    checkpoint = runs.load_checkpoint(tmp_path / "run" / "last.pt")
     checkpoint["config"]["kappa"] = 0.3  # the settings that built the model, against the args (kappa 0.1)
     torch.save(checkpoint, tmp_path / "run" / "last.pt")
     train.train(train.parse_args(["--resume", str(tmp_path / "run"), "--epochs", "3"]))
     assert "kappa 0.3" in capsys.readouterr().out
     assert json.loads((tmp_path / "run" / "config.json").read_text())["config"]["kappa"] == 0.3
-    assert plumbing.load_checkpoint(tmp_path / "run" / "last.pt")["config"]["kappa"] == 0.3
+    assert runs.load_checkpoint(tmp_path / "run" / "last.pt")["config"]["kappa"] == 0.3
 
 
 def predict(run, spec, folder, capsys, name="p.json"):
@@ -2989,7 +2996,7 @@ def test_predict_reports_unknown_words_and_scores_a_large_product_in_chunks(tiny
 
 
 def test_a_checkpoints_data_folder_is_not_blamed_on_the_user(tiny_run, tmp_path, capsys):
-    checkpoint = plumbing.load_checkpoint(tiny_run / "best.pt")
+    checkpoint = runs.load_checkpoint(tiny_run / "best.pt")
     checkpoint["args"]["data_dir"] = str(tmp_path / "moved")
     torch.save(checkpoint, tmp_path / "best.pt")
     assert evaluate.main(["--checkpoint", str(tmp_path / "best.pt")]) == 2
@@ -3000,7 +3007,7 @@ def test_a_checkpoints_data_folder_is_not_blamed_on_the_user(tiny_run, tmp_path,
 
 def test_resume_refuses_a_nan_optimizer_state_naming_the_checkpoint(tiny_run, tmp_path, capsys):
     (tmp_path / "run").mkdir()
-    checkpoint = plumbing.load_checkpoint(tiny_run / "last.pt")
+    checkpoint = runs.load_checkpoint(tiny_run / "last.pt")
     checkpoint["optimizer"]["state"][0]["exp_avg"][0] = math.inf
     torch.save(checkpoint, tmp_path / "run" / "last.pt")
     assert train.main(["--resume", str(tmp_path / "run")]) == 2
@@ -3235,9 +3242,9 @@ def two_processes(argv, timeout=60, env=None):
 
 
 def test_two_processes_give_the_one_process_losses_and_gradients(tiny_root, tmp_path):
-    runs = two_processes(["-c", "import sys, test_sancl; test_sancl.gradient_steps(*sys.argv[1:], True)",
+    ranks = two_processes(["-c", "import sys, test_sancl; test_sancl.gradient_steps(*sys.argv[1:], True)",
                           str(tiny_root), str(tmp_path / "two.pt")])
-    assert all(rc == 0 for rc, _, _ in runs), runs
+    assert all(rc == 0 for rc, _, _ in ranks), ranks
     two, one = torch.load(tmp_path / "two.pt"), gradient_steps(tiny_root)
     assert len(one) == len(two) == 6  # 2 steps x 3 loss terms
     for (losses_1, grads_1), (losses_2, grads_2) in zip(one, two):
@@ -3250,15 +3257,15 @@ def test_two_processes_give_the_one_process_losses_and_gradients(tiny_root, tmp_
 
 def test_two_process_run_is_read_by_evaluate_and_resumed_in_one(tiny_root, tmp_path, capsys):
     out = tmp_path / "run"
-    runs = two_processes(["train.py", "--data-dir", str(tiny_root), "--out", str(out), "--epochs", "1"])
-    assert [rc for rc, _, _ in runs] == [0, 0], runs
-    assert runs[1][1:] == ("", "") and "epoch  1  task" in runs[0][1]  # process 0 alone prints
-    test_lines = runs[0][1].strip().splitlines()[-2:]  # the metrics, then the contrastive spaces' cosines
+    ranks = two_processes(["train.py", "--data-dir", str(tiny_root), "--out", str(out), "--epochs", "1"])
+    assert [rc for rc, _, _ in ranks] == [0, 0], ranks
+    assert ranks[1][1:] == ("", "") and "epoch  1  task" in ranks[0][1]  # process 0 alone prints
+    test_lines = ranks[0][1].strip().splitlines()[-2:]  # the metrics, then the contrastive spaces' cosines
     assert test_lines[0].startswith("test  MAP") and json.loads((out / "test.json").read_text())["best_epoch"] == 1
     assert evaluate.main(["--checkpoint", str(out / "best.pt")]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-2:] == test_lines
     assert train.main(["--resume", str(out), "--epochs", "2"]) == 0  # a two-process run goes on in one
-    assert "resuming" in capsys.readouterr().out and len(plumbing.load_checkpoint(out / "last.pt")["state"]["history"]) == 2
+    assert "resuming" in capsys.readouterr().out and len(runs.load_checkpoint(out / "last.pt")["state"]["history"]) == 2
 
 
 BAD_SHARE = """import sys, data, train
@@ -3273,11 +3280,11 @@ sys.exit(train.main(sys.argv[2:]))"""
 
 
 def test_a_bad_input_in_one_process_stops_both_with_one_message(tiny_root, tmp_path):
-    runs = two_processes(["-c", BAD_SHARE, "{rank}", "--data-dir", str(tiny_root), "--out", str(tmp_path / "run")])
-    assert [rc for rc, _, _ in runs] == [2, 2], runs
-    assert runs[0][2].count("error: ") == 1 and runs[1][2] == ""  # one message, from process 0
-    assert "error: process 1 of 2: features/R1.npz: not a .npz file (broken on purpose)" in runs[0][2]
-    assert "epoch" not in runs[0][1] and not (tmp_path / "run" / "last.pt").exists()
+    ranks = two_processes(["-c", BAD_SHARE, "{rank}", "--data-dir", str(tiny_root), "--out", str(tmp_path / "run")])
+    assert [rc for rc, _, _ in ranks] == [2, 2], ranks
+    assert ranks[0][2].count("error: ") == 1 and ranks[1][2] == ""  # one message, from process 0
+    assert "error: process 1 of 2: features/R1.npz: not a .npz file (broken on purpose)" in ranks[0][2]
+    assert "epoch" not in ranks[0][1] and not (tmp_path / "run" / "last.pt").exists()
 
 
 def test_several_processes_refuse_a_step_they_cannot_split_and_a_missing_rendezvous(monkeypatch, capsys):

@@ -35,14 +35,14 @@ import torch
 import data
 import plots
 import sancl
-from distributed import (WORLD, check_split, end_processes, on_rank0, rank0_first, share_steps, start_processes, together,
-                         total_over_processes, wrap_model)
+from distributed import (WORLD, check_split, end_processes, on_rank0, rank0_first, share_steps, start_processes,
+                         together, total_over_processes, wrap_model)
 from evaluate import (baseline_metrics, evaluate_split, finished_test, format_geometry, format_metrics, run_digest,
                       write_table)
-from plumbing import (DROPOUT, KAPPA, SEED, THRESHOLD, Prefetch, adam, autocast, check_weights, cores, count,
-                      device_flag, die_with_parent, find_data, folder_lock, load_checkpoint, load_data,
-                      model_from_checkpoint, pick_device, rate, report_data, rng_state, save_atomic, seed_everything,
-                      set_rng_state, to_device, write_error)
+from plumbing import (DROPOUT, KAPPA, SEED, THRESHOLD, Prefetch, adam, autocast, cores, count, device_flag, find_data,
+                      load_data, pick_device, rate, report_data, seed_everything, to_device)
+from runs import (die_with_parent, folder_lock, load_checkpoint, resume_from, rng_state, run_folder, save_atomic,
+                  say_where, set_rng_state, write_error)
 
 RESUME_TAKES = {"resume", "epochs", "device", "threads", "data_dir", "glove", "features", "compute_masks"}
 SWITCHES = ("text_only", "fixed_beta", "no_probe_mask", "no_cpc_ii", "no_cpc_pr")
@@ -204,38 +204,6 @@ def epoch_plan(split, groups, batching, batch_size, rng):
 
 
 # plumbing: settings, the loop, checkpoints
-def run_folder(args, category, hold=None):
-    """--out, else runs/{data}[-{switches}]-s{seed} (e.g. runs/home_kitchen-text_only-s0,
-    runs/home_kitchen-products-s0), so that the ablations, batchings and seeds do not overwrite each
-    other. A new run refuses a folder that holds a run; with `hold` (an ExitStack) it is made and locked first."""
-    switches = [s for s in SWITCHES + ("freeze_embeddings", "amp") if getattr(args, s, False)]
-    switches += ["products"] if getattr(args, "batching", "groups") == "products" else []
-    out = Path(args.out or "runs/" + "-".join([category] + switches + [f"s{args.seed}"]))
-    if hold is not None:
-        if out.exists() and not out.is_dir():
-            raise data.DataError(f"--out {out} is a file, not a folder: pass --out NEW_FOLDER.")
-        out.mkdir(parents=True, exist_ok=True)
-        hold.enter_context(folder_lock(out, "a train.py run"))
-    if not args.resume and any((out / name).exists() for name in ("last.pt", "best.pt")):
-        status = "a finished run" if (out / "test.json").exists() else "an unfinished run"
-        raise data.DataError(f"{out} holds {status} already and is not overwritten: continue it with "
-                             f"`python train.py --resume {out}`, or pass --out NEW_FOLDER for a new run.")
-    return out
-
-
-def say_where(run, state, args):
-    """--resume: where the run continues, or that it had finished already."""
-    reason = ("all its epochs" if state["epoch"] >= args.epochs else
-              f"{state['bad_epochs']} epochs without a better dev MAP" if state["bad_epochs"] >= args.patience else "")
-    if reason:
-        more = f" (--epochs N above {state['epoch']} trains on)" if state["epoch"] >= args.epochs else ""
-        print(f"run {run} already finished after epoch {state['epoch']} ({reason}): nothing to train; its best dev "
-              f"epoch {state['best_epoch']} on test below{more}", flush=True)
-    else:
-        print(f"resuming {run} after epoch {state['epoch']} of {args.epochs} (best dev epoch {state['best_epoch']}, "
-              f"MAP {state['best_map']:.2f})", flush=True)
-
-
 def check_finite(losses, batch, split, epoch):
     """Stop at the first batch whose loss is NaN or infinite, before it reaches the weights. The one
     device-to-host copy of a step (one bool), the price of stopping before the bad step."""
@@ -277,24 +245,6 @@ def train(args, progress=None):
         return train_locked(args, {} if progress is None else progress, hold)
 
 
-def resume_from(run, args):
-    """--resume: the run's checked checkpoint (last.pt, else best.pt, with a message) and saved flags, where the
-    command's own --epochs, --device, --threads and data paths win (parse_args refuses the others)."""
-    path = Path(run) / "last.pt"
-    if not path.is_file() and (Path(run) / "best.pt").is_file():
-        path = Path(run) / "best.pt"
-        print(f"{run}: no last.pt (lost when the run was stopped while writing it): continuing from best.pt; the "
-              f"epochs after its best one are trained again", file=sys.stderr)
-    resume = load_checkpoint(path)
-    resume["model"] = model_from_checkpoint(resume, path)  # the saved config wins
-    check_weights(resume, path, ("optimizer",))
-    saved = {"batching": "groups", "amp": False, "lr_patience": 4, **resume["args"]}  # runs from before these flags
-    saved.update(resume=run, out=run, device=args.device, threads=args.threads, epochs=args.epochs or saved["epochs"],
-                 **{k: getattr(args, k) for k in ("data_dir", "glove", "features", "compute_masks")
-                    if getattr(args, k)})
-    return resume, argparse.Namespace(**saved)
-
-
 def train_locked(args, progress, hold):
     device = start_processes(pick_device(args.device))  # plumbing: one process, or torchrun's (README "Several processes")
     resume, args = resume_from(args.resume, args) if args.resume else (None, args)  # the saved run's flags win
@@ -305,7 +255,7 @@ def train_locked(args, progress, hold):
     hp = settings(args, category)
     check_split(max(1, hp["batch_size"] // (1 + NEGATIVES)))  # several processes: each needs a group a step
     args.epochs = args.epochs or (SAMPLE_EPOCHS if source.is_sample else RELEASE_EPOCHS)
-    out = run_folder(args, category or source.prefix, hold if WORLD["rank"] == 0 else None)  # process 0 locks it
+    out = run_folder(args, category or source.prefix, SWITCHES, hold if WORLD["rank"] == 0 else None)  # process 0 locks it
     progress["run"] = out
 
     t0 = time.time()

@@ -1,0 +1,297 @@
+"""Runs on disk: checkpoints and run folders (plumbing: nothing of the paper lives here).
+
+  1. checkpoints: written atomically (by process 0 alone under torchrun), read back with everything a
+     run needs to resume, checked before use: no pickled code, finite weights, a config within bounds
+  2. run folders: where a run goes, one process writing into it at a time (run.lock), how --resume
+     continues it; write errors said in one line
+
+Imports go one way: this file uses data, sancl and distributed; evaluate.py and train.py use it.
+"""
+import argparse
+import contextlib
+import dataclasses
+import errno
+import math
+import os
+import pickle
+import random
+import re
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import data
+import sancl
+from distributed import WORLD
+
+
+# --- 1. checkpoints --------------------------------------------------------------------------
+def save_atomic(obj, path):
+    """Write to a temporary file, then rename: a crash mid-write never leaves a corrupt checkpoint."""
+    if WORLD["rank"] > 0:  # several processes: process 0 alone writes the run folder
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+CHECKPOINT_KEYS = ("model", "args", "config", "vocab")
+
+
+def rng_state():
+    """The RNG states as tensors and plain lists: a checkpoint then loads with weights_only=True."""
+    name, keys, position, has_gauss, gauss = np.random.get_state()
+    return {"python": list(random.getstate()), "numpy": [name, torch.from_numpy(keys.astype(np.int64)),
+                                                          position, has_gauss, gauss],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    random.setstate(tuple(state["python"]))
+    name, keys, position, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_checkpoint(path):
+    """A checkpoint of ours: tensors and plain data only (weights, optimizer, config, vocabulary,
+    RNG), read with weights_only=True, so that a shared file cannot run code. Anything else, a
+    damaged file or one that is not a train.py checkpoint is refused with one line."""
+    path = Path(path)
+    if not path.is_file():
+        raise data.DataError(f"checkpoint {path} not found: train.py writes best.pt and last.pt into its "
+                             f"run folder (--out, default runs/{{data}}-{{switches}}-s{{seed}}).")
+    damaged = ("the file is damaged or truncated: copy it again or use the run's other checkpoint "
+               "(best.pt / last.pt)")
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols before it refuses them
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        with open(path, "rb") as f:
+            if f.read(1) not in (b"P", b"\x80"):  # neither torch's zip nor a pickle: random bytes
+                raise data.DataError(f"{path}: not a checkpoint (neither a torch file nor a pickle); "
+                                     f"{damaged}.") from None
+        found = re.search(r"GLOBAL (\S+)", str(error))
+        what = f"it calls {found.group(1)}" if found else "pickle code that torch's safe loader refuses"
+        raise data.DataError(f"{path}: refused: it holds more than tensors and plain data ({what}), and loading it "
+                             f"could run code. Use checkpoints written by this train.py only.") from None
+    except Exception as error:  # not a torch file, or cut short
+        said = (str(error).splitlines() or ["0 bytes" if path.stat().st_size == 0 else "no message"])[0]
+        raise data.DataError(f"{path}: not a readable checkpoint ({type(error).__name__}: "
+                             f"{said[:100]}); {damaged}.") from None
+    if not isinstance(checkpoint, dict) or not all(key in checkpoint for key in CHECKPOINT_KEYS):
+        has = sorted(checkpoint)[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise data.DataError(f"{path}: not a train.py checkpoint (it has {has}, expected {list(CHECKPOINT_KEYS)}); "
+                             f"pass a run's best.pt or last.pt.")
+    return checkpoint
+
+
+def tensors(obj, prefix=""):
+    """(name, tensor) of every tensor in a checkpoint part: a state dict, an optimizer's nested dicts and lists."""
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            yield from tensors(value, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            yield from tensors(value, f"{prefix}.{i}")
+
+
+def check_weights(checkpoint, path, parts=("model",)):
+    """Refuse a checkpoint whose weights (or optimizer state) hold NaN or infinity: a MAP of NaN scores is no MAP."""
+    bad = [name for part in parts for name, t in tensors(checkpoint.get(part), part)
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise data.DataError(f"{path}: {len(bad)} of its tensors hold NaN or infinite values ({', '.join(bad[:3])}"
+                             f"{', ...' if len(bad) > 3 else ''}): the run diverged before it was saved or the file "
+                             f"was altered; use the run's other checkpoint (best.pt / last.pt) or train again.")
+
+
+# What a checkpoint's config may ask for: a file can hold any number, and the model allocates what it says
+# before a single weight is compared. Far above the paper's sizes (Table 5, SPEC §10), far below memory's end.
+CONFIG_LIMITS = {"vocab_size": 5_000_000, "embed_dim": 4096, "hidden": 4096, "image_dim": 4096, "region_dim": 8192,
+                 "shared_dim": 4096, "image_layers": 48, "image_heads": 64, "image_feedforward": 16384}
+
+
+def model_from_checkpoint(checkpoint, path):
+    """The SANCL model a checkpoint describes, its weights loaded, after checking what the file says
+    before anything is allocated: args and config are dicts, the config's keys are SANCLConfig's with
+    values of their type and within CONFIG_LIMITS, its vocabulary is the table's size, the weights are
+    finite and fit the model the config builds. Every failure is one line naming `path`."""
+    args, config, vocab = checkpoint["args"], checkpoint["config"], checkpoint["vocab"]
+    fix = "pass a run's best.pt or last.pt written by this train.py"
+    for name, value, kind in (("args", args, dict), ("config", config, dict), ("vocab", vocab, list),
+                              ("model", checkpoint["model"], dict)):
+        if not isinstance(value, kind):
+            raise data.DataError(f"{path}: its {name} is a {type(value).__name__}, expected a {kind.__name__}; {fix}.")
+    fields = {f.name: f.type for f in dataclasses.fields(sancl.SANCLConfig)}
+    unknown = sorted(set(config) - set(fields), key=str)
+    if unknown:
+        raise data.DataError(f"{path}: its config has settings this sancl.py does not know "
+                             f"({', '.join(map(str, unknown[:5]))}): written by another version of the code? {fix}.")
+    for name, value in config.items():
+        kind = {"int": int, "float": (int, float), "bool": bool}[getattr(fields[name], "__name__", fields[name])]
+        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)) or (
+                kind is not bool and not math.isfinite(value)) or not 0 <= value <= CONFIG_LIMITS.get(name, math.inf):
+            bound = f" from 0 to {CONFIG_LIMITS[name]:,}" if name in CONFIG_LIMITS else ""
+            what = {bool: "true or false", int: "a whole number"}.get(kind, "a number")
+            raise data.DataError(f"{path}: its config's {name} is {str(value)[:40]}, expected {what}{bound}; {fix}.")
+    if config.get("vocab_size") != len(vocab) or not all(isinstance(w, str) for w in vocab):
+        raise data.DataError(f"{path}: its config asks for {config.get('vocab_size')} words, its vocabulary holds "
+                             f"{len(vocab)} (or entries that are not words); {fix}.")
+    check_weights(checkpoint, path)
+    try:
+        model = sancl.SANCL(sancl.SANCLConfig(**config), None)
+        model.load_state_dict(checkpoint["model"])
+    except (TypeError, ValueError, RuntimeError) as error:
+        first = (str(error).replace("\n\t", " ").splitlines() or [type(error).__name__])[0]
+        raise data.DataError(f"{path}: its weights do not fit the model its config describes ({first[:200]}); "
+                             f"{fix}.") from None
+    return model
+
+
+# --- 2. run folders: one writer at a time ------------------------------------------------------
+LOCK = "run.lock"
+
+
+def lock_owner(lock):
+    """The process id written in a lock file, or None (gone, or not a number)."""
+    try:
+        return int(Path(lock).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def running(pid):
+    """Whether process `pid` is alive (a zombie, killed but not yet reaped, is not)."""
+    if pid <= 0:  # 0 and -1 would ask about process groups
+        return False
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:  # another user's process
+        return True
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    return True
+
+
+@contextlib.contextmanager
+def folder_lock(folder, what="a run"):
+    """Hold `folder`/run.lock while the block runs: its exclusive create (a hard link of a file holding our pid:
+    never seen half written) fails while another process holds it, and a second command stops with one line
+    instead of writing into the first one's run. A killed process's lock is taken over, with a message."""
+    folder = Path(folder)
+    lock, mine = folder / LOCK, folder / f"{LOCK}.{os.getpid()}"
+    mine.write_text(f"{os.getpid()}\n")
+    try:
+        for _ in range(3):
+            try:
+                os.link(mine, lock)
+                break
+            except FileExistsError:
+                pid = lock_owner(lock)
+                if pid is not None and running(pid):
+                    raise data.DataError(f"{folder} is in use: process {pid} is writing {what} into it ({lock}). "
+                                         f"Wait for it to end, or pass another --out (or, if process {pid} is no "
+                                         f"run of ours, delete {lock}).") from None
+                print(f"{lock}: taking over the lock of process {pid}, which is no longer running (killed?)",
+                      file=sys.stderr)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(lock)
+        else:
+            raise data.DataError(f"{lock}: could not take the lock; another process keeps taking it.")
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(mine)
+    try:
+        yield
+    finally:
+        if lock_owner(lock) == os.getpid():
+            with contextlib.suppress(OSError):
+                os.unlink(lock)
+
+
+def die_with_parent():
+    """Pool initializer of --ablations' workers: a worker ends when the command that started it is killed
+    (the parent's pid changes), instead of training on, unseen, into the table's folders."""
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def write_error(error):
+    """An OSError while writing a run or a picture, in one line with the fix (a full disk, a read-only place...)."""
+    where = error.filename or "a file"
+    fixes = {errno.ENOSPC: "the disk is full: free space, then run the same command again (a run continues with "
+                           "--resume)",
+             errno.EROFS: "the file system is read-only: pass a writable --out / --plots",
+             errno.EACCES: "permission denied: pass a folder you may write to",
+             errno.ENOTDIR: "a part of the path is a file, not a folder: pass another --out / --plots"}
+    return f"cannot write {where}: {fixes.get(error.errno, error.strerror or type(error).__name__)}."
+
+
+def run_folder(args, category, switches, hold=None):
+    """--out, else runs/{data}[-{switches}]-s{seed} (e.g. runs/home_kitchen-text_only-s0,
+    runs/home_kitchen-products-s0), so that the ablations, batchings and seeds do not overwrite each
+    other. A new run refuses a folder that holds a run; with `hold` (an ExitStack) it is made and locked first."""
+    switches = [s for s in switches + ("freeze_embeddings", "amp") if getattr(args, s, False)]
+    switches += ["products"] if getattr(args, "batching", "groups") == "products" else []
+    out = Path(args.out or "runs/" + "-".join([category] + switches + [f"s{args.seed}"]))
+    if hold is not None:
+        if out.exists() and not out.is_dir():
+            raise data.DataError(f"--out {out} is a file, not a folder: pass --out NEW_FOLDER.")
+        out.mkdir(parents=True, exist_ok=True)
+        hold.enter_context(folder_lock(out, "a train.py run"))
+    if not args.resume and any((out / name).exists() for name in ("last.pt", "best.pt")):
+        status = "a finished run" if (out / "test.json").exists() else "an unfinished run"
+        raise data.DataError(f"{out} holds {status} already and is not overwritten: continue it with "
+                             f"`python train.py --resume {out}`, or pass --out NEW_FOLDER for a new run.")
+    return out
+
+
+def say_where(run, state, args):
+    """--resume: where the run continues, or that it had finished already."""
+    reason = ("all its epochs" if state["epoch"] >= args.epochs else
+              f"{state['bad_epochs']} epochs without a better dev MAP" if state["bad_epochs"] >= args.patience else "")
+    if reason:
+        more = f" (--epochs N above {state['epoch']} trains on)" if state["epoch"] >= args.epochs else ""
+        print(f"run {run} already finished after epoch {state['epoch']} ({reason}): nothing to train; its best dev "
+              f"epoch {state['best_epoch']} on test below{more}", flush=True)
+    else:
+        print(f"resuming {run} after epoch {state['epoch']} of {args.epochs} (best dev epoch {state['best_epoch']}, "
+              f"MAP {state['best_map']:.2f})", flush=True)
+
+
+def resume_from(run, args):
+    """--resume: the run's checked checkpoint (last.pt, else best.pt, with a message) and saved flags, where the
+    command's own --epochs, --device, --threads and data paths win (parse_args refuses the others)."""
+    path = Path(run) / "last.pt"
+    if not path.is_file() and (Path(run) / "best.pt").is_file():
+        path = Path(run) / "best.pt"
+        print(f"{run}: no last.pt (lost when the run was stopped while writing it): continuing from best.pt; the "
+              f"epochs after its best one are trained again", file=sys.stderr)
+    resume = load_checkpoint(path)
+    resume["model"] = model_from_checkpoint(resume, path)  # the saved config wins
+    check_weights(resume, path, ("optimizer",))
+    saved = {"batching": "groups", "amp": False, "lr_patience": 4, **resume["args"]}  # runs from before these flags
+    saved.update(resume=run, out=run, device=args.device, threads=args.threads, epochs=args.epochs or saved["epochs"],
+                 **{k: getattr(args, k) for k in ("data_dir", "glove", "features", "compute_masks")
+                    if getattr(args, k)})
+    return resume, argparse.Namespace(**saved)
