@@ -379,7 +379,7 @@ class SANCL(nn.Module):
             S_minus = torch.cat([no_product, ~helpful])  # unhelpful reviews
             text = torch.cat([out["t_ii_product"], out["t_ii_review"]])  # (P + R, D)
             image = torch.cat([out["v_ii_product"], out["v_ii_review"]])  # (P + R, D)
-            # Eq. (11)
+            # Eq. (11). README exercise 6: cpc_ii without the unhelpful reviews among its candidates
             cpc_ii_loss = cpc(text, image, S_P | S_plus, S_P | S_plus | S_minus, c.tau)
 
         cpc_pr_loss = zero
