@@ -223,9 +223,12 @@ def folder_lock(folder, what="a run"):
                 os.unlink(lock)
 
 
-def die_with_parent():
+def die_with_parent(gpus=None):
     """Pool initializer of --ablations' workers: a worker ends when the command that started it is killed
-    (the parent's pid changes), instead of training on, unseen, into the table's folders."""
+    (the parent's pid changes), instead of training on, unseen, into the table's folders. With `gpus` (a
+    queue of GPU numbers, one per worker), the worker takes one and sees only that GPU: one run per GPU."""
+    if gpus is not None:  # before anything in this process touches CUDA
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpus.get())
     parent = os.getppid()
 
     def watch():

@@ -2685,7 +2685,7 @@ def test_ablations_started_twice_stop_and_its_workers_die_with_it(tiny_root, tmp
     class Stop(Exception):
         pass
 
-    def pool(processes, initializer=None):
+    def pool(processes, initializer=None, initargs=()):
         pools.append((processes, initializer))
         raise Stop
 
@@ -3114,6 +3114,12 @@ def check_exercise(n, module, model, batch, monkeypatch):
         seen = pooling_weights(module, model, batch, monkeypatch)
         assert not any(w.shape == out["m_prime"].shape and torch.allclose(w, out["m_prime"]) for w in seen)
         assert any(w.shape == real.shape and torch.equal(w, real.float()) for w in seen)
+    elif n == 6:  # cpc_ii no longer looks at the unhelpful reviews: moving their ii vectors leaves it as it was
+        unhelpful = batch["labels"] < model.config.helpful_threshold  # (R,)
+        moved = dict(out, t_ii_review=out["t_ii_review"] + 3.0 * unhelpful[:, None].float())
+        before, after = (model.losses(batch, o)["cpc_ii"] for o in (out, moved))
+        assert unhelpful.any() and (batch["labels"] >= model.config.helpful_threshold).any()
+        assert torch.isclose(before, after, rtol=0, atol=1e-6), (before, after)
 
 
 @pytest.mark.parametrize("patch", EXERCISES, ids=lambda patch: patch.stem)
@@ -3313,3 +3319,34 @@ def test_benchmark_times_a_step_on_a_device_or_says_it_has_none(monkeypatch, cap
         with pytest.raises(SystemExit):
             benchmark.main()
         assert "--device: cuda: this torch sees no CUDA device" in capsys.readouterr().err
+
+
+# --- issue 20: --ablations over several GPUs ------------------------------------------------------------
+def test_ablations_run_one_run_a_gpu_where_there_are_several(tiny_root, tmp_path, monkeypatch, capsys):
+    """With 3 visible GPUs the table starts 3 workers, each of which sees only the GPU it takes."""
+    import queue
+    started = []
+
+    class Stop(Exception):
+        pass
+
+    def pool(processes, initializer=None, initargs=()):
+        started.append((processes, initializer, initargs))
+        raise Stop
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    monkeypatch.setattr(train.multiprocessing, "get_context", lambda kind: SimpleNamespace(Pool=pool, Queue=queue.Queue))
+    with pytest.raises(Stop):
+        train.table_in(SimpleNamespace(device="cuda", jobs=1, seeds=1), [], None, tmp_path)
+    (processes, initializer, (slots,)), = started
+    assert processes == 3 and initializer is runs.die_with_parent and "3 at a time (one a GPU)" in capsys.readouterr().out
+    taken = []
+    for _ in range(3):  # each worker's initializer takes the next GPU
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+        runs.die_with_parent(slots)
+        taken.append(os.environ["CUDA_VISIBLE_DEVICES"])
+    assert taken == ["0", "1", "2"]
+    started.clear()
+    with pytest.raises(Stop):  # on the CPU: --jobs workers, no GPU queue
+        train.table_in(SimpleNamespace(device="cpu", jobs=2, seeds=1), [], None, tmp_path)
+    assert started == [(2, runs.die_with_parent, (None,))]

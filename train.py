@@ -106,7 +106,8 @@ def parse_args(argv=None):
                    "finished ones are reused and unfinished ones resumed when the command is run again")
     p.add_argument("--seeds", type=count, default=3, help="--ablations: seeds per setting, 0 .. N-1 (default 3)")
     p.add_argument("--jobs", type=count, default=min(2, cores()), help="--ablations: runs trained "
-                   "at the same time, one process each (default 2, or 1 on one core); each keeps --threads")
+                   "at the same time, one process each (default 2, or 1 on one core; with several GPUs, one run a GPU); "
+                   "each keeps --threads")
     args = p.parse_args(argv)
     if args.ablations and (args.resume or any(getattr(args, s) for s in SWITCHES)):
         p.error("--ablations trains every setting itself: drop --resume and the ablation switches")
@@ -414,11 +415,15 @@ def ablation_table(args, argv):
 def table_in(args, base, source, folder):
     jobs = [(base + flags + ["--seed", str(seed), "--out", str(folder / run_name(flags, seed))],
              folder / run_name(flags, seed)) for flags in TABLE2.values() for seed in range(args.seeds)]
-    workers = min(args.jobs, len(jobs))  # never more processes than runs
-    print(f"Table 2: {len(TABLE2)} settings x {args.seeds} seeds = {len(jobs)} runs, {workers} at a time, in {folder}/ "
-          f"(each run's output in its train.log)", flush=True)
-    results, start = {}, time.time()
-    with multiprocessing.get_context("spawn").Pool(workers, initializer=die_with_parent) as pool:
+    gpus = torch.cuda.device_count() if args.device in ("auto", "cuda") else 0  # several: one run on each
+    workers = min(gpus if gpus > 1 else args.jobs, len(jobs))  # never more processes than runs
+    print(f"Table 2: {len(TABLE2)} settings x {args.seeds} seeds = {len(jobs)} runs, {workers} at a time"
+          + (" (one a GPU)" if gpus > 1 else "") + f", in {folder}/ (each run's output in its train.log)", flush=True)
+    results, start, context = {}, time.time(), multiprocessing.get_context("spawn")
+    slots = context.Queue() if gpus > 1 else None
+    for gpu in range(workers if gpus > 1 else 0):
+        slots.put(gpu)
+    with context.Pool(workers, initializer=die_with_parent, initargs=(slots,)) as pool:
         for n, ((test, seconds, note), (_, out)) in enumerate(zip(pool.imap(table_run, jobs), jobs), 1):
             results[out.name] = test
             elapsed = time.time() - start
