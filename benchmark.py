@@ -213,7 +213,7 @@ def release_benchmark(folder, category, steps, cold=False, vocab_rows=None):
     print(f"peak memory of the whole benchmark: {peak_memory_gb():.2f} GB")
 
 
-RELEASE_STEPS = {"groups": 47767, "products": 13629}  # Home & Kitchen's steps per epoch (README, Speed)
+RELEASE_STEPS = {"groups": 47767, "products": 13629}  # Home & Kitchen's steps per epoch (docs/lab-notes.md, Speed)
 
 
 def device_benchmark(category, device, amp, vocab_rows, repeats=20, warmup=5):

@@ -116,7 +116,7 @@ def adam(model, lr):
     """Adam on the trainable parameters, as the reference. fused=True (cpu and cuda, the devices
     device_flag lets through, both have it) makes the same update in one pass over each tensor instead
     of about ten: with the release's vocabulary the trained embedding table (60k x 300) made for-loop
-    Adam the costliest part of a CPU step (195 ms against 17 ms; README "Speed"). Only rounding differs."""
+    Adam the costliest part of a CPU step (195 ms against 17 ms; docs/lab-notes.md, "Speed"). Only rounding differs."""
     return torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr, fused=True)
 
 

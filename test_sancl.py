@@ -1283,7 +1283,7 @@ def test_the_key_bias_of_eq3_cannot_change_the_selective_attention():
 
 
 def test_train_adam_is_fused_and_makes_the_for_loop_update():
-    """plumbing.adam: fused on CPU (one pass per tensor, README "Speed"), and the same update as
+    """plumbing.adam: fused on CPU (one pass per tensor, docs/lab-notes.md "Speed"), and the same update as
     torch's for-loop Adam up to float rounding, fed the same gradients for a few steps."""
     torch.manual_seed(0)
     fused_model = torch.nn.Linear(30, 20)

@@ -17,7 +17,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Also read once: torch then backs its large CPU buffers (2 MB and more) with 2 MB pages. The word-embedding
 # gradient (V x 300 floats: 72 MB with a 60k-word vocabulary) is allocated anew every step, and with 4 KB
-# pages its first touch costs ~18,000 page faults (38 -> 16 ms of a step here; README "Speed").
+# pages its first touch costs ~18,000 page faults (38 -> 16 ms of a step here; docs/lab-notes.md, "Speed").
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import argparse
