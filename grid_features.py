@@ -198,6 +198,11 @@ def extract(images, weights, out, size=IMAGE_SIZE, batch_size=4, device="cpu"):
     if not images.is_dir():
         raise DataError(f"--extract {images}: no such folder. It must hold one folder per product/review id with "
                         f"its images, {{id}}/{{k}}.jpg, as images.tsv of build_data.py lays them out.")
+    try:
+        import PIL  # noqa: F401  (load_image decodes with it)
+    except ImportError:
+        raise DataError("--extract decodes images with Pillow, which is not installed: pip install -r "
+                        "requirements.txt (matplotlib brings it) or pip install pillow") from None
     settings = _settings(weights, size) if Path(weights).is_file() else None
     model = load_weights(weights).to(device)
     out.mkdir(parents=True, exist_ok=True)

@@ -3350,3 +3350,9 @@ def test_ablations_run_one_run_a_gpu_where_there_are_several(tiny_root, tmp_path
     with pytest.raises(Stop):  # on the CPU: --jobs workers, no GPU queue
         train.table_in(SimpleNamespace(device="cpu", jobs=2, seeds=1), [], None, tmp_path)
     assert started == [(2, runs.die_with_parent, (None,))]
+
+
+def test_extract_without_pillow_says_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "PIL", None)  # import PIL then fails, as where Pillow is not installed
+    with pytest.raises(data.DataError, match="decodes images with Pillow, which is not installed: pip install"):
+        grid_features.extract(tmp_path, tmp_path / "w.pth", tmp_path / "f")
