@@ -2841,7 +2841,7 @@ def test_a_table_never_starts_more_workers_than_runs(tiny_root, tmp_path, monkey
     monkeypatch.setattr(train, "cores", lambda: 16)
     pools = []
 
-    def pool(processes, initializer=None):
+    def pool(processes, initializer=None, initargs=()):
         pools.append(processes)
         raise KeyboardInterrupt
 
