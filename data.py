@@ -439,7 +439,7 @@ class Split:
             "labels": self.labels[review_rows],  # (R,)
             "pairs": torch.as_tensor(pairs if pairs is not None else [], dtype=torch.long).reshape(-1, 2),
             "review_rows": review_rows,  # (R,) rows of this split, to put scores back in place
-            "product_rows": product_rows,  # (P,) rows of this split (several processes: distributed.gather_step)
+            "product_rows": product_rows,  # (P,) rows of this split (distributed.gather_step, evaluate.add_geometry)
             "product_regions": None, "product_region_mask": None,
             "review_regions": None, "review_region_mask": None,
         }

@@ -99,7 +99,7 @@ def predict_scores(model, split, device, who=None, geometry=None):
             out = model(to_device(batch, device))
             scores[batch["review_rows"]] = out["score"].float().cpu()
             if geometry is not None:
-                products = torch.unique(split.review_product[batch["review_rows"]]).tolist()  # as Split.batch
+                products = batch["product_rows"].tolist()  # (P,) the batch's products, rows of the split
                 add_geometry(geometry, out, batch, model.config, [p not in seen for p in products])
                 seen.update(products)
     check_scores(scores, who, f"the {split.name} split")

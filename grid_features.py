@@ -203,8 +203,8 @@ def extract(images, weights, out, size=IMAGE_SIZE, batch_size=4, device="cpu"):
     except ImportError:
         raise DataError("--extract decodes images with Pillow, which is not installed: pip install -r "
                         "requirements.txt (matplotlib brings it) or pip install pillow") from None
-    settings = _settings(weights, size) if Path(weights).is_file() else None
-    model = load_weights(weights).to(device)
+    model = load_weights(weights).to(device)  # a missing or wrong file stops here
+    settings = _settings(weights, size)
     out.mkdir(parents=True, exist_ok=True)
     record = out / "extract.json"
     if record.exists() and json.loads(record.read_text()) != settings:
