@@ -397,22 +397,29 @@ class Split:
     """One split, encoded once into tensors (int32 token ids, bool probe masks); batches are slices of
     them. Reviews are stored product after product: product p's are rows review_start[p] .. [p + 1] - 1."""
 
-    def __init__(self, name, products, index, masks=None, regions=None, grow=False):
+    def __init__(self, name, products, index, masks=None, regions=None, grow=False, pieces=None):
         self.name, self.products, self.regions = name, products, regions
         reviews = [r for p in products for r in p.reviews]
         self.product_ids = [p.product_id for p in products]
         self.review_ids = [r.review_id for r in reviews]
-        self.product_tokens, self.product_lengths = encode([p.text for p in products], MAX_PRODUCT_TOKENS, index, grow)
-        self.review_tokens, self.review_lengths = encode([r.text for r in reviews], MAX_REVIEW_TOKENS, index, grow)
+        if pieces is None:  # GloVe: data.py's words
+            self.product_tokens, self.product_lengths = encode([p.text for p in products], MAX_PRODUCT_TOKENS, index, grow)
+            self.review_tokens, self.review_lengths = encode([r.text for r in reviews], MAX_REVIEW_TOKENS, index, grow)
+            word = torch.arange(MAX_REVIEW_TOKENS).expand(len(reviews), -1)  # (R, Lr) token i is word i
+        else:  # SANCL+BERT: word pieces (bert.WordPieces), the paper's lengths counted in pieces
+            self.product_tokens, self.product_lengths, _ = pieces.encode([p.text for p in products], MAX_PRODUCT_TOKENS)
+            self.review_tokens, self.review_lengths, word = pieces.encode([r.text for r in reviews], MAX_REVIEW_TOKENS)
         counts = torch.tensor([len(p.reviews) for p in products])
         self.review_product = torch.repeat_interleave(torch.arange(len(products)), counts)  # (R,)
         self.review_start = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
         self.labels = torch.tensor([r.score for r in reviews])  # (R,)
-        self.probe_mask = torch.zeros(len(reviews), MAX_REVIEW_TOKENS, dtype=torch.bool)  # (R, Lr): Algorithm 1's M
+        words = int(word.max()) + 1 if word.numel() else 1
+        marked = torch.zeros(len(reviews), words, dtype=torch.bool)  # (R, words): Algorithm 1's M on data.py's words
         for row, (p, r) in enumerate((p, r) for p in products for r in p.reviews):
             for start, end in (masks or {}).get((p.product_id, r.review_id), ()):
-                self.probe_mask[row, start:end] = True
-        self.probe_mask &= torch.arange(MAX_REVIEW_TOKENS) < self.review_lengths[:, None]
+                marked[row, start:end] = True
+        # each token takes its word's mark (a word piece its word's); nothing on padding
+        self.probe_mask = marked.gather(1, word.clamp(min=0)) & (torch.arange(MAX_REVIEW_TOKENS) < self.review_lengths[:, None])
 
     def renumber(self, new_id):
         """Token numbers of a grow=True encoding -> vocabulary ids (build_vocab's `new_id`)."""

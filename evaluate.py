@@ -24,7 +24,7 @@ import probe_mask
 from features import RegionStore
 from plumbing import (THRESHOLD, WARN_SHARE, Prefetch, device_flag, find_data, load_data, pick_device, report_data,
                       seed_everything, to_device, unknown_share)
-from runs import (load_checkpoint, model_from_checkpoint, write_error)
+from runs import (checkpoint_pieces, load_checkpoint, model_from_checkpoint, write_error)
 
 
 # --- the metrics, written out ------------------------------------------------------------
@@ -203,6 +203,7 @@ def load_run(checkpoint_path, data_dir=None, split_names=data.SPLITS, device="cp
     checkpoint = load_checkpoint(checkpoint_path)
     model = model_from_checkpoint(checkpoint, checkpoint_path).to(device)  # checked: config, shapes, finite
     args, config = checkpoint["args"], model.config
+    checkpoint["pieces"] = checkpoint_pieces(checkpoint, checkpoint_path)  # SANCL+BERT: its tokenizer; else None
     splits = None
     if split_names:
         saved = {k: args.get(k) if isinstance(args.get(k), str) else None
@@ -214,7 +215,8 @@ def load_run(checkpoint_path, data_dir=None, split_names=data.SPLITS, device="cp
                                  f"checkpoint), which is no folder here: pass --data-dir DIR where the data is now.")
         source = find_data(saved["data"], data_dir or saved["data_dir"], saved["glove"], saved["features"])
         splits, _, _, info = load_data(source, vocab=checkpoint["vocab"], with_images=not config.text_only,
-                                       with_masks=not config.no_probe_mask, split_names=split_names)
+                                       with_masks=not config.no_probe_mask, split_names=split_names,
+                                       pieces=checkpoint["pieces"])
         report_data(info, sys.stderr)  # the unknown-token share says whether the run's vocabulary fits this data
     checkpoint["path"] = str(checkpoint_path)
     return model, checkpoint, splits
@@ -304,14 +306,16 @@ def read_product_file(model, checkpoint, path, nlp=None):
         masks = probe_mask.compute_masks([(product.product_id, r.review_id, product.name, r.text)
                                           for r in product.reviews], nlp, progress=False)
     regions = None if model.config.text_only else RegionStore(Path(path).parent, folders=folders)
-    split = data.Split("predict", [product], {w: i for i, w in enumerate(checkpoint["vocab"])}, masks, regions)
+    split = data.Split("predict", [product], {w: i for i, w in enumerate(checkpoint["vocab"])}, masks, regions,
+                       pieces=checkpoint.get("pieces"))
     return split, len(spec["reviews"]) - len(product.reviews), folders
 
 
 def predict_file(model, checkpoint, path, device):
     """Score the reviews of one product given as JSON (read_product_file) and print them, best first."""
     split, skipped, _ = read_product_file(model, checkpoint, path)
-    product, unknown = split.products[0], unknown_share(split)
+    product = split.products[0]
+    unknown = unknown_share(split, checkpoint["pieces"].unk if checkpoint.get("pieces") else data.UNK)
     print(f"unknown tokens: {100 * unknown:.1f}% of the file's words are not in the run's vocabulary"
           + ("\nWARNING: is this the checkpoint of this product's category?" if unknown > WARN_SHARE else ""),
           file=sys.stderr)
@@ -358,14 +362,21 @@ def explain_file(model, checkpoint, path, device, plot_dir):
     plot_dir.mkdir(parents=True, exist_ok=True)
     print(f"Product name: {product.name}\nProduct description: {product.description}"
           + (f"\n({skipped} reviews without text skipped)" if skipped else ""))
+    pieces = checkpoint.get("pieces")
     for row, review in enumerate(product.reviews):
         n = int(split.review_lengths[row])  # tokens the model read (truncated at data.MAX_REVIEW_TOKENS)
-        tokens = data.tokenize(review.text)[:n]
         why = probe_mask.explain(nlp, product.name, review.text)
-        token_sentence = why["token_sentence"][:n]
+        if pieces is None:
+            tokens = data.tokenize(review.text)[:n]
+            token_sentence = why["token_sentence"][:n]
+            unknown = sum(index.get(t, data.UNK) == data.UNK for t in tokens)
+        else:  # SANCL+BERT: word pieces, each in its word's sentence
+            ids, _, word = pieces.encode([review.text], data.MAX_REVIEW_TOKENS)
+            tokens = pieces.tokenizer.convert_ids_to_tokens(ids[0, :n].tolist())
+            token_sentence = [why["token_sentence"][w] for w in word[0, :n].tolist()]
+            unknown = int((ids[0, :n] == pieces.unk).sum())
         m_prime = out["m_prime"][row, :n].cpu()  # (n,) M' of Eq. (2)
         beta = float(out["beta"][row])
-        unknown = sum(index.get(t, data.UNK) == data.UNK for t in tokens)
         print(f"\nReview {row + 1} ({n} tokens, {unknown} unknown to the run's vocabulary"
               f"{'' if review.review_id in folders else ', no image'}):")
         print(f"  Prediction: {float(out['score'][row]):+.4f}   beta (Eq. 6): {beta:.2f}")

@@ -206,12 +206,15 @@ def load_masks(source, split, compute=False):
 
 
 def load_data(source, vocab=None, with_images=True, with_masks=True, compute_masks=False,
-              split_names=data.SPLITS, with_embeddings=True):
+              split_names=data.SPLITS, with_embeddings=True, pieces=None):
     """Splits of `source`, encoded: ({split: Split}, vocab, embeddings (V, 300) or None, info).
 
     A new run builds its vocabulary from the training split and reads GloVe; a saved run
     passes its own vocabulary (its embeddings are in its checkpoint), so only `split_names`
-    are read. The label rule is decided once, on the votes of every split."""
+    are read. SANCL+BERT passes `pieces` (bert.WordPieces): its vocabulary is BERT's, no GloVe.
+    The label rule is decided once, on the votes of every split."""
+    if pieces is not None:
+        vocab, with_embeddings = pieces.vocab, False
     new = vocab is None
     names = data.SPLITS if new else split_names
     rule = data.release_label_rule(source)
@@ -221,7 +224,7 @@ def load_data(source, vocab=None, with_images=True, with_masks=True, compute_mas
     images = scan_regions(regions, {name: raw[name] for name in split_names}) if with_images else None
     index = {"<pad>": data.PAD, "<unk>": data.UNK} if new else {w: i for i, w in enumerate(vocab)}
     splits = {name: data.Split(name, raw.pop(name), index, load_masks(source, name, compute_masks)
-                               if with_masks else None, regions, grow=new) for name in names}
+                               if with_masks else None, regions, grow=new, pieces=pieces) for name in names}
     embeddings, oov = None, None
     if new:  # every text was read once, numbering its words; the vocabulary comes from train's counts
         vocab, new_id = data.build_vocab(splits["train"], index)
@@ -232,14 +235,15 @@ def load_data(source, vocab=None, with_images=True, with_masks=True, compute_mas
     splits = {name: splits[name] for name in split_names}
     info = {"reports": reports, "oov": oov, "vocab": len(vocab) - 2, "glove": source.glove.name,
             "label_rule": data.LABEL_RULES[rule], "features": source.features, "images": images,
-            "unknown": {name: unknown_share(split) for name, split in splits.items()}}
+            "unknown": {name: unknown_share(split, pieces.unk if pieces else data.UNK) for name, split in splits.items()}}
     return splits, vocab, embeddings, info
 
 
-def unknown_share(split):
-    """The share of a split's text tokens that the vocabulary does not know (read as <unk>)."""
-    tokens = torch.cat([split.product_tokens.flatten(), split.review_tokens.flatten()])
-    return float((tokens == data.UNK).sum()) / max(1, int((tokens != data.PAD).sum()))
+def unknown_share(split, unk=data.UNK):
+    """The share of a split's text tokens that the vocabulary does not know (read as <unk>, or BERT's [UNK])."""
+    real = [tokens[torch.arange(tokens.shape[1]) < lengths[:, None]] for tokens, lengths in
+            ((split.product_tokens, split.product_lengths), (split.review_tokens, split.review_lengths))]
+    return float(sum(int((t == unk).sum()) for t in real)) / max(1, sum(t.numel() for t in real))
 
 
 WARN_SHARE = 0.2  # warn when more than this share of the vocabulary or of a split's tokens is unknown

@@ -5,7 +5,7 @@
   2. run folders: where a run goes, one process writing into it at a time (run.lock), how --resume
      continues it; write errors said in one line
 
-Imports go one way: this file uses data, sancl and distributed; evaluate.py and train.py use it.
+Imports go one way: this file uses data, sancl, bert and distributed; evaluate.py and train.py use it.
 """
 import argparse
 import contextlib
@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import bert
 import data
 import sancl
 from distributed import WORLD
@@ -95,6 +96,13 @@ def load_checkpoint(path):
     return checkpoint
 
 
+def checkpoint_pieces(checkpoint, path):
+    """The tokenizer a SANCL+BERT checkpoint's run read its texts with (bert.WordPieces); None for GloVe runs."""
+    if not checkpoint["config"].get("bert"):
+        return None
+    return bert.from_checkpoint(checkpoint.get("bert"), checkpoint["vocab"], path, with_model=False)[0]
+
+
 def tensors(obj, prefix=""):
     """(name, tensor) of every tensor in a checkpoint part: a state dict, an optimizer's nested dicts and lists."""
     if isinstance(obj, torch.Tensor):
@@ -150,8 +158,9 @@ def model_from_checkpoint(checkpoint, path):
         raise data.DataError(f"{path}: its config asks for {config.get('vocab_size')} words, its vocabulary holds "
                              f"{len(vocab)} (or entries that are not words); {fix}.")
     check_weights(checkpoint, path)
+    encoder = bert.from_checkpoint(checkpoint.get("bert"), vocab, path)[1] if config.get("bert") else None
     try:
-        model = sancl.SANCL(sancl.SANCLConfig(**config), None)
+        model = sancl.SANCL(sancl.SANCLConfig(**config), None, encoder)
         model.load_state_dict(checkpoint["model"])
     except (TypeError, ValueError, RuntimeError) as error:
         first = (str(error).replace("\n\t", " ").splitlines() or [type(error).__name__])[0]
@@ -252,9 +261,9 @@ def write_error(error):
 
 def run_folder(args, category, switches, hold=None):
     """--out, else runs/{data}[-{switches}]-s{seed} (e.g. runs/home_kitchen-text_only-s0,
-    runs/home_kitchen-products-s0), so that the ablations, batchings and seeds do not overwrite each
+    runs/home_kitchen-products-s0, runs/home_kitchen-bert-s0), so that the ablations, batchings and seeds do not overwrite each
     other. A new run refuses a folder that holds a run; with `hold` (an ExitStack) it is made and locked first."""
-    switches = [s for s in switches + ("freeze_embeddings", "amp") if getattr(args, s, False)]
+    switches = [s for s in ("bert",) + switches + ("freeze_embeddings", "amp") if getattr(args, s, False)]
     switches += ["products"] if getattr(args, "batching", "groups") == "products" else []
     out = Path(args.out or "runs/" + "-".join([category] + switches + [f"s{args.seed}"]))
     if hold is not None:
@@ -292,8 +301,9 @@ def resume_from(run, args):
               f"epochs after its best one are trained again", file=sys.stderr)
     resume = load_checkpoint(path)
     resume["model"] = model_from_checkpoint(resume, path)  # the saved config wins
+    resume["pieces"] = checkpoint_pieces(resume, path)  # SANCL+BERT: its tokenizer, from the checkpoint
     check_weights(resume, path, ("optimizer",))
-    saved = {"batching": "groups", "amp": False, "lr_patience": 4, **resume["args"]}  # runs from before these flags
+    saved = {"batching": "groups", "amp": False, "lr_patience": 4, "bert": None, **resume["args"]}  # runs from before these flags
     saved.update(resume=run, out=run, device=args.device, threads=args.threads, epochs=args.epochs or saved["epochs"],
                  **{k: getattr(args, k) for k in ("data_dir", "glove", "features", "compute_masks")
                     if getattr(args, k)})

@@ -53,6 +53,7 @@ class SANCLConfig:
     no_probe_mask: bool = False  # ablation "w/o probe mask": M' = 1 on every real token
     no_cpc_ii: bool = False  # ablation: drop cpc_ii
     no_cpc_pr: bool = False  # ablation: drop cpc_pr
+    bert: bool = False  # SANCL+BERT (Appendix B): E_t from bert.py's BERT, embed_dim = its size (768); no word table
 
     def __post_init__(self):
         if not (self.alpha > 0 and self.fixed_beta_value > 0 and self.tau > 0):
@@ -275,17 +276,23 @@ class SANCL(nn.Module):
     """The whole model of Fig. 1: a batch dict (format of data.py) in, a helpfulness
     score xi per review and the shared-space representations for the losses out."""
 
-    def __init__(self, config, embeddings=None):
+    def __init__(self, config, embeddings=None, bert=None):
         super().__init__()
         c = self.config = config
-        if embeddings is None:
+        self.embedding = self.bert = None  # E_t comes from one of them (embed)
+        if c.bert:  # SANCL+BERT: bert.BertEncoder, built from a BERT folder or a checkpoint by bert.py
+            if bert is None:
+                raise ValueError("the config asks for SANCL+BERT: pass bert=bert.BertEncoder(...)")
+            self.bert = bert
+        elif embeddings is None:
             self.embedding = nn.Embedding(c.vocab_size, c.embed_dim, padding_idx=0)
         else:
             if tuple(embeddings.shape) != (c.vocab_size, c.embed_dim):
                 raise ValueError(f"embeddings have shape {tuple(embeddings.shape)}, the config "
                                  f"asks for (vocab_size, embed_dim) = ({c.vocab_size}, {c.embed_dim})")
             self.embedding = nn.Embedding.from_pretrained(embeddings.float(), padding_idx=0)
-        self.embedding.weight.requires_grad_(not c.freeze_embeddings)
+        if self.embedding is not None:
+            self.embedding.weight.requires_grad_(not c.freeze_embeddings)
         self.product_text_encoder = TextEncoder(c)  # separate GRUs for the two fields
         self.review_text_encoder = TextEncoder(c)
         self.probe_weights = ProbeMaskWeights(c)
@@ -302,9 +309,17 @@ class SANCL(nn.Module):
         self.output = nn.Linear(len(self.projections) * c.shared_dim, 1)
 
     def num_params(self, non_embedding=True):
-        """Parameter count; without the word-embedding table by default (the paper's 1.41M)."""
+        """Parameter count; without the word-embedding table (or the BERT) by default (the paper's 1.41M)."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.embedding.weight.numel() if non_embedding else n
+        return n - sum(p.numel() for p in self.text_embedder().parameters()) if non_embedding else n
+
+    def text_embedder(self):
+        return self.bert if self.config.bert else self.embedding
+
+    def embed(self, tokens, lengths):
+        """Sec. 3.3: E_t, the token representations Eq. (1)'s GRU reads. (T, L) ids -> (T, L, E):
+        GloVe rows, or with SANCL+BERT the shared BERT's last-layer states of the word pieces (bert.py)."""
+        return self.bert(tokens, lengths) if self.config.bert else self.embedding(tokens)
 
     def forward(self, batch):
         """Eq. (14): F = concat(S^ii_t,r, S^pr_t,r, S^ii_v,r, S^pr_v,r), the review's four projections;
@@ -318,8 +333,10 @@ class SANCL(nn.Module):
         review_mask = lengths_to_mask(batch["review_lengths"], review_tokens.size(1))  # (R, Lr)
 
         # Eq. (1), each product encoded once, then indexed per review with rp
-        h_p, _ = self.product_text_encoder(self.embedding(product_tokens), batch["product_lengths"])  # (P, Lp, H)
-        h_r, h_seq = self.review_text_encoder(self.embedding(review_tokens), batch["review_lengths"])  # (R, Lr, H)
+        h_p, _ = self.product_text_encoder(self.embed(product_tokens, batch["product_lengths"]),
+                                           batch["product_lengths"])  # (P, Lp, H)
+        h_r, h_seq = self.review_text_encoder(self.embed(review_tokens, batch["review_lengths"]),
+                                              batch["review_lengths"])  # (R, Lr, H)
 
         # review text: M' (Eq. 2, 6) -> selective self-attention H' (Eq. 3-7)
         # -> cross-field attention H'' -> weighted pooling with M' (Eq. 8)
@@ -503,8 +520,13 @@ def print_parameter_table(model):
     ours = model.num_params()
     print(f"  {'total without word embeddings':<46} {ours:>10,} {PAPER_PARAMS:>10,}  "
           f"({(ours - PAPER_PARAMS) / PAPER_PARAMS:+.1%} against the paper's 1.41M)")
-    print(f"  word embeddings (GloVe init, {'frozen' if model.config.freeze_embeddings else 'trained'}): "
-          f"{model.embedding.weight.numel():,}")
+    if model.config.bert:
+        trained = sum(p.numel() for p in model.bert.parameters() if p.requires_grad)
+        print(f"  BERT (Appendix B, bert.py): {sum(p.numel() for p in model.bert.parameters()):,}, of which "
+              f"{trained:,} trained (its last {model.bert.trained_layers} layers)")
+    else:
+        print(f"  word embeddings (GloVe init, {'frozen' if model.config.freeze_embeddings else 'trained'}): "
+              f"{model.embedding.weight.numel():,}")
 
 
 def main():

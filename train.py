@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import bert
 import data
 import plots
 import sancl
@@ -45,6 +46,7 @@ from runs import (die_with_parent, folder_lock, load_checkpoint, resume_from, rn
                   say_where, set_rng_state, write_error)
 
 RESUME_TAKES = {"resume", "epochs", "device", "threads", "data_dir", "glove", "features", "compute_masks"}
+# --bert PATH is kept by a resumed run (its BERT and tokenizer are in its checkpoint), never changed
 SWITCHES = ("text_only", "fixed_beta", "no_probe_mask", "no_cpc_ii", "no_cpc_pr")
 RELEASE_EPOCHS = 11  # the reference trains 11 epochs (SPEC §10)
 SAMPLE_EPOCHS = 5  # the built-in sample: the main job stays within a few minutes on a laptop CPU
@@ -70,6 +72,10 @@ def parse_args(argv=None):
                    "groups of 1 positive + 7 negatives); rounded down to whole groups, at least one")
     p.add_argument("--freeze-embeddings", action="store_true", help="keep the GloVe vectors fixed (default: "
                    "trained from their GloVe start, as the paper and the reference do)")
+    p.add_argument("--bert", metavar="PATH", help="SANCL+BERT (Appendix B): a local BERT folder in the Hugging Face "
+                   "layout (config.json, vocab.txt, model.safetensors), e.g. bert-base-uncased downloaded by you; it "
+                   "replaces the GloVe embeddings (one BERT for product and review text, its last 4 layers trained), "
+                   "and Table 6 gives the defaults. Needs the transformers package; never downloads")
     p.add_argument("--kappa", type=KAPPA, help="weight of the contrastive losses, Eq. (18) (default: Table 5)")
     p.add_argument("--dropout", type=DROPOUT, help="text embedding dropout, 0 to 1 excluded (default: Table 5)")
     p.add_argument("--threshold", type=THRESHOLD, default=1, help="relevance threshold of the metrics: label > it")
@@ -109,6 +115,10 @@ def parse_args(argv=None):
                    "at the same time, one process each (default 2, or 1 on one core; with several GPUs, one run a GPU); "
                    "each keeps --threads")
     args = p.parse_args(argv)
+    if args.bert and (args.glove or args.freeze_embeddings):
+        p.error("--bert replaces the GloVe embeddings (its lower layers are frozen, its last 4 trained, as Appendix "
+                "B): drop " + " and ".join(f for f, v in (("--glove", args.glove), ("--freeze-embeddings",
+                                                                              args.freeze_embeddings)) if v))
     if args.ablations and (args.resume or any(getattr(args, s) for s in SWITCHES)):
         p.error("--ablations trains every setting itself: drop --resume and the ablation switches")
     if args.resume is None and args.data is None and args.data_dir is None:
@@ -233,8 +243,8 @@ def train_step(model, optimizer, batch, amp, split, epoch):
 
 
 def settings(args, category):
-    """Hyper-parameters: the flags where given, else Table 5 of the paper for the category."""
-    table = sancl.TABLE5[category or "home_kitchen"]
+    """Hyper-parameters: the flags where given, else Table 5 of the paper for the category (Table 6 with --bert)."""
+    table = (bert.TABLE6 if args.bert else sancl.TABLE5)[category or "home_kitchen"]
     return {"lr": args.lr or table["lr"], "batch_size": args.batch_size or table["batch_size"],
             "kappa": table["kappa"] if args.kappa is None else args.kappa,
             "text_dropout": table["text_dropout"] if args.dropout is None else args.dropout}
@@ -260,12 +270,15 @@ def train_locked(args, progress, hold):
     progress["run"] = out
 
     t0 = time.time()
+    pieces, encoder = (resume["pieces"], None) if resume else bert.load(args.bert) if args.bert else (None, None)
     splits, vocab, embeddings, info = rank0_first(  # process 0 first: it may write the probe-mask cache
         load_data, source, resume["vocab"] if resume else None, not args.text_only, not args.no_probe_mask,
-        args.compute_masks)
+        args.compute_masks, data.SPLITS, True, pieces)
     config = sancl.SANCLConfig(vocab_size=len(vocab), text_dropout=hp["text_dropout"], kappa=hp["kappa"],
-                               freeze_embeddings=args.freeze_embeddings, **{s: getattr(args, s) for s in SWITCHES})
-    model = resume["model"] if resume else sancl.SANCL(config, embeddings)
+                               freeze_embeddings=args.freeze_embeddings, bert=bool(args.bert),
+                               embed_dim=encoder.bert.config.hidden_size if encoder else data.EMBED_DIM,
+                               **{s: getattr(args, s) for s in SWITCHES})
+    model = resume["model"] if resume else sancl.SANCL(config, embeddings, encoder)
     config = model.config  # a resumed run's own (hp below say its kappa and dropout)
     hp.update(kappa=config.kappa, text_dropout=config.text_dropout)
     model.to(device)
@@ -293,6 +306,11 @@ def train_locked(args, progress, hold):
     print(f"labels: {info['label_rule']}" + (f" ({'/'.join(map(str, dropped))} in "
                                              f"{'/'.join(info['reports'])})" if any(dropped) else ""))
     report_data(info)
+    if config.bert:
+        trained = sum(p.numel() for p in model.bert.parameters() if p.requires_grad)
+        print(f"BERT {args.bert}: {model.bert.trained_layers} of {len(model.bert.bert.encoder.layer)} layers trained "
+              f"({trained / 1e6:.2f}M of {model.num_params(False) - model.num_params():,} params), texts in word "
+              f"pieces (up to {data.MAX_REVIEW_TOKENS}), E_t = its last layer")
     print(f"model: {model.num_params() / 1e6:.2f}M params without embeddings; device {device}; "
           f"lr {hp['lr']} batch {hp['batch_size']} kappa {hp['kappa']} dropout {hp['text_dropout']}; "
           f"switches: {', '.join(s for s in SWITCHES if getattr(args, s)) or 'none (full SANCL)'}"
@@ -335,6 +353,8 @@ def train_locked(args, progress, hold):
         checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "args": vars(args),
                       "config": dataclasses.asdict(config), "vocab": vocab, "state": state, "rng": rng_state(),
                       "scheduler": scheduler.state_dict()}
+        if config.bert:  # its BERT's config and tokenizer: evaluate.py and --resume need no BERT folder
+            checkpoint["bert"] = bert.checkpoint_entry(pieces, model.bert)
         if better:
             save_atomic(checkpoint, out / "best.pt")
         save_atomic(checkpoint, out / "last.pt")
@@ -404,7 +424,8 @@ def ablation_table(args, argv):
         else:
             base.append(item)
     source = find_data(args.data, args.data_dir, args.glove, args.features)  # the sample: written once, here
-    folder = Path(args.out or f"runs/{args.data or data.NAMES.get(source.prefix, source.prefix)}-table2")
+    folder = Path(args.out or f"runs/{args.data or data.NAMES.get(source.prefix, source.prefix)}"
+                  f"{'-bert' if args.bert else ''}-table2")
     if folder.exists() and not folder.is_dir():
         raise data.DataError(f"--out {folder} is a file, not a folder: pass --out NEW_FOLDER.")
     folder.mkdir(parents=True, exist_ok=True)
