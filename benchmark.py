@@ -5,6 +5,7 @@
     python benchmark.py --products 32   # a bigger batch: 32 products x 8 reviews
     python benchmark.py --release DIR   # the whole pipeline at the release's size (Table 4)
     python benchmark.py --device cuda   # a step at Home & Kitchen's shapes on a GPU: seconds, peak memory (--amp)
+    python benchmark.py --device cpu --bert-base   # the same step of SANCL+BERT, a random BERT-base (bert.py)
 
 `--release DIR` writes a synthetic folder of Home & Kitchen's size into DIR when it is not there
 (`python sample.py --size release`, ~10 minutes), then measures what a user of the real release
@@ -216,31 +217,48 @@ def release_benchmark(folder, category, steps, cold=False, vocab_rows=None):
 RELEASE_STEPS = {"groups": 47767, "products": 13629}  # Home & Kitchen's steps per epoch (docs/lab-notes.md, Speed)
 
 
-def device_benchmark(category, device, amp, vocab_rows, repeats=20, warmup=5):
+def bert_base(seed=0):
+    """A BERT-base-sized encoder with random weights (12 layers, 768 wide, 30,522 pieces, as bert-base-uncased):
+    the speed and memory of SANCL+BERT's step without downloading anything."""
+    import bert
+    package = bert.transformers()
+    torch.manual_seed(seed)
+    model = package.BertModel(package.BertConfig(), add_pooling_layer=False)
+    return bert.BertEncoder(model, {"pad": 0, "cls": 101, "sep": 102})  # bert-base-uncased's special ids
+
+
+def device_benchmark(category, device, amp, vocab_rows, repeats=20, warmup=5, with_bert=False):
     """--device: train.py's training step (forward, losses, backward, fused Adam) on `device` at Home &
     Kitchen's shapes: Table 5's batch (4 products x 8 reviews), texts up to 128 tokens, up to 128 regions
     an item, a `vocab_rows`-word table trained. Random batches: no data, no spaCy. Prints seconds a step,
     the projected epoch (the reference's groups: 47,767 steps) and, on CUDA, the peak GPU memory
     (torch.cuda.max_memory_allocated: tensors; reserved: what the caching allocator holds), to set beside
     the paper's 2.4 GB. --amp: bfloat16 autocast, as train.py --amp. Under torchrun each process takes its
-    share of the batch's 4 products, as train.py's processes share a step's groups."""
-    table = sancl.TABLE5[category]
+    share of the batch's 4 products, as train.py's processes share a step's groups.
+    with_bert (--bert-base): SANCL+BERT with a random BERT-base (Table 6's settings, its last 4 layers trained);
+    the batch's 32 rows are 32 different reviews, where train.py's de-duplicated batches hold about 15.5."""
+    import bert
+    table = (bert.TABLE6 if with_bert else sancl.TABLE5)[category]
     cuda = device.type == "cuda"
     rank, size = distributed.WORLD["rank"], distributed.WORLD["size"]
     if 4 % size:
         raise SystemExit(f"the 4 products of Table 5's batch cannot be shared by {size} processes: use 1, 2 or 4")
     print(f"training step on {torch.cuda.get_device_name(device) if cuda else 'CPU'}"
           f"{f', {size} processes' if size > 1 else ''}"
-          f"{' (bfloat16 autocast)' if amp else ''}: Table 5 batch 32 rows (4 products x 8 reviews), texts up to "
-          f"128 tokens, up to 128 regions an item, {vocab_rows}-word table; median of {repeats} after {warmup}:")
+          f"{' (bfloat16 autocast)' if amp else ''}: {'Table 6' if with_bert else 'Table 5'} batch 32 rows (4 products x 8 reviews), texts up to "
+          f"128 tokens, up to 128 regions an item, "
+          f"{'a random BERT-base (SANCL+BERT, Table 6)' if with_bert else f'{vocab_rows}-word table'}; "
+          f"median of {repeats} after {warmup}:")
     for text_only in (True, False):
-        config = sancl.SANCLConfig(vocab_size=vocab_rows, text_dropout=table["text_dropout"], kappa=table["kappa"],
-                                   text_only=text_only)
+        encoder = bert_base() if with_bert else None
+        config = sancl.SANCLConfig(vocab_size=encoder.bert.config.vocab_size if with_bert else vocab_rows,
+                                   embed_dim=768 if with_bert else data.EMBED_DIM, bert=with_bert,
+                                   text_dropout=table["text_dropout"], kappa=table["kappa"], text_only=text_only)
         torch.manual_seed(0)
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-        model = sancl.SANCL(config).to(device).train()
+        model = sancl.SANCL(config, None, encoder).to(device).train()
         optimizer = plumbing.adam(model, table["lr"])
         net = distributed.wrap_model(model, device)  # DistributedDataParallel under torchrun
         batches = [sancl.random_batch(config, 4 // size, 8, product_len=128, review_len=128, regions=128,
@@ -262,7 +280,8 @@ def device_benchmark(category, device, amp, vocab_rows, repeats=20, warmup=5):
                   f"{torch.cuda.max_memory_reserved(device) / 2 ** 30:.2f} GB reserved" if cuda else
                   f"peak process memory {peak_memory_gb():.2f} GB")
         print(f"  {'text-only' if text_only else 'multimodal':10} {step:.4f} s/step, epoch {step * RELEASE_STEPS['groups'] / 3600:.2f} h "
-              f"({RELEASE_STEPS['groups']} steps, the reference's groups); {memory} (the paper: 2.4 GB)")
+              f"({RELEASE_STEPS['groups']} steps, the reference's groups); {memory}"
+              + ("" if with_bert else " (the paper: 2.4 GB)"), flush=True)
         del model, net, optimizer, batches
 
 
@@ -288,16 +307,18 @@ def main():
     parser.add_argument("--device", type=plumbing.device_flag, help="time train.py's step at Home & Kitchen's "
                         "shapes on this device (cuda, cuda:1, cpu): seconds a step, projected epoch, peak GPU memory")
     parser.add_argument("--amp", action="store_true", help="--device: in bfloat16 autocast (train.py --amp)")
+    parser.add_argument("--bert-base", action="store_true", help="--device: time SANCL+BERT's step with a random "
+                        "BERT-base-sized encoder (needs transformers; nothing is downloaded)")
     parser.add_argument("--cold", action="store_true", help="--release: empty the page cache before each multimodal "
                         "timing (Linux, root), so that region files are read from disk as on the real release")
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads or (1 if args.release else torch.get_num_threads()))
-    if args.amp and not args.device:
-        parser.error("--amp times a step on --device: add --device cuda")
+    if (args.amp or args.bert_base) and not args.device:
+        parser.error("--amp and --bert-base time a step on --device: add --device cuda (or cpu)")
     if args.device:
         device = distributed.start_processes(plumbing.pick_device(args.device))
-        device_benchmark(args.data, device, args.amp, args.vocab, args.steps)
+        device_benchmark(args.data, device, args.amp, args.vocab, args.steps, min(5, args.steps), args.bert_base)
         distributed.end_processes()
         return
     if args.release:

@@ -3356,3 +3356,172 @@ def test_extract_without_pillow_says_how_to_get_it(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "PIL", None)  # import PIL then fails, as where Pillow is not installed
     with pytest.raises(data.DataError, match="decodes images with Pillow, which is not installed: pip install"):
         grid_features.extract(tmp_path, tmp_path / "w.pth", tmp_path / "f")
+
+
+# --- issue 23: SANCL+BERT (train.py --bert PATH, bert.py), on a tiny random BERT -----------------------------
+import bert  # noqa: E402  (needs transformers, pinned in requirements.txt)
+
+BERT_SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def write_tiny_bert(folder, pieces, layers=5, seed=0):
+    """A random BERT in the Hugging Face layout (config.json, vocab.txt, model.safetensors): 32 wide, `layers`
+    layers, the given word pieces. Nothing is downloaded."""
+    transformers = bert.transformers()
+    vocab = BERT_SPECIAL + list(pieces)
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=layers,
+                                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=160)
+    transformers.BertModel(config).save_pretrained(folder)
+    (Path(folder) / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    return Path(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tiny_root, tmp_path_factory):
+    """A tiny BERT whose pieces are the tiny sample's words, except that a word ending in "s" whose stem is a
+    word too is split into stem + "##s" (so that texts have words of two pieces)."""
+    words = {line.split(" ")[0].lower() for line in (tiny_root / "glove.sample.300d.txt").read_text().splitlines()}
+    words = {w for w in words if w.isalpha()}
+    pieces = sorted({w[:-1] if w.endswith("s") and w[:-1] in words else w for w in words}) + ["##s", ".", ",", "!", "?"]
+    return write_tiny_bert(tmp_path_factory.mktemp("bert") / "tiny-bert", pieces)
+
+
+def test_requirements_pin_the_transformers_that_bert_names():
+    assert bert.PIN in (Path(__file__).parent / "requirements.txt").read_text().splitlines()
+
+
+def test_bert_masks_follow_their_words_onto_the_pieces(tmp_path):
+    """Hand-checked: Algorithm 1 marks the first sentence (words 0-4); "boils" is two pieces, both marked; a word the
+    BERT does not know is one [UNK]; the paper's 128 is counted in pieces."""
+    folder = write_tiny_bert(tmp_path / "b", ["my", "kettle", "boil", "##s", "fast", ".", "i", "love", "it", "!"])
+    pieces, encoder = bert.load(folder)
+    product = data.Product("p1", "Kettle", "")
+    product.reviews = [data.Review("r1", "My kettle boils fast. I love it, really!", 3),
+                       data.Review("r2", "boils " * 100, 3)]
+    split = data.Split("x", [product], {}, {("p1", "r1"): [(0, 5)], ("p1", "r2"): [(0, 70)]}, pieces=pieces)
+    n = int(split.review_lengths[0])
+    assert pieces.tokenizer.convert_ids_to_tokens(split.review_tokens[0, :n].tolist()) == [
+        "my", "kettle", "boil", "##s", "fast", ".", "i", "love", "it", "[UNK]", "[UNK]", "!"]
+    assert split.probe_mask[0, :n].int().tolist() == [1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0]
+    assert not split.probe_mask[0, n:].any()
+    # 100 words of 2 pieces: cut at 128 pieces (64 words); words 0..63 are all inside the marked span 0..69
+    assert int(split.review_lengths[1]) == data.MAX_REVIEW_TOKENS and bool(split.probe_mask[1].all())
+    split = data.Split("x", [product], {}, {("p1", "r2"): [(0, 10)]}, pieces=pieces)
+    assert split.probe_mask[1].int().tolist() == [1] * 20 + [0] * 108  # words 0-9 = pieces 0-19
+    # [CLS] pieces [SEP] reach BERT, E_t is read back at the pieces only
+    batch = split.batch([0, 1])
+    seen = []
+    encoder.bert.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["input_ids"]),
+                                           with_kwargs=True)
+    states = encoder(batch["review_tokens"], batch["review_lengths"])
+    assert states.shape == (2, 128, 32)
+    ids = pieces.tokenizer.convert_ids_to_tokens(seen[0][0, :n + 3].tolist())
+    assert ids[0] == "[CLS]" and ids[n + 1] == "[SEP]" and ids[n + 2] == "[PAD]" and ids[1:n + 1][:3] == ["my", "kettle",
+                                                                                                        "boil"]
+
+
+def test_bert_trains_only_its_last_four_layers_and_our_modules(tiny_root, tiny_bert):
+    pieces, encoder = bert.load(tiny_bert)
+    splits, vocab, embeddings, _ = plumbing.load_data(data.resolve_data(data_dir=tiny_root), pieces=pieces)
+    assert embeddings is None and vocab == pieces.vocab
+    config = sancl.SANCLConfig(vocab_size=len(vocab), embed_dim=32, bert=True)
+    model = sancl.SANCL(config, None, encoder).train()
+    split = splits["train"]
+    batch = split.group_batch(train.epoch_groups(split, np.random.default_rng(0))[:4])
+    model.losses(batch, model(batch))["total"].backward()
+    got = {name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    trained = {name for name, p in model.bert.named_parameters(prefix="bert") if p.requires_grad}
+    assert trained == {name for name, _ in model.bert.named_parameters(prefix="bert")
+                       if re.match(r"bert\.bert\.encoder\.layer\.[1-4]\.", name)}  # 5 layers: 1-4 trained
+    ours = {name for name, _ in model.named_parameters() if not name.startswith("bert.")}
+    # every trained BERT weight and every one of ours gets a gradient, except two that are zero by construction:
+    # the key bias of Eq. (3) (sancl.SelectiveAttention) and the output bias (Eq. 16 reads score differences only)
+    assert got <= trained | ours and trained <= got
+    assert ours - got <= {"review_self_attention.key.bias", "output.bias"}, ours - got
+    assert all(p.grad is None for name, p in model.named_parameters() if name.startswith("bert.") and name not in trained)
+    assert model.embedding is None and model.num_params() == sum(p.numel() for n, p in model.named_parameters()
+                                                                 if n in ours)
+
+
+def test_bert_every_switch_trains_and_evaluate_reads_its_checkpoint(tiny_root, tiny_bert, tmp_path, capsys):
+    for flags in ([], ["--text-only"], ["--fixed-beta"], ["--no-probe-mask"], ["--no-cpc-ii"], ["--no-cpc-pr"]):
+        out = tmp_path / ("run" + "".join(flags))
+        test = run_train(tiny_root, out, "--bert", str(tiny_bert), *flags)
+        assert all(math.isfinite(test[k]) for k in ("MAP", "N@3", "N@5")), flags
+        printed = capsys.readouterr().out
+        assert "BERT " in printed and "4 of 5 layers trained" in printed and "lr 2e-05" in printed, printed
+        checkpoint = torch.load(out / "best.pt", weights_only=True)
+        assert checkpoint["config"]["bert"] and checkpoint["config"]["embed_dim"] == 32
+        assert checkpoint["config"]["kappa"] == bert.TABLE6["home_kitchen"]["kappa"]
+    # evaluate.py needs no BERT folder: the tokenizer and the BERT config are in the checkpoint
+    moved = tmp_path / "gone"
+    tiny_bert.rename(moved)
+    try:
+        assert evaluate.main(["--checkpoint", str(out / "best.pt")]) == 0
+        assert format_test(test) in capsys.readouterr().out
+        # --resume continues the BERT run from its checkpoint alone, one more epoch
+        assert train.main(["--resume", str(out), "--epochs", "2"]) == 0
+        assert "epoch  2 " in capsys.readouterr().out
+    finally:
+        moved.rename(tiny_bert)
+
+
+def format_test(test):
+    return evaluate.format_metrics("test", test)
+
+
+def test_bert_tokenizer_rebuilt_from_a_checkpoint_reads_like_the_folders(tiny_root, tiny_bert):
+    pieces, encoder = bert.load(tiny_bert)
+    entry = bert.checkpoint_entry(pieces, encoder)
+    rebuilt, again = bert.from_checkpoint(entry, pieces.vocab, "x.pt")
+    texts = [r.text for p in data.read_split(data.resolve_data(data_dir=tiny_root), "test") for r in p.reviews]
+    for a, b in zip(pieces.encode(texts, 128), rebuilt.encode(texts, 128)):
+        assert torch.equal(a, b)
+    assert again.trained_layers == 4 and again.bert.config.to_dict() == encoder.bert.config.to_dict()
+
+
+def test_bert_folder_problems_are_one_line_and_nothing_is_downloaded(tiny_bert, tmp_path, monkeypatch, capsys):
+    with pytest.raises(data.DataError, match=r"--bert .*nowhere: no such folder; pass a BERT folder .*bert-base"):
+        bert.load(tmp_path / "nowhere")
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    shutil.copy(tiny_bert / "config.json", partial)
+    with pytest.raises(data.DataError, match=r"missing vocab.txt \(or tokenizer.json\), model.safetensors \(or "
+                                             r"pytorch_model.bin\); pass"):
+        bert.load(partial)
+    (partial / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n")
+    (partial / "model.safetensors").write_bytes(b"not weights")
+    with pytest.raises(data.DataError, match=r"partial: cannot be read \("):
+        bert.load(partial)
+    other = tmp_path / "other"
+    shutil.copytree(tiny_bert, other)
+    (other / "config.json").write_text(json.dumps({**json.loads((other / "config.json").read_text()),
+                                                   "model_type": "gpt2"}))
+    with pytest.raises(data.DataError, match="cannot be read"):
+        bert.load(other)
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as where transformers is not installed
+    with pytest.raises(data.DataError, match=r"--bert needs the transformers package: pip install transformers=="):
+        bert.load(tiny_bert)
+    assert train.main(["--data", "home_kitchen", "--bert", str(tiny_bert), "--out", str(tmp_path / "r")]) == 2
+    assert "pip install transformers==" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.parse_args(["--data", "home_kitchen", "--bert", str(tiny_bert), "--glove", "g.txt"])
+    assert "--bert replaces the GloVe embeddings" in capsys.readouterr().err
+
+
+def test_glove_runs_print_the_numbers_they_printed_before_bert(tmp_path, capsys):
+    """The GloVe path is untouched by --bert: a text-only run prints what it printed before bert.py existed
+    (measured at commit 138b0d1 with the same command)."""
+    root = tmp_path / "Home_and_Kitchen"
+    sample.write_sample(root, "home_kitchen", split_products=TINY)
+    train.train(train.parse_args(["--data-dir", str(root), "--out", str(tmp_path / "o"), "--epochs", "2",
+                                  "--batch-size", "8", "--compute-masks", "--text-only"]))
+    lines = [re.sub(r"\s+\|\s+train .*", "", line) for line in capsys.readouterr().out.splitlines()
+             if line.startswith(("epoch", "test"))]
+    assert lines == ["epoch  1  task 15.4463  cpc_ii 0.0000  cpc_pr 0.8344  |  dev  MAP 75.83  N@3 62.16  N@5 59.87",
+                     "epoch  2  task 15.0808  cpc_ii 0.0000  cpc_pr 0.8348  |  dev  MAP 86.53  N@3 73.42  N@5 67.89",
+                     "test  MAP 81.71  N@3 56.00  N@5 56.60",
+                     "test cosines, helpful / unhelpful reviews: pr text +0.64 / +0.67"]
+    model = sancl.SANCL(sancl.SANCLConfig(vocab_size=10))
+    assert list(model.state_dict())[0] == "embedding.weight" and model.bert is None  # old checkpoints still load
