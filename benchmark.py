@@ -259,6 +259,11 @@ def device_benchmark(category, device, amp, vocab_rows, repeats=20, warmup=5, wi
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
         model = sancl.SANCL(config, None, encoder).to(device).train()
+        if with_bert:
+            trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            print(f"  {'text-only' if text_only else 'multimodal':10} parameters: BERT {model.num_params(False) - model.num_params():,} "
+                  f"(its last {encoder.trained_layers} layers {sum(p.numel() for p in encoder.parameters() if p.requires_grad):,}), "
+                  f"SANCL's own {model.num_params():,}; trained {trained:,}", flush=True)
         optimizer = plumbing.adam(model, table["lr"])
         net = distributed.wrap_model(model, device)  # DistributedDataParallel under torchrun
         batches = [sancl.random_batch(config, 4 // size, 8, product_len=128, review_len=128, regions=128,

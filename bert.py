@@ -18,6 +18,7 @@ Everything after Eq. (1) (M', beta, selective and cross-field attention, MCPC, t
 `transformers` is needed for this path only (pinned in requirements.txt): without it every other
 command runs, and --bert says how to install it. Files are read with local_files_only: never a download.
 """
+import sys
 from pathlib import Path
 
 import torch
@@ -34,7 +35,8 @@ TABLE6 = {
 TRAINED_LAYERS = 4  # Appendix B: "we fine-tune the last four layers of the BERT encoder" (Sun et al., 2019)
 SPECIAL = 2  # [CLS] and [SEP] around each text's pieces
 PIN = "transformers==5.25.0"  # as in requirements.txt
-WHERE = ("a BERT folder in the Hugging Face layout (config.json, vocab.txt, model.safetensors or pytorch_model.bin), "
+WHERE = ("a BERT folder in the Hugging Face layout (config.json, vocab.txt, tokenizer_config.json, model.safetensors "
+         "or pytorch_model.bin), "
          "e.g. bert-base-uncased downloaded from https://huggingface.co/google-bert/bert-base-uncased")
 # What a checkpoint's BERT config may ask for, checked before a model is allocated (as runs.CONFIG_LIMITS)
 LIMITS = {"vocab_size": 1_000_000, "hidden_size": 4096, "num_hidden_layers": 48, "num_attention_heads": 64,
@@ -80,6 +82,10 @@ def load(path):
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise data.DataError(f"--bert {path}: cannot be read ({first[:200]}); pass {WHERE}.") from None
     pieces = WordPieces(tokenizer)
+    if not any((Path(path) / name).is_file() for name in ("tokenizer_config.json", "tokenizer.json")):
+        print(f"note: --bert {path} has no tokenizer_config.json: texts are lower-cased "
+              f"({'yes' if pieces.settings['do_lower_case'] else 'no'}), as an uncased BERT wants; for a cased "
+              f"one copy its tokenizer_config.json into the folder", file=sys.stderr)
     return pieces, BertEncoder(model, pieces.special_ids())
 
 

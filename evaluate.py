@@ -316,7 +316,8 @@ def predict_file(model, checkpoint, path, device):
     split, skipped, _ = read_product_file(model, checkpoint, path)
     product = split.products[0]
     unknown = unknown_share(split, checkpoint["pieces"].unk if checkpoint.get("pieces") else data.UNK)
-    print(f"unknown tokens: {100 * unknown:.1f}% of the file's words are not in the run's vocabulary"
+    print(f"unknown tokens: {100 * unknown:.1f}% of the file's {'word pieces' if checkpoint.get('pieces') else 'words'} "
+          f"are not in the run's vocabulary"
           + ("\nWARNING: is this the checkpoint of this product's category?" if unknown > WARN_SHARE else ""),
           file=sys.stderr)
     scores = predict_scores(model, split, device, who=checkpoint["path"])

@@ -3463,6 +3463,12 @@ def test_bert_every_switch_trains_and_evaluate_reads_its_checkpoint(tiny_root, t
         # --resume continues the BERT run from its checkpoint alone, one more epoch
         assert train.main(["--resume", str(out), "--epochs", "2"]) == 0
         assert "epoch  2 " in capsys.readouterr().out
+        example = Path(__file__).parent / "examples" / "home_kitchen.json"
+        assert evaluate.main(["--checkpoint", str(out / "best.pt"), "--predict", str(example)]) == 0
+        captured = capsys.readouterr()
+        assert "of the file's word pieces are not in the run's vocabulary" in captured.err
+        assert len(re.findall(r"^\s+\d+\s+[+-]\d\.\d{3}\s", captured.out, re.M)) == len(
+            json.loads(example.read_text())["reviews"])
     finally:
         moved.rename(tiny_bert)
 
