@@ -309,7 +309,7 @@ def train_locked(args, progress, hold):
     if config.bert:
         trained = sum(p.numel() for p in model.bert.parameters() if p.requires_grad)
         print(f"BERT {args.bert}: {model.bert.trained_layers} of {len(model.bert.bert.encoder.layer)} layers trained "
-              f"({trained / 1e6:.2f}M of {model.num_params(False) - model.num_params():,} params), texts in word "
+              f"({trained:,} of its {model.num_params(False) - model.num_params():,} params), texts in word "
               f"pieces (up to {data.MAX_REVIEW_TOKENS}), E_t = its last layer")
     print(f"model: {model.num_params() / 1e6:.2f}M params without embeddings; device {device}; "
           f"lr {hp['lr']} batch {hp['batch_size']} kappa {hp['kappa']} dropout {hp['text_dropout']}; "
