@@ -3031,7 +3031,7 @@ def test_the_side_by_side_page_is_the_code_as_it_is():
     assert page == committed, "docs/sancl.html is stale: run python docs/make_page.py and commit it"
     # every equation has its anchor, once; the page opens from disk (no script, font or style fetched)
     assert all(page.count(f'id="eq-{n}"') == 1 for n in range(1, 19))
-    assert 'id="algorithm-1"' in page and 'id="training-pairs"' in page
+    assert 'id="algorithm-1"' in page and 'id="training-pairs"' in page and 'id="bert"' in page
     assert not re.search(r"<script|<link|@import|url\(|src=", page)
 
 

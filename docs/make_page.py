@@ -6,7 +6,8 @@ The left column is nothing but the code's own docstrings (and the comment above 
 has none), so the page cannot say what the code does not: to change the page, change the docstring.
 An equation gets its anchor (#eq-4) from the docstring line that begins "Eq. (4)...:", and every
 equation the code cites must have exactly one such line. The page shows all of sancl.py, its
-plumbing folded, then Algorithm 1 (probe_mask.py, probe_coref.py) and the training pairs (train.py).
+plumbing folded, then Algorithm 1 (probe_mask.py, probe_coref.py), the training pairs (train.py) and
+SANCL+BERT (bert.py).
 
 Standard library only; it reads the scripts as text and imports none of them.
 """
@@ -33,6 +34,8 @@ PARTS = [
       ("probe_mask.py", ["_sentence_mask", "probe_mask"])]),
     ("Training pairs for the ranking loss (Eq. 16; train.py)", "training-pairs",
      [("train.py", ["NEGATIVES", "product_groups", "epoch_groups"])]),
+    ("SANCL+BERT: E_t from a BERT, probe masks on its word pieces (Sec. 3.3, Appendix B, Table 6; bert.py)", "bert",
+     [("bert.py", ["TABLE6", "TRAINED_LAYERS", "WordPieces", "BertEncoder"])]),
 ]
 
 # "Eq. (3)-(5), (7)", "(Eq. 4, 5)", "Eq. (11) / (12)", "Eq. 2": one citation, one or more numbers
@@ -239,6 +242,12 @@ def build():
             if len(listing) != 2:
                 fail("probe_mask.py's docstring no longer holds the listing of Algorithm 1")
             intro = f'<pre class="listing">{html.escape(textwrap.dedent(listing[1].split(PARAGRAPH)[0]))}</pre>'
+        if anchor == "bert":  # the reading of the paper: bert.py's docstring, its paragraph of bullets
+            reading = [part for part in ast.get_docstring(Source("bert.py").tree).split(PARAGRAPH)
+                       if part.startswith("Everything the paper says")]
+            if len(reading) != 1:
+                fail("bert.py's docstring no longer holds its reading of the paper ('Everything the paper says ...')")
+            intro = f'<pre class="listing">{html.escape(reading[0])}</pre>'
         for file, names in pieces:
             source = sources.setdefault(file, Source(file))
             for name in names:
