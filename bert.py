@@ -76,6 +76,10 @@ def load(path):
         config = package.AutoConfig.from_pretrained(path, local_files_only=True)
         if config.model_type != "bert":
             raise ValueError(f"its config.json describes a {config.model_type!r} model, not a BERT")
+        longest = max(data.MAX_PRODUCT_TOKENS, data.MAX_REVIEW_TOKENS) + SPECIAL
+        if config.max_position_embeddings < longest:
+            raise ValueError(f"it reads at most {config.max_position_embeddings} positions, texts here take up to "
+                             f"{longest} ([CLS], 128 pieces, [SEP])")
         tokenizer = package.BertTokenizer.from_pretrained(path, local_files_only=True)
         model = package.BertModel.from_pretrained(path, local_files_only=True, add_pooling_layer=False)
     except Exception as error:  # transformers and safetensors raise many kinds on a damaged folder: one line each

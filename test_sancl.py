@@ -3506,6 +3506,11 @@ def test_bert_folder_problems_are_one_line_and_nothing_is_downloaded(tiny_bert, 
                                                    "model_type": "gpt2"}))
     with pytest.raises(data.DataError, match="cannot be read"):
         bert.load(other)
+    short = write_tiny_bert(tmp_path / "short", ["kettle"])
+    (short / "config.json").write_text(json.dumps({**json.loads((short / "config.json").read_text()),
+                                                   "max_position_embeddings": 64}))
+    with pytest.raises(data.DataError, match=r"it reads at most 64 positions, texts here take up to 130"):
+        bert.load(short)
     monkeypatch.setitem(sys.modules, "transformers", None)  # as where transformers is not installed
     with pytest.raises(data.DataError, match=r"--bert needs the transformers package: pip install transformers=="):
         bert.load(tiny_bert)
