@@ -19,8 +19,10 @@ Everything after Eq. (1) (M', beta, selective and cross-field attention, MCPC, t
 command runs, and --bert says how to install it. Files are read with local_files_only: never a download.
 """
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -122,9 +124,14 @@ class WordPieces:
     def encode(self, texts, max_len, chunk=4096):
         """(B, max_len) int32 piece ids (0 = padding), (B,) lengths and (B, max_len) int64 word numbers
         (-1 on padding). A text without pieces becomes one [UNK] (as data.encode's one <unk>)."""
-        ids, lengths = torch.zeros(len(texts), max_len, dtype=torch.int32), torch.ones(len(texts), dtype=torch.long)
-        words = torch.full((len(texts), max_len), -1, dtype=torch.long)
+        ids, lengths = np.zeros((len(texts), max_len), np.int32), np.ones(len(texts), np.int64)
+        words = np.full((len(texts), max_len), -1, np.int64)
+        start, tell = time.perf_counter(), len(texts) > chunk and sys.stderr.isatty()  # ~3,500 texts/s on one core
         for first in range(0, len(texts), chunk):
+            if tell and first:
+                rate = first / (time.perf_counter() - start)
+                print(f"\r  word pieces: {first}/{len(texts)} texts, {rate:.0f}/s, ETA {(len(texts) - first) / rate:.0f} s",
+                      end="", file=sys.stderr, flush=True)
             split = [data.tokenize(text)[:max_len] for text in texts[first:first + chunk]]  # a word is >= 1 piece
             encoded = self.tokenizer([w or ["[UNK]"] for w in split], is_split_into_words=True, add_special_tokens=False)
             for row, text_words in enumerate(split, first):
@@ -132,10 +139,10 @@ class WordPieces:
                 numbers = encoded.word_ids(row - first)[:len(pieces)]
                 if not pieces:
                     pieces, numbers = [self.unk], [0]
-                ids[row, :len(pieces)] = torch.tensor(pieces, dtype=torch.int32)
-                words[row, :len(pieces)] = torch.tensor(numbers)
-                lengths[row] = len(pieces)
-        return ids, lengths, words
+                ids[row, :len(pieces)], words[row, :len(pieces)], lengths[row] = pieces, numbers, len(pieces)
+        if tell:
+            print("\r" + " " * 70 + "\r", end="", file=sys.stderr)
+        return torch.from_numpy(ids), torch.from_numpy(lengths), torch.from_numpy(words)
 
 
 # --- SANCL+BERT: E_t (Sec. 3.3, Appendix B) -------------------------------------------------
