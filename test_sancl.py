@@ -3190,15 +3190,20 @@ def test_a_run_reports_the_geometry_of_its_test_split(tiny_root, tmp_path, capsy
 HERE = Path(__file__).parent
 
 
-def gradient_steps(root, out=None, processes=False):
+def gradient_steps(root, out=None, processes=False, bert_folder=None):
     """Two steps of the tiny sample, each loss term's gradient on its own (one forward and backward each):
     [(losses, gradients)]; under torchrun's variables (`processes`) each process encodes its share. Steps:
     3 groups, two of one product dealt to different processes (a product and reviews in both shares, and
-    uneven shares, 2 + 1 groups); then 1 group, so that the second process encodes a stand-in."""
+    uneven shares, 2 + 1 groups); then 1 group, so that the second process encodes a stand-in.
+    bert_folder: SANCL+BERT with the BERT in that folder."""
     device = distributed.start_processes(torch.device("cpu"))
-    splits, vocab, embeddings, _ = distributed.rank0_first(plumbing.load_data, data.resolve_data(data_dir=root))
+    pieces, encoder = bert.load(bert_folder) if bert_folder else (None, None)
+    splits, vocab, embeddings, _ = distributed.rank0_first(plumbing.load_data, data.resolve_data(data_dir=root),
+                                                           None, True, True, False, data.SPLITS, True, pieces)
     torch.manual_seed(0)
-    model = sancl.SANCL(sancl.SANCLConfig(vocab_size=len(vocab)), embeddings).eval()  # eval: no dropout draws
+    config = sancl.SANCLConfig(vocab_size=len(vocab), bert=encoder is not None,
+                               embed_dim=encoder.bert.config.hidden_size if encoder else data.EMBED_DIM)
+    model = sancl.SANCL(config, embeddings, encoder).eval()  # eval: no dropout draws
     net = distributed.wrap_model(model, device)
     train_split = splits["train"]
     groups = train.epoch_groups(train_split, np.random.default_rng([0, 1]))
@@ -3259,6 +3264,22 @@ def test_two_processes_give_the_one_process_losses_and_gradients(tiny_root, tmp_
         largest = max((grads_2[n] - grads_1.get(n, 0)).abs().max().item() for n in grads_2)
         scale = max(grad.abs().max().item() for grad in grads_2.values())
         assert largest <= 1e-5 * scale and set(grads_1) <= set(grads_2), (largest, scale)  # float rounding only
+
+
+def test_two_processes_give_the_one_process_gradients_with_bert_too(tiny_root, tiny_bert, tmp_path):
+    """SANCL+BERT under torchrun: DDP leaves the frozen layers alone and averages the trained ones to the
+    one-process gradient."""
+    ranks = two_processes(["-c", "import sys, test_sancl; test_sancl.gradient_steps(sys.argv[1], sys.argv[2], True, "
+                          "sys.argv[3])", str(tiny_root), str(tmp_path / "two.pt"), str(tiny_bert)])
+    assert all(rc == 0 for rc, _, _ in ranks), ranks
+    two, one = torch.load(tmp_path / "two.pt"), gradient_steps(tiny_root, bert_folder=tiny_bert)
+    for (losses_1, grads_1), (losses_2, grads_2) in zip(one, two):
+        assert losses_2 == pytest.approx(losses_1, rel=1e-5, abs=1e-6)
+        assert any(n.startswith("bert.bert.encoder.layer.4.") for n in grads_1) and set(grads_1) <= set(grads_2)
+        assert not any(n.startswith(("bert.bert.embeddings.", "bert.bert.encoder.layer.0.")) for n in grads_2)
+        largest = max((grads_2[n] - grads_1.get(n, 0)).abs().max().item() for n in grads_2)
+        scale = max(grad.abs().max().item() for grad in grads_2.values())
+        assert largest <= 1e-5 * scale, (largest, scale)
 
 
 def test_two_process_run_is_read_by_evaluate_and_resumed_in_one(tiny_root, tmp_path, capsys):
