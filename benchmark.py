@@ -323,7 +323,10 @@ def main():
         parser.error("--amp and --bert-base time a step on --device: add --device cuda (or cpu)")
     if args.device:
         device = distributed.start_processes(plumbing.pick_device(args.device))
-        device_benchmark(args.data, device, args.amp, args.vocab, args.steps, min(5, args.steps), args.bert_base)
+        try:
+            device_benchmark(args.data, device, args.amp, args.vocab, args.steps, min(5, args.steps), args.bert_base)
+        except data.DataError as error:  # --bert-base without transformers
+            raise SystemExit(f"error: {error}") from None
         distributed.end_processes()
         return
     if args.release:

@@ -3342,6 +3342,20 @@ def test_benchmark_times_a_step_on_a_device_or_says_it_has_none(monkeypatch, cap
         assert "--device: cuda: this torch sees no CUDA device" in capsys.readouterr().err
 
 
+def test_the_device_benchmark_needs_neither_spacy_nor_transformers():
+    """The GPU machine has torch, numpy and matplotlib only: the GloVe step runs there, and --bert-base says
+    what it needs in one line."""
+    import subprocess
+    blocked = "import sys; sys.modules['spacy'] = sys.modules['transformers'] = None; sys.argv = ['benchmark.py'] + "
+    run = subprocess.run([sys.executable, "-c", blocked + "['--device', 'cpu', '--steps', '1', '--vocab', '500']; "
+                          "import benchmark; benchmark.main()"], cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.count(" s/step, epoch ") == 2, run.stderr[-2000:]
+    run = subprocess.run([sys.executable, "-c", blocked + "['--device', 'cpu', '--bert-base']; import benchmark; "
+                          "benchmark.main()"], cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and run.stderr.strip().splitlines()[-1].startswith(
+        "error: --bert needs the transformers package: pip install transformers=="), run.stderr[-2000:]
+
+
 # --- issue 20: --ablations over several GPUs ------------------------------------------------------------
 def test_ablations_run_one_run_a_gpu_where_there_are_several(tiny_root, tmp_path, monkeypatch, capsys):
     """With 3 visible GPUs the table starts 3 workers, each of which sees only the GPU it takes."""
