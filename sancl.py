@@ -9,7 +9,7 @@ Letters in the shape comments:
     P  products in the batch          R  reviews in the batch        K  ranking pairs
     Lp tokens per product text        Lr tokens per review text      (padded)
     Np regions per product            Nr regions per review          (padded)
-    E  word embedding size (300)      H  GRU hidden size (128)
+    E  token vector size (GloVe 300)  H  GRU hidden size (128)
     I  image size (128)               D  shared-space size (64)      V  vocabulary size
 """
 import argparse
@@ -311,10 +311,8 @@ class SANCL(nn.Module):
     def num_params(self, non_embedding=True):
         """Parameter count; without the word-embedding table (or the BERT) by default (the paper's 1.41M)."""
         n = sum(p.numel() for p in self.parameters())
-        return n - sum(p.numel() for p in self.text_embedder().parameters()) if non_embedding else n
-
-    def text_embedder(self):
-        return self.bert if self.config.bert else self.embedding
+        embedder = self.bert if self.config.bert else self.embedding
+        return n - sum(p.numel() for p in embedder.parameters()) if non_embedding else n
 
     def embed(self, tokens, lengths):
         """Sec. 3.3: E_t, the token representations Eq. (1)'s GRU reads. (T, L) ids -> (T, L, E):
@@ -520,13 +518,8 @@ def print_parameter_table(model):
     ours = model.num_params()
     print(f"  {'total without word embeddings':<46} {ours:>10,} {PAPER_PARAMS:>10,}  "
           f"({(ours - PAPER_PARAMS) / PAPER_PARAMS:+.1%} against the paper's 1.41M)")
-    if model.config.bert:
-        trained = sum(p.numel() for p in model.bert.parameters() if p.requires_grad)
-        print(f"  BERT (Appendix B, bert.py): {sum(p.numel() for p in model.bert.parameters()):,}, of which "
-              f"{trained:,} trained (its last {model.bert.trained_layers} layers)")
-    else:
-        print(f"  word embeddings (GloVe init, {'frozen' if model.config.freeze_embeddings else 'trained'}): "
-              f"{model.embedding.weight.numel():,}")
+    print(f"  word embeddings (GloVe init, {'frozen' if model.config.freeze_embeddings else 'trained'}): "
+          f"{model.embedding.weight.numel():,}")
 
 
 def main():
