@@ -181,10 +181,9 @@ def checkpoint_entry(pieces, encoder):
             "trained_layers": encoder.trained_layers}
 
 
-def from_checkpoint(entry, vocab, path, with_model=True):
-    """(WordPieces, BertEncoder with random weights, or None without with_model) as a checkpoint's "bert"
-    entry describes them, its sizes checked against LIMITS before anything is allocated; the caller loads
-    the weights."""
+def from_checkpoint(entry, vocab, path):
+    """(WordPieces, BertEncoder with random weights) as a checkpoint's "bert" entry describes them, its sizes
+    checked against LIMITS before anything is allocated; the caller loads the weights."""
     fix = "pass a run's best.pt or last.pt written by this train.py"
     config = entry.get("config") if isinstance(entry, dict) else None
     if not isinstance(config, dict) or not isinstance(entry.get("tokenizer"), dict):
@@ -199,10 +198,10 @@ def from_checkpoint(entry, vocab, path, with_model=True):
     package = transformers()
     try:
         pieces = WordPieces.from_checkpoint(vocab, entry["tokenizer"])
-        bert = package.BertModel(package.BertConfig.from_dict(config), add_pooling_layer=False) if with_model else None
+        bert = package.BertModel(package.BertConfig.from_dict(config), add_pooling_layer=False)
     except (TypeError, ValueError, KeyError) as error:
         raise data.DataError(f"{path}: its BERT entry cannot be rebuilt ({str(error)[:200]}); {fix}.") from None
     layers = entry.get("trained_layers", TRAINED_LAYERS)
     if type(layers) is not int or not 0 < layers <= LIMITS["num_hidden_layers"]:
         raise data.DataError(f"{path}: its BERT entry's trained_layers is {str(layers)[:40]}; {fix}.")
-    return pieces, None if bert is None else BertEncoder(bert, pieces.special_ids(), layers)
+    return pieces, BertEncoder(bert, pieces.special_ids(), layers)

@@ -24,7 +24,7 @@ import probe_mask
 from features import RegionStore
 from plumbing import (THRESHOLD, WARN_SHARE, Prefetch, device_flag, find_data, load_data, pick_device, report_data,
                       seed_everything, to_device, unknown_share)
-from runs import (checkpoint_pieces, load_checkpoint, model_from_checkpoint, write_error)
+from runs import (load_checkpoint, model_from_checkpoint, write_error)
 
 
 # --- the metrics, written out ------------------------------------------------------------
@@ -202,8 +202,7 @@ def load_run(checkpoint_path, data_dir=None, split_names=data.SPLITS, device="cp
     """The model of a saved run and its data, encoded with the run's own vocabulary."""
     checkpoint = load_checkpoint(checkpoint_path)
     model = model_from_checkpoint(checkpoint, checkpoint_path).to(device)  # checked: config, shapes, finite
-    args, config = checkpoint["args"], model.config
-    checkpoint["pieces"] = checkpoint_pieces(checkpoint, checkpoint_path)  # SANCL+BERT: its tokenizer; else None
+    args, config = checkpoint["args"], model.config  # checkpoint["pieces"]: SANCL+BERT's tokenizer, else None
     splits = None
     if split_names:
         saved = {k: args.get(k) if isinstance(args.get(k), str) else None
@@ -315,7 +314,7 @@ def predict_file(model, checkpoint, path, device):
     """Score the reviews of one product given as JSON (read_product_file) and print them, best first."""
     split, skipped, _ = read_product_file(model, checkpoint, path)
     product = split.products[0]
-    unknown = unknown_share(split, checkpoint["pieces"].unk if checkpoint.get("pieces") else data.UNK)
+    unknown = unknown_share(split, checkpoint.get("pieces"))
     print(f"unknown tokens: {100 * unknown:.1f}% of the file's {'word pieces' if checkpoint.get('pieces') else 'words'} "
           f"are not in the run's vocabulary"
           + ("\nWARNING: is this the checkpoint of this product's category?" if unknown > WARN_SHARE else ""),

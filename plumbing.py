@@ -235,12 +235,14 @@ def load_data(source, vocab=None, with_images=True, with_masks=True, compute_mas
     splits = {name: splits[name] for name in split_names}
     info = {"reports": reports, "oov": oov, "vocab": len(vocab) - 2, "glove": source.glove.name,
             "label_rule": data.LABEL_RULES[rule], "features": source.features, "images": images,
-            "unknown": {name: unknown_share(split, pieces.unk if pieces else data.UNK) for name, split in splits.items()}}
+            "unknown": {name: unknown_share(split, pieces) for name, split in splits.items()}}
     return splits, vocab, embeddings, info
 
 
-def unknown_share(split, unk=data.UNK):
-    """The share of a split's text tokens that the vocabulary does not know (read as <unk>, or BERT's [UNK])."""
+def unknown_share(split, pieces=None):
+    """The share of a split's text tokens that the vocabulary does not know (read as <unk>, or with `pieces`,
+    SANCL+BERT's bert.WordPieces, as BERT's [UNK])."""
+    unk = pieces.unk if pieces else data.UNK
     real = [tokens[torch.arange(tokens.shape[1]) < lengths[:, None]] for tokens, lengths in
             ((split.product_tokens, split.product_lengths), (split.review_tokens, split.review_lengths))]
     return float(sum(int((t == unk).sum()) for t in real)) / max(1, sum(t.numel() for t in real))

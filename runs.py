@@ -96,13 +96,6 @@ def load_checkpoint(path):
     return checkpoint
 
 
-def checkpoint_pieces(checkpoint, path):
-    """The tokenizer a SANCL+BERT checkpoint's run read its texts with (bert.WordPieces); None for GloVe runs."""
-    if not checkpoint["config"].get("bert"):
-        return None
-    return bert.from_checkpoint(checkpoint.get("bert"), checkpoint["vocab"], path, with_model=False)[0]
-
-
 def tensors(obj, prefix=""):
     """(name, tensor) of every tensor in a checkpoint part: a state dict, an optimizer's nested dicts and lists."""
     if isinstance(obj, torch.Tensor):
@@ -135,7 +128,8 @@ def model_from_checkpoint(checkpoint, path):
     """The SANCL model a checkpoint describes, its weights loaded, after checking what the file says
     before anything is allocated: args and config are dicts, the config's keys are SANCLConfig's with
     values of their type and within CONFIG_LIMITS, its vocabulary is the table's size, the weights are
-    finite and fit the model the config builds. Every failure is one line naming `path`."""
+    finite and fit the model the config builds. Every failure is one line naming `path`. Sets checkpoint["pieces"]:
+    the tokenizer a SANCL+BERT run read its texts with (bert.WordPieces), None for GloVe runs."""
     args, config, vocab = checkpoint["args"], checkpoint["config"], checkpoint["vocab"]
     fix = "pass a run's best.pt or last.pt written by this train.py"
     for name, value, kind in (("args", args, dict), ("config", config, dict), ("vocab", vocab, list),
@@ -158,7 +152,8 @@ def model_from_checkpoint(checkpoint, path):
         raise data.DataError(f"{path}: its config asks for {config.get('vocab_size')} words, its vocabulary holds "
                              f"{len(vocab)} (or entries that are not words); {fix}.")
     check_weights(checkpoint, path)
-    encoder = bert.from_checkpoint(checkpoint.get("bert"), vocab, path)[1] if config.get("bert") else None
+    checkpoint["pieces"], encoder = bert.from_checkpoint(checkpoint.get("bert"), vocab, path) if config.get("bert") \
+        else (None, None)
     try:
         model = sancl.SANCL(sancl.SANCLConfig(**config), None, encoder)
         model.load_state_dict(checkpoint["model"])
@@ -300,8 +295,7 @@ def resume_from(run, args):
         print(f"{run}: no last.pt (lost when the run was stopped while writing it): continuing from best.pt; the "
               f"epochs after its best one are trained again", file=sys.stderr)
     resume = load_checkpoint(path)
-    resume["model"] = model_from_checkpoint(resume, path)  # the saved config wins
-    resume["pieces"] = checkpoint_pieces(resume, path)  # SANCL+BERT: its tokenizer, from the checkpoint
+    resume["model"] = model_from_checkpoint(resume, path)  # the saved config wins; SANCL+BERT: resume["pieces"]
     check_weights(resume, path, ("optimizer",))
     saved = {"batching": "groups", "amp": False, "lr_patience": 4, "bert": None, **resume["args"]}  # runs from before these flags
     saved.update(resume=run, out=run, device=args.device, threads=args.threads, epochs=args.epochs or saved["epochs"],
