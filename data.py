@@ -10,7 +10,7 @@ Read top to bottom:
 
 Facts about the release format are in ../shared/SPEC.md §2. This file imports no other
 script of the project: region features are read by features.py, probe masks computed by
-probe_mask.py, the sample written by sample.py, and plumbing.py puts them together.
+probe_mask.py, the sample written by sample.py, and plumbing/common.py puts them together.
 """
 import argparse
 import hashlib
@@ -262,7 +262,7 @@ def read_split(source, split, report=None, rule=None):
     if source.is_sample and not (source.root / "SAMPLE").exists():
         raise DataError(f"no Amazon-MRHP release in {DEFAULT_DATA_DIR / source.prefix}/ and the built-in sample "
                         f"is not written yet: the first `python train.py` run writes it, or "
-                        f"`python sample.py --data {NAMES.get(source.prefix)} --out {source.root}`.")
+                        f"`python -m plumbing.sample --data {NAMES.get(source.prefix)} --out {source.root}`.")
     prd_path, rvw_path, rel_path = (source.table(k, split) for k in ("prd", "rvw", "rel"))
     prd = read_table(prd_path, ["product_id", "name", "description"])
     listed = _ids(prd_path, prd, "product_id")
@@ -523,7 +523,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         if not args.stats:
-            parser.error("nothing to do: pass --stats (python sample.py writes the built-in sample)")
+            parser.error("nothing to do: pass --stats (python -m plumbing.sample writes the built-in sample)")
         print_stats(resolve_data(args.data, args.data_dir, args.glove, args.features))
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)

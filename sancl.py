@@ -12,11 +12,12 @@ Letters in the shape comments:
     E  token vector size (GloVe 300)  H  GRU hidden size (128)
     I  image size (128)               D  shared-space size (64)      V  vocabulary size
 """
-import argparse
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+
+from plumbing.speed import in_buckets
 
 # Table 5 (GloVe runs): the per-category settings train.py starts from.
 TABLE5 = {
@@ -53,7 +54,7 @@ class SANCLConfig:
     no_probe_mask: bool = False  # ablation "w/o probe mask": M' = 1 on every real token
     no_cpc_ii: bool = False  # ablation: drop cpc_ii
     no_cpc_pr: bool = False  # ablation: drop cpc_pr
-    bert: bool = False  # SANCL+BERT (Appendix B): E_t from bert.py's BERT, embed_dim = its size (768); no word table
+    bert: bool = False  # SANCL+BERT (Appendix B): E_t from plumbing/bert.py's BERT, embed_dim = its size (768); no word table
 
     def __post_init__(self):
         if not (self.alpha > 0 and self.fixed_beta_value > 0 and self.tau > 0):
@@ -134,49 +135,11 @@ class ImageEncoder(nn.Module):
         self.norm = nn.LayerNorm(config.image_dim)
 
     def forward(self, regions, mask):
-        """regions (B, N, 2048), mask (B, N) bool real regions -> H_v (B, N, I), 0 on padding.
-        Nothing in the encoder mixes items, and padded regions are masked keys, so items are
-        encoded in buckets of similar region counts, each padded only to its own longest: an
-        image-less item (one zero region) is no longer padded to a batch's longest item. The same
-        H_v as one padded batch (tested in eval mode); only dropout draws differ in training."""
-        h_v = None
-        for rows, n in region_buckets(mask):
-            h = self.encode(regions[rows, :n], mask[rows, :n])  # (b, n, I)
-            if h_v is None:
-                h_v = h.new_zeros(*mask.shape, h.size(-1))  # (B, N, I)
-            h_v[rows, :n] = h
-        return h_v
-
-    def encode(self, regions, mask):
-        """The encoder proper on one padded batch: (b, n, 2048), (b, n) -> (b, n, I), 0 on padding."""
-        x = self.dropout(self.project(regions))  # (b, n, I)
+        """regions (B, N, 2048), mask (B, N) bool real regions -> H_v (B, N, I), 0 on padding."""
+        x = self.dropout(self.project(regions))  # (B, N, I)
         for layer in self.layers:
             x = layer(x, mask)
-        return self.norm(x) * mask[..., None]  # (b, n, I)
-
-
-def region_buckets(mask, overhead=32):
-    """Split a region batch into buckets of items with similar region counts: a list of (rows,
-    n), rows a (b,) index tensor, n the bucket's longest item. The split minimises the padded
-    positions encoded, sum of b * n, plus `overhead` positions' worth per bucket (one more round
-    of small matrix products), by dynamic programming over the distinct counts, smallest first.
-    One copy of the (B,) counts to the host per call (a wait on CUDA, nothing on CPU)."""
-    counts = mask.sum(1)  # (B,)
-    values, sizes = torch.unique(counts, return_counts=True)  # ascending distinct counts
-    values, items = values.tolist(), [0] + sizes.cumsum(0).tolist()  # items[j]: items of the j smallest counts
-    # best[j]: least cost of the items of the j smallest counts; start[j]: where its last bucket starts
-    best, start = [0] + [float("inf")] * len(values), [0] * (len(values) + 1)
-    for j in range(1, len(values) + 1):
-        for i in range(j):
-            cost = best[i] + (items[j] - items[i]) * values[j - 1] + overhead
-            if cost < best[j]:
-                best[j], start[j] = cost, i
-    order = torch.argsort(counts, stable=True)
-    buckets, j = [], len(values)
-    while j > 0:
-        buckets.append((order[items[start[j]]:items[j]], values[j - 1]))
-        j = start[j]
-    return buckets[::-1]
+        return self.norm(x) * mask[..., None]  # (B, N, I)
 
 
 # --- SANCL: probe-based selective attention (Sec. 3.4) ------------------------------
@@ -280,7 +243,7 @@ class SANCL(nn.Module):
         super().__init__()
         c = self.config = config
         self.embedding = self.bert = None  # E_t comes from one of them (embed)
-        if c.bert:  # SANCL+BERT: bert.BertEncoder, built from a BERT folder or a checkpoint by bert.py
+        if c.bert:  # SANCL+BERT: bert.BertEncoder, built from a BERT folder or a checkpoint by plumbing/bert.py
             if bert is None:
                 raise ValueError("the config asks for SANCL+BERT: pass bert=bert.BertEncoder(...)")
             self.bert = bert
@@ -316,7 +279,7 @@ class SANCL(nn.Module):
 
     def embed(self, tokens, lengths):
         """Sec. 3.3: E_t, the token representations Eq. (1)'s GRU reads. (T, L) ids -> (T, L, E):
-        GloVe rows, or with SANCL+BERT the shared BERT's last-layer states of the word pieces (bert.py)."""
+        GloVe rows, or with SANCL+BERT the shared BERT's last-layer states of the word pieces (plumbing/bert.py)."""
         return self.bert(tokens, lengths) if self.config.bert else self.embedding(tokens)
 
     def forward(self, batch):
@@ -352,8 +315,9 @@ class SANCL(nn.Module):
                                  "build it with SANCLConfig(text_only=True) or load the image features")
             product_region_mask = batch["product_region_mask"]  # (P, Np)
             review_region_mask = batch["review_region_mask"]  # (R, Nr)
-            v_p = self.image_encoder(batch["product_regions"], product_region_mask)  # (P, Np, I)
-            v_r = self.image_encoder(batch["review_regions"], review_region_mask)  # (R, Nr, I)
+            # plumbing: in_buckets(encoder, ...) = encoder(...), in buckets of similar region counts (speed)
+            v_p = in_buckets(self.image_encoder, batch["product_regions"], product_region_mask)  # (P, Np, I)
+            v_r = in_buckets(self.image_encoder, batch["review_regions"], review_region_mask)  # (R, Nr, I)
             # cross-image attention, then mean pooling (end of Sec. 3.4)
             v_r = self.image_cross_attention(v_r, v_p, product_region_mask, rp)  # (R, Nr, I)
             pooled_review["v"] = weighted_mean(v_r, review_region_mask.float())  # (R, I)
@@ -443,111 +407,3 @@ def cpc(a, b, positive, candidates, tau):
     if not positive.any():
         return scores.sum() * 0
     return -torch.log(scores[positive] / scores[candidates].sum()).mean()
-
-
-# plumbing: a random valid batch, the parameter table, the benchmark ------------------
-
-def random_batch(config, products=4, reviews_per_product=8, product_len=16, review_len=24,
-                 regions=6, seed=0, device="cpu"):
-    """A batch dict in data.py's format with random content (tests, demo, benchmark).
-    Lengths, region counts and labels are random; about one item in five has no image
-    (one all-zero region marked real); pairs = every (higher, lower) label pair of a product."""
-    g = torch.Generator().manual_seed(seed)
-    P, R = products, products * reviews_per_product
-
-    def tokens(n, max_len):
-        lengths = torch.randint(1, max_len + 1, (n,), generator=g)
-        ids = torch.randint(1, config.vocab_size, (n, max_len), generator=g)
-        return ids * lengths_to_mask(lengths, max_len), lengths
-
-    def image(n):
-        counts = torch.randint(1, regions + 1, (n,), generator=g)
-        counts[torch.rand(n, generator=g) < 0.2] = 0
-        mask = lengths_to_mask(counts.clamp(min=1), regions)
-        features = torch.relu(torch.randn(n, regions, config.region_dim, generator=g))
-        return features * lengths_to_mask(counts, regions)[..., None], mask
-
-    product_tokens, product_lengths = tokens(P, product_len)
-    review_tokens, review_lengths = tokens(R, review_len)
-    # probe mask: one random block of real tokens per review (some reviews get none)
-    start = (torch.rand(R, generator=g) * review_lengths).long()
-    stop = start + (torch.rand(R, generator=g) * (review_lengths - start)).long()
-    position = torch.arange(review_len)[None, :]
-    probe_mask = ((position >= start[:, None]) & (position < stop[:, None])).float()
-    review_product = torch.arange(P).repeat_interleave(reviews_per_product)
-    labels = torch.randint(0, 5, (R,), generator=g)
-    same_product = review_product[:, None] == review_product[None, :]
-    pairs = (same_product & (labels[:, None] > labels[None, :])).nonzero()  # (K, 2)
-    batch = dict(product_tokens=product_tokens, product_lengths=product_lengths,
-                 review_tokens=review_tokens, review_lengths=review_lengths, probe_mask=probe_mask,
-                 review_product=review_product, labels=labels, pairs=pairs,
-                 product_regions=None, product_region_mask=None,
-                 review_regions=None, review_region_mask=None)
-    if not config.text_only:
-        batch["product_regions"], batch["product_region_mask"] = image(P)
-        batch["review_regions"], batch["review_region_mask"] = image(R)
-    return {k: v if v is None else v.to(device) for k, v in batch.items()}
-
-
-# Parameter table of `python sancl.py`: label -> (submodules, the reference's count, why they differ).
-# The reference counts are SPEC §10's (only the layers its forward pass uses, Table 5 sizes),
-# which add up to the paper's 1.41M.
-COMPONENTS = {
-    "product text GRU (Eq. 1)": (["product_text_encoder"], 165_120, ""),
-    "review text GRU (Eq. 1)": (["review_text_encoder"], 165_120, ""),
-    "beta generator (Eq. 6)": (["probe_weights"], 129, ""),
-    "review selective self-attention (Eq. 3-7)": (["review_self_attention"], 33_024, ""),
-    "text cross-field attention": (["text_cross_attention"], 16_512, ""),
-    "image encoder, shared (3 transformer layers)": (["image_encoder"], 857_344, ""),
-    "image cross-attention": (["image_cross_attention"], 16_512, ""),
-    "projections to ii and pr (Eq. 9)": (["projections"], 49_664, ""),
-    "contrastive prediction heads": ([], 33_280, "Eq. (10) compares the projections directly"),
-    "output layer (Eq. 15)": (["output"], 73_985, "Eq. (15) is one linear layer; the reference's "
-                              "MLP 512-128-64-1 also reads the product text twice (a defect)"),
-}
-PAPER_PARAMS = 1_410_690  # the paper's 1.41M, component by component above
-
-
-def print_parameter_table(model):
-    """Our parameter count next to the reference's, component by component."""
-    children = dict(model.named_children())
-    print(f"  {'component':<46} {'ours':>10} {'reference':>10}")
-    for label, (names, reference, why) in COMPONENTS.items():
-        n = sum(p.numel() for name in names if name in children for p in children[name].parameters())
-        print(f"  {label:<46} {n:>10,} {reference:>10,}" + (f"  <- {why}" if n != reference and why else ""))
-    ours = model.num_params()
-    print(f"  {'total without word embeddings':<46} {ours:>10,} {PAPER_PARAMS:>10,}  "
-          f"({(ours - PAPER_PARAMS) / PAPER_PARAMS:+.1%} against the paper's 1.41M)")
-    print(f"  word embeddings (GloVe init, {'frozen' if model.config.freeze_embeddings else 'trained'}): "
-          f"{model.embedding.weight.numel():,}")
-
-
-def main():
-    parser = argparse.ArgumentParser(description="Build SANCL with Table 5 sizes, print its "
-                                     "parameters and run one training step on a random batch "
-                                     "(python benchmark.py times it).")
-    parser.add_argument("--category", choices=sorted(TABLE5), default="clothing",
-                        help="Table 5 column for text dropout and kappa (default: clothing)")
-    parser.add_argument("--vocab-size", type=int, default=20000,
-                        help="vocabulary size of the random embedding table (default: 20000)")
-    parser.add_argument("--text-only", action="store_true", help="build the text-only model")
-    parser.add_argument("--seed", type=int, default=0, help="torch seed (default: 0)")
-    args = parser.parse_args()
-    torch.manual_seed(args.seed)
-    table = TABLE5[args.category]
-    config = SANCLConfig(vocab_size=args.vocab_size, text_dropout=table["text_dropout"],
-                         kappa=table["kappa"], text_only=args.text_only)
-    model = SANCL(config)
-    print(f"SANCL ({args.category}, {'text-only' if args.text_only else 'multimodal'}) parameters:")
-    print_parameter_table(model)
-    batch = random_batch(config, seed=args.seed)
-    out = model(batch)
-    loss = model.losses(batch, out)
-    loss["total"].backward()
-    print("one training step on a random batch: "
-          + "  ".join(f"{name} {value.item():.4f}" for name, value in loss.items())
-          + f"  mean beta {out['beta'].mean().item():.3f}")
-
-
-if __name__ == "__main__":
-    main()

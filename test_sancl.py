@@ -1,7 +1,7 @@
 """The test suite: `python -m pytest -q test_sancl.py` (a few minutes on 2 CPU cores).
 
-Sections, in the order of the code: data (data.py, features.py, sample.py), probe masks
-(probe_mask.py, probe_coref.py), model (sancl.py), metrics (evaluate.py), training (train.py,
+Sections, in the order of the code: data (data.py, plumbing/features.py, plumbing/sample.py), probe masks
+(probe_mask.py, plumbing/coref_rules.py), model (sancl.py), metrics (evaluate.py), training (train.py,
 evaluate.py end to end on a tiny built-in sample), hostile input, and the import layout.
 """
 import contextlib
@@ -9,6 +9,7 @@ import copy
 import gzip
 import hashlib
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -25,17 +26,19 @@ import numpy as np
 import pytest
 import torch
 
-import build_data
+from plumbing import benchmark
+from plumbing import build_data
 import data
-import distributed
+from plumbing import distributed
 import evaluate
-import features
-import grid_features
-import plots
-import plumbing
+from plumbing import features
+from plumbing import grid_features
+from plumbing import plots
+from plumbing import common
 import probe_mask as pm
-import runs
-import sample
+from plumbing import runs
+from plumbing import sample
+from plumbing import speed
 import sancl
 import train
 
@@ -95,7 +98,7 @@ def test_one_label_rule_for_every_split(tmp_path):
     assert data.release_label_rule(source) == "log2"
     scores = [r.score for p in data.read_split(source, "test") for r in p.reviews]
     assert scores == [1, 0, 1]  # floor(log2 3) = 1, not the binned 3
-    splits, _, _, info = plumbing.load_data(source, with_images=False, with_masks=False, with_embeddings=False)
+    splits, _, _, info = common.load_data(source, with_images=False, with_masks=False, with_embeddings=False)
     assert splits["dev"].labels.tolist() == [1, 0, 1] and "log2" in info["label_rule"]
 
 
@@ -275,7 +278,7 @@ def test_pack_refuses_values_float16_cannot_hold(tmp_path):
 
 def test_prefetch_gives_the_same_batches_and_raises_where_they_are_used():
     plan = list(range(10))
-    with plumbing.Prefetch(lambda n: {"n": n}, plan) as batches:
+    with common.Prefetch(lambda n: {"n": n}, plan) as batches:
         assert [b["n"] for b in batches] == plan and batches.waited >= 0
 
     def broken(n):
@@ -285,11 +288,11 @@ def test_prefetch_gives_the_same_batches_and_raises_where_they_are_used():
 
     seen = []
     with pytest.raises(data.DataError, match="bad file for batch 3"):
-        with plumbing.Prefetch(broken, plan) as batches:
+        with common.Prefetch(broken, plan) as batches:
             for batch in batches:
                 seen.append(batch)
     assert seen == [0, 1, 2]  # the batches before the bad one arrive, then its error
-    with plumbing.Prefetch(lambda n: n, range(10 ** 6), ahead=1) as batches:
+    with common.Prefetch(lambda n: n, range(10 ** 6), ahead=1) as batches:
         next(iter(batches))  # leaving early stops the thread
     assert not batches.thread.is_alive()
 
@@ -341,7 +344,7 @@ def test_one_tokenisation_gives_what_the_finished_vocabulary_gives(tiny_root):
     """A new run numbers the words as it reads them, then renumbers: the same ids as encoding
     again with the vocabulary (what a saved run does)."""
     source = data.resolve_data(data_dir=tiny_root)
-    splits, vocab, _, _ = plumbing.load_data(source, with_images=False, with_masks=False, with_embeddings=False)
+    splits, vocab, _, _ = common.load_data(source, with_images=False, with_masks=False, with_embeddings=False)
     index = {w: i for i, w in enumerate(vocab)}
     for name, split in splits.items():
         again = data.Split(name, split.products, index)
@@ -351,7 +354,7 @@ def test_one_tokenisation_gives_what_the_finished_vocabulary_gives(tiny_root):
 
 def test_group_sampling_and_batches(tiny_root):
     source = data.resolve_data(data_dir=tiny_root)
-    splits, vocab, _, _ = plumbing.load_data(source, with_images=False, with_masks=False, with_embeddings=False)
+    splits, vocab, _, _ = common.load_data(source, with_images=False, with_masks=False, with_embeddings=False)
     split = splits["train"]
     groups = train.epoch_groups(split, np.random.default_rng(0))
     assert groups and all(len(g) == 8 for g in groups)
@@ -391,7 +394,7 @@ def test_pair_sampler_rules_on_a_hand_made_product():
 
 # --- probe masks (probe_mask.py, Algorithm 1) -------------------------------------------
 KETTLE = "Hamilton Beach 1.7 Liter Electric Kettle"
-coref = pm.coref  # probe_coref.py: the coreference rules of line 4
+coref = pm.coref  # plumbing/coref_rules.py: the coreference rules of line 4
 
 
 @pytest.fixture(scope="module")
@@ -489,7 +492,7 @@ def test_figure_2_example(nlp):
     assert [flag for flag, _ in result["sentences"]] == [0, 1, 1, 1]
 
 
-# --- the rules of probe_coref.py, one by one -----------------------------------------------
+# --- the rules of plumbing/coref_rules.py, one by one -----------------------------------------------
 def mentions(nlp, product, review):
     """{mention text: rule} of the product's cluster, and {pronoun: rule} of those left out."""
     result = pm.explain(nlp, product, review)
@@ -902,9 +905,10 @@ def test_image_encoder_ignores_padded_regions_and_is_shared():
     encoders = [m for m in model.modules() if isinstance(m, sancl.ImageEncoder)]
     calls = []
     model.image_encoder.register_forward_hook(lambda module, args, output: calls.append(args[0].size(0)))
-    batch = sancl.random_batch(config, products=2, reviews_per_product=3)
+    batch = benchmark.random_batch(config, products=2, reviews_per_product=3)
     model(batch)
-    assert encoders == [model.image_encoder] and calls == [2, 6]  # one encoder, products then reviews
+    # one encoder, products then reviews (each in buckets of similar region counts: speed.in_buckets)
+    assert encoders == [model.image_encoder] and sum(calls) == 8 and 2 in itertools.accumulate(calls)
 
 
 
@@ -915,17 +919,17 @@ def test_image_encoder_buckets_give_the_padded_batch_result():
     counts = torch.tensor([1] * 6 + [40, 3, 2, 37, 1, 12, 40, 5])  # image-less items and items of 2-40 regions
     mask = torch.arange(40)[None, :] < counts[:, None]
     regions = torch.relu(torch.randn(len(counts), 40, config.region_dim)) * mask[..., None]
-    buckets = sancl.region_buckets(mask)
+    buckets = speed.region_buckets(mask)
     rows = torch.cat([r for r, _ in buckets])
     assert sorted(rows.tolist()) == list(range(len(counts)))  # every item in exactly one bucket
     assert all(n == int(counts[r].max()) for r, n in buckets) and len(buckets) > 1
     assert buckets[0][1] <= 3 and len(buckets[0][0]) >= 7  # the image-less items with few-region ones
-    free = sancl.region_buckets(mask, overhead=0)  # buckets cost nothing: one per distinct count
+    free = speed.region_buckets(mask, overhead=0)  # buckets cost nothing: one per distinct count
     assert [n for _, n in free] == sorted(set(counts.tolist())) and len(free[0][0]) == 7
-    assert sancl.region_buckets(mask, overhead=10 ** 6)[0][1] == 40  # a dear bucket: one padded batch
-    assert torch.allclose(encoder(regions, mask), encoder.encode(regions, mask), atol=1e-5)
+    assert speed.region_buckets(mask, overhead=10 ** 6)[0][1] == 40  # a dear bucket: one padded batch
+    assert torch.allclose(speed.in_buckets(encoder, regions, mask), encoder(regions, mask), atol=1e-5)
     encoder.train()
-    h = encoder(regions, mask)
+    h = speed.in_buckets(encoder, regions, mask)
     h.sum().backward()  # gradients flow through the buckets into every weight
     assert torch.all(h[~mask] == 0) and all(p.grad is not None for p in encoder.parameters())
 
@@ -995,7 +999,7 @@ def phi_scalar(a, b, tau=1.0):
 
 def test_losses_against_loops():
     model, config = tiny_model()
-    batch = sancl.random_batch(config, seed=1)
+    batch = benchmark.random_batch(config, seed=1)
     out = model(batch)
     loss = model.losses(batch, out)
     labels, rp = batch["labels"].tolist(), batch["review_product"].tolist()
@@ -1030,7 +1034,7 @@ def test_losses_against_loops():
 
 def test_no_pairs_and_no_helpful_review_give_zero():
     model, config = tiny_model()
-    batch = sancl.random_batch(config, seed=1)
+    batch = benchmark.random_batch(config, seed=1)
     batch["pairs"] = batch["pairs"][:0]
     batch["labels"] = torch.zeros_like(batch["labels"])
     loss = model.losses(batch, model(batch))
@@ -1041,7 +1045,7 @@ def test_no_pairs_and_no_helpful_review_give_zero():
 
 def test_gradients_reach_every_part():
     model, config = tiny_model()
-    batch = sancl.random_batch(config, seed=1)
+    batch = benchmark.random_batch(config, seed=1)
     model.losses(batch, model(batch))["total"].backward()
     parts = [model.probe_weights.beta_generator, model.output, *model.projections.values(),
              model.review_text_encoder, model.product_text_encoder, model.review_self_attention,
@@ -1059,7 +1063,7 @@ def test_gradients_reach_every_part():
 def test_no_cpc_ii_and_no_cpc_pr():
     for switch in ("no_cpc_ii", "no_cpc_pr"):
         model, config = tiny_model(**{switch: True})
-        batch = sancl.random_batch(config, seed=1)
+        batch = benchmark.random_batch(config, seed=1)
         loss = model.losses(batch, model(batch))
         removed, kept = ("cpc_ii", "cpc_pr") if switch == "no_cpc_ii" else ("cpc_pr", "cpc_ii")
         assert loss[removed].item() == 0 and loss[kept].item() > 0
@@ -1070,7 +1074,7 @@ def test_fixed_beta():
     model, config = tiny_model(fixed_beta=True)
     assert model.probe_weights.beta_generator is None
     assert sum(p.numel() for p in model.probe_weights.parameters()) == 0
-    out = model(sancl.random_batch(config))
+    out = model(benchmark.random_batch(config))
     assert torch.all(out["beta"] == 0.5)
 
 
@@ -1078,7 +1082,7 @@ def test_no_probe_mask_ignores_probe_mask():
     model, config = tiny_model(no_probe_mask=True)
     model.eval()
     assert sum(p.numel() for p in model.probe_weights.parameters()) == 0
-    batch = sancl.random_batch(config, seed=2)
+    batch = benchmark.random_batch(config, seed=2)
     other = dict(batch, probe_mask=1 - batch["probe_mask"])
     assert torch.equal(model(batch)["score"], model(other)["score"])
 
@@ -1088,9 +1092,9 @@ def test_text_only():
     model.eval()
     assert set(model.projections) == {"t_ii", "t_pr"}
     assert not any("image" in name for name, _ in model.named_parameters())
-    batch = sancl.random_batch(config, seed=3)
+    batch = benchmark.random_batch(config, seed=3)
     assert batch["review_regions"] is None and batch["product_region_mask"] is None
-    with_images = sancl.random_batch(tiny_config(), seed=3)
+    with_images = benchmark.random_batch(tiny_config(), seed=3)
     score = model(batch)["score"]
     assert torch.equal(score, model(with_images)["score"])
     loss = model.losses(batch, model(batch))
@@ -1099,7 +1103,7 @@ def test_text_only():
 
 def test_multimodal_model_asks_for_regions():
     model, config = tiny_model()
-    batch = dict(sancl.random_batch(config), review_regions=None)
+    batch = dict(benchmark.random_batch(config), review_regions=None)
     with pytest.raises(ValueError, match="text_only=True"):
         model(batch)
 
@@ -1109,7 +1113,7 @@ def test_multimodal_model_asks_for_regions():
 def test_padding_does_not_change_scores():
     model, config = tiny_model()
     model.eval()
-    batch = sancl.random_batch(config, seed=4)
+    batch = benchmark.random_batch(config, seed=4)
 
     def pad(x, extra, dim=1):
         shape = list(x.shape)
@@ -1125,7 +1129,7 @@ def test_padding_does_not_change_scores():
 def test_reviews_only_see_their_own_product():
     model, config = tiny_model()
     model.eval()
-    batch = sancl.random_batch(config, seed=5)
+    batch = benchmark.random_batch(config, seed=5)
     other = dict(batch, product_tokens=batch["product_tokens"].clone(),
                  product_regions=batch["product_regions"].clone())
     other["product_tokens"][1] = torch.where(other["product_tokens"][1] > 0, 7, 0)
@@ -1141,7 +1145,7 @@ def test_same_seed_same_outputs():
     for _ in range(2):
         model, config = tiny_model(seed=3)
         torch.manual_seed(9)  # dropout
-        out = model(sancl.random_batch(config, seed=6))
+        out = model(benchmark.random_batch(config, seed=6))
         outputs.append(out)
     for key in ("score", "beta", "attention", "t_ii_review", "v_pr_product"):
         assert torch.equal(outputs[0][key], outputs[1][key])
@@ -1149,7 +1153,7 @@ def test_same_seed_same_outputs():
 
 def test_forward_shapes_and_param_count():
     model, config = tiny_model()
-    batch = sancl.random_batch(config, products=3, reviews_per_product=5)
+    batch = benchmark.random_batch(config, products=3, reviews_per_product=5)
     out = model(batch)
     R, Lr = batch["review_tokens"].shape
     assert out["score"].shape == (R,) and out["beta"].shape == (R,) and out["attention"].shape == (R, Lr, Lr)
@@ -1175,13 +1179,13 @@ def test_model_pools_review_text_with_m_prime():
     model.eval()
     captured = {}
     model.text_cross_attention.register_forward_hook(lambda module, args, output: captured.update(h=output))
-    out = model(sancl.random_batch(config, seed=7))
+    out = model(benchmark.random_batch(config, seed=7))
     h, m_prime = captured["h"], out["m_prime"]  # H'' (R, Lr, H), M' (R, Lr)
     pooled = torch.stack([sum(m_prime[r, i] * h[r, i] for i in range(h.size(1))) / m_prime[r].sum()
                           for r in range(h.size(0))])  # Eq. (8)
     assert torch.allclose(model.projections["t_ii"](pooled), out["t_ii_review"], atol=1e-5)
     beta = out["beta"][:, None].expand_as(m_prime)
-    probe, real = sancl.random_batch(config, seed=7)["probe_mask"], m_prime > 0
+    probe, real = benchmark.random_batch(config, seed=7)["probe_mask"], m_prime > 0
     assert torch.allclose(m_prime[real], (config.alpha * probe + beta * (1 - probe))[real])  # Eq. (2)
 
 
@@ -1254,7 +1258,7 @@ def test_ablation_table_refuses_switches_and_resume(capsys):
 
 def test_release_benchmark_runs_on_a_small_folder(tiny_root, tmp_path, capsys):
     """benchmark.py --release on the tiny sample (a copy: the benchmark packs its features)."""
-    import benchmark
+    from plumbing import benchmark
     folder = Path(shutil.copytree(tiny_root, tmp_path / "Home_and_Kitchen"))
     benchmark.release_benchmark(folder, "home_kitchen", steps=1, vocab_rows=1000)
     out = capsys.readouterr().out
@@ -1283,12 +1287,12 @@ def test_the_key_bias_of_eq3_cannot_change_the_selective_attention():
 
 
 def test_train_adam_is_fused_and_makes_the_for_loop_update():
-    """plumbing.adam: fused on CPU (one pass per tensor, docs/lab-notes.md "Speed"), and the same update as
+    """common.adam: fused on CPU (one pass per tensor, docs/lab-notes.md "Speed"), and the same update as
     torch's for-loop Adam up to float rounding, fed the same gradients for a few steps."""
     torch.manual_seed(0)
     fused_model = torch.nn.Linear(30, 20)
     loop_model, initial = copy.deepcopy(fused_model), copy.deepcopy(fused_model)
-    fused = plumbing.adam(fused_model, 1e-3)
+    fused = common.adam(fused_model, 1e-3)
     loop = torch.optim.Adam(loop_model.parameters(), lr=1e-3)
     assert fused.defaults["fused"] and not loop.defaults["fused"]
     for step in range(5):
@@ -1324,7 +1328,7 @@ def without_seconds(history):
 
 def test_product_batches_cover_every_group_once_and_encode_each_review_once(tiny_root):
     source = data.resolve_data(data_dir=tiny_root)
-    splits, _, _, _ = plumbing.load_data(source, with_images=False, with_masks=False, with_embeddings=False)
+    splits, _, _, _ = common.load_data(source, with_images=False, with_masks=False, with_embeddings=False)
     split = splits["train"]
     groups = train.epoch_groups(split, np.random.default_rng(0))
     batches = list(map(split.group_batch, train.product_plan(split, groups, 32, np.random.default_rng(1))))
@@ -1473,7 +1477,7 @@ def tiny_copy(tiny_root, tmp_path):
     """A copy of the tiny sample (probe masks cached) to break on purpose."""
     source = data.resolve_data(data_dir=tiny_root)
     for split in data.SPLITS:
-        plumbing.load_masks(source, split)
+        common.load_masks(source, split)
     shutil.copytree(tiny_root, tmp_path / "copy")
     return tmp_path / "copy"
 
@@ -1584,18 +1588,18 @@ def test_each_run_has_its_own_folder_and_none_is_overwritten(tiny_root, tmp_path
 
 def test_silent_degradation_is_refused_or_reported(tiny_copy, tmp_path, capsys):
     source = data.resolve_data(data_dir=tiny_copy)
-    splits, vocab, _, info = plumbing.load_data(source)
-    plumbing.report_data(info)
+    splits, vocab, _, info = common.load_data(source)
+    common.report_data(info)
     out = capsys.readouterr().out
     assert f"vocabulary {len(vocab) - 2} words, 100.0% in GloVe" in out and "unknown tokens (not in the vocab" in out
     assert "image features in" in out and "reviews 5" not in out.split("products 100.0%")[0]  # a partial share
     info["unknown"]["test"], info["oov"] = 0.25, len(vocab) - 2  # another category's run: many unknown tokens
-    plumbing.report_data(info)
+    common.report_data(info)
     out = capsys.readouterr().out
     assert "WARNING: 25.0% of the test tokens are unknown" in out and "WARNING: 100.0% of the vocabulary" in out
     shutil.move(tiny_copy / "features", tmp_path / "elsewhere")  # a multimodal run without any image
     with pytest.raises(data.DataError, match="no image features: none of the .* Pass --features DIR .* --text-only"):
-        plumbing.load_data(source)
+        common.load_data(source)
     glove = tiny_copy / "glove.sample.300d.txt"
     glove.write_text(glove.read_text(encoding="utf-8"), encoding="utf-16")
     with pytest.raises(data.DataError, match="line 1 is UTF-16 text.*iconv"):
@@ -1705,27 +1709,34 @@ def test_ctrl_c_says_how_to_resume(tiny_root, tmp_path, monkeypatch, capsys):
 
 
 # --- layout: imports go one way, from the paper's building blocks up to the entry points ---
+PAPER = {"sancl", "probe_mask", "data", "train", "evaluate"}  # the top level: the paper, and its tests
+
+
 def project_imports():
-    """{script: set of project scripts it imports}, from the source, imports inside functions
-    included (a lazy import hides a circle from Python, not from this test)."""
+    """{module: set of project modules it imports}, from the source, imports inside functions
+    included (a lazy import hides a circle from Python, not from this test). Modules are the
+    top-level scripts and common.NAME for the files of plumbing/."""
     import ast
 
-    scripts = {path.stem: path for path in Path(__file__).parent.glob("*.py") if not path.stem.startswith("test_")}
+    root = Path(__file__).parent
+    paths = {path.stem: path for path in root.glob("*.py") if not path.stem.startswith("test_")}
+    paths.update({f"plumbing.{path.stem}": path for path in (root / "plumbing").glob("*.py")
+                  if not path.stem.startswith(("test_", "__"))})
     graph = {}
-    for name, path in scripts.items():
+    for name, path in paths.items():
         imported = set()
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Import):
-                imported |= {alias.name.split(".")[0] for alias in node.names}
+                imported |= {alias.name for alias in node.names}
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                imported.add(node.module.split(".")[0])
-        graph[name] = imported & set(scripts) - {name}
+                imported |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+        graph[name] = {module for module in imported if module in paths} - {name}
     return graph
 
 
 def test_imports_have_no_circle():
     graph = project_imports()
-    assert {"data", "sancl", "probe_mask", "plumbing", "evaluate", "train"} <= set(graph)
+    assert PAPER | {"plumbing.common", "plumbing.runs"} <= set(graph)
     done, path = set(), []
 
     def visit(name):
@@ -1740,17 +1751,26 @@ def test_imports_have_no_circle():
 
     for name in sorted(graph):
         visit(name)
-    assert graph["data"] == set() and graph["sancl"] == set(), "the building blocks import no other script"
+    assert graph["data"] == set(), "data.py, a building block, imports no other script"
+    assert graph["sancl"] <= {"plumbing.speed"} and graph.get("plumbing.speed", set()) == set(), \
+        "sancl.py, the model, imports no other script but its one speed device"
     importers = {name for name, imported in graph.items() if "train" in imported}
-    assert importers <= {"benchmark"}, "train.py is the top: only benchmark.py, which times its step, imports it"
+    assert importers <= {"plumbing.benchmark"}, "train.py is the top: only the benchmark, which times its step, imports it"
 
 
 def test_the_circle_check_catches_a_circle(monkeypatch):
     monkeypatch.setattr(sys.modules[__name__], "project_imports",
-                        lambda: {"data": {"sample"}, "sample": {"data"}, "sancl": set(), "probe_mask": set(),
-                                 "plumbing": set(), "evaluate": set(), "train": set()})
-    with pytest.raises(AssertionError, match="import circle: data -> sample -> data"):
+                        lambda: {"data": {"plumbing.sample"}, "plumbing.sample": {"data"}, "sancl": set(),
+                                 "probe_mask": set(), "plumbing.common": set(), "plumbing.runs": set(),
+                                 "evaluate": set(), "train": set()})
+    with pytest.raises(AssertionError, match="import circle: data -> plumbing.sample -> data"):
         test_imports_have_no_circle()
+
+
+def test_the_top_level_is_the_paper():
+    """Only the paper's five files and their tests at the top level; everything else in plumbing/."""
+    root = Path(__file__).parent
+    assert {path.stem for path in root.glob("*.py") if not path.stem.startswith("test_")} == PAPER
 
 
 def test_each_readme_exercise_has_its_marked_place_in_sancl():
@@ -2138,7 +2158,7 @@ def test_product_text_is_the_mean_of_its_real_gru_states():
     model.eval()
     captured = {}
     model.product_text_encoder.register_forward_hook(lambda module, args, output: captured.update(h=output[0]))
-    batch = sancl.random_batch(config, seed=8)
+    batch = benchmark.random_batch(config, seed=8)
     out = model(batch)
     lengths = batch["product_lengths"].tolist()
     assert min(lengths) < batch["product_tokens"].size(1)  # some product texts are padded
@@ -2150,7 +2170,7 @@ def test_product_text_is_the_mean_of_its_real_gru_states():
 def test_no_probe_mask_makes_m_prime_exactly_the_real_token_mask():
     """--no-probe-mask: M' = 1 on every real token and 0 on padding, whatever the probe mask says."""
     model, config = tiny_model(no_probe_mask=True)
-    batch = sancl.random_batch(config, seed=2)
+    batch = benchmark.random_batch(config, seed=2)
     out = model(batch)
     real = sancl.lengths_to_mask(batch["review_lengths"], batch["review_tokens"].size(1)).float()
     assert (real == 0).any() and batch["probe_mask"].sum() > 0
@@ -2165,7 +2185,7 @@ def test_gamma_scales_the_margin_of_eq16():
     assert sancl.task_loss(score, labels, pairs, 1.0).item() == 0
     assert sancl.task_loss(score, labels, pairs, 2.0).item() == pytest.approx((0.5 + 2.5 + 0.5) / 2)
     model, config = tiny_model(gamma=2.0)
-    batch = sancl.random_batch(config, seed=1)
+    batch = benchmark.random_batch(config, seed=1)
     out = model(batch)
     labels, score = batch["labels"].tolist(), out["score"].tolist()
     groups = {}
@@ -2223,7 +2243,7 @@ def test_text_embedding_dropout_in_training_only():
     seen = {}
     for name in ("product_text_encoder", "review_text_encoder"):
         getattr(model, name).gru.register_forward_hook(lambda module, args, output, name=name: seen.update({name: args[0]}))
-    batch = sancl.random_batch(config, seed=9)
+    batch = benchmark.random_batch(config, seed=9)
     embedded = {"product_text_encoder": model.embedding(batch["product_tokens"]),
                 "review_text_encoder": model.embedding(batch["review_tokens"])}
     torch.manual_seed(0)
@@ -2277,7 +2297,7 @@ def test_eq14_eq15_score_is_one_linear_layer_on_the_review_vectors(text_only):
     xi = W_o F + b_o, nothing of the product in F."""
     model, config = tiny_model(text_only=text_only)
     model.eval()
-    out = model(sancl.random_batch(config, seed=10))
+    out = model(benchmark.random_batch(config, seed=10))
     names = ["t_ii", "t_pr"] + ([] if text_only else ["v_ii", "v_pr"])
     w, b = model.output.weight.detach()[0].tolist(), float(model.output.bias.detach())
     assert len(w) == len(names) * config.shared_dim
@@ -2309,8 +2329,8 @@ def test_parameters_per_component_against_the_reference_counts():
     assert sum(reference for reference, _ in REFERENCE_PARAMS.values()) == 1_410_690  # the paper's 1.41M
     assert model.num_params() == 1_303_682  # README differences, "parameters (no embeddings)"
     # `python sancl.py` prints the same reference column
-    assert [reference for _, reference, _ in sancl.COMPONENTS.values()] == [r for r, _ in REFERENCE_PARAMS.values()]
-    assert sancl.PAPER_PARAMS == 1_410_690
+    assert [reference for _, reference, _ in benchmark.COMPONENTS.values()] == [r for r, _ in REFERENCE_PARAMS.values()]
+    assert benchmark.PAPER_PARAMS == 1_410_690
 
 
 def test_table5_values_per_category():
@@ -2329,7 +2349,7 @@ def test_an_item_without_images_as_one_or_sixteen_zero_regions_scores_alike_in_e
     """README differences, "items without images": our one zero region and the reference's 16 give the
     same scores in eval mode (identical rows attend and average alike); in training the dropout draws differ."""
     model, config = tiny_model()
-    batch = sancl.random_batch(config, seed=11, regions=16)
+    batch = benchmark.random_batch(config, seed=11, regions=16)
     for regions, mask, item in (("product_regions", "product_region_mask", 0), ("review_regions", "review_region_mask", 1)):
         batch[regions][item] = 0
         batch[mask][item] = torch.arange(16) < 1
@@ -2376,7 +2396,7 @@ def test_a_damaged_pack_is_an_error_and_pack_repairs_it_from_the_folders(tiny_ro
     with open(regions, "r+b") as f:  # cut short: the last items' rows are gone
         f.truncate(whole // 2)
     with pytest.raises(data.DataError, match=r"regions.f16 is \d+ bytes, its index index.npz says \d+ rows.*"
-                                             r"damaged: `python features.py --pack .*` repairs it"):
+                                             r"damaged: `python -m common.features --pack .*` repairs it"):
         features.RegionStore(folder)
     capsys.readouterr()
     features.pack(folder)  # re-reads the cut items from their folders: no zero padding
@@ -2442,7 +2462,7 @@ def test_a_damaged_pack_index_is_an_error_and_pack_rebuilds_it(tiny_copy, tmp_pa
         saved = dict(np.load(index))
         np.savez(index, **{**saved, "start": saved["start"] + 10 ** 6})
     with pytest.raises(features.PackError, match=r"packed/index.npz: damaged or not a pack index .*"
-                                                 r"`python features.py --pack --features .*` rebuilds"):
+                                                 r"`python -m common.features --pack --features .*` rebuilds"):
         features.RegionStore(folder)
     capsys.readouterr()
     assert train.main(["--data-dir", str(tiny_copy), "--out", str(tmp_path / "run"), "--epochs", "1"]) == 2
@@ -3128,7 +3148,7 @@ def test_exercise_solution(patch, tmp_path, monkeypatch):
     module = apply_exercise(patch, tmp_path)
     torch.manual_seed(0)
     config = module.SANCLConfig(vocab_size=50, embed_dim=8, hidden=8, image_dim=8, region_dim=16, shared_dim=4)
-    model, batch = module.SANCL(config), sancl.random_batch(config, seed=0)
+    model, batch = module.SANCL(config), benchmark.random_batch(config, seed=0)
     model.eval()
     with torch.no_grad():
         check_exercise(int(patch.name.split("-")[0]), module, model, batch, monkeypatch)
@@ -3152,7 +3172,7 @@ def test_each_exercise_check_fails_on_the_unpatched_model(n, monkeypatch):
     model, config = tiny_model()
     model.eval()
     with torch.no_grad(), pytest.raises(AssertionError):
-        check_exercise(n, sancl, model, sancl.random_batch(config, seed=0), monkeypatch)
+        check_exercise(n, sancl, model, benchmark.random_batch(config, seed=0), monkeypatch)
 
 
 # --- issue 22: what the contrastive losses do to their spaces -------------------------------------------
@@ -3198,7 +3218,7 @@ def gradient_steps(root, out=None, processes=False, bert_folder=None):
     bert_folder: SANCL+BERT with the BERT in that folder."""
     device = distributed.start_processes(torch.device("cpu"))
     pieces, encoder = bert.load(bert_folder) if bert_folder else (None, None)
-    splits, vocab, embeddings, _ = distributed.rank0_first(plumbing.load_data, data.resolve_data(data_dir=root),
+    splits, vocab, embeddings, _ = distributed.rank0_first(common.load_data, data.resolve_data(data_dir=root),
                                                            None, True, True, False, data.SPLITS, True, pieces)
     torch.manual_seed(0)
     config = sancl.SANCLConfig(vocab_size=len(vocab), bert=encoder is not None,
@@ -3331,7 +3351,7 @@ def test_several_processes_refuse_a_step_they_cannot_split_and_a_missing_rendezv
 
 
 def test_benchmark_times_a_step_on_a_device_or_says_it_has_none(monkeypatch, capsys):
-    import benchmark
+    from plumbing import benchmark
     benchmark.device_benchmark("home_kitchen", torch.device("cpu"), False, 500, repeats=1, warmup=0)  # cuda's path
     out = capsys.readouterr().out
     assert "up to 128 regions an item, 500-word table" in out and out.count(" s/step, epoch ") == 2
@@ -3348,7 +3368,7 @@ def test_the_device_benchmark_needs_neither_spacy_nor_transformers():
     import subprocess
     blocked = "import sys; sys.modules['spacy'] = sys.modules['transformers'] = None; sys.argv = ['benchmark.py'] + "
     run = subprocess.run([sys.executable, "-c", blocked + "['--device', 'cpu', '--steps', '1', '--vocab', '500']; "
-                          "import benchmark; benchmark.main()"], cwd=HERE, capture_output=True, text=True, timeout=120)
+                          "from plumbing from plumbing from plumbing from plumbing import benchmark; benchmark.main()"], cwd=HERE, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and run.stdout.count(" s/step, epoch ") == 2, run.stderr[-2000:]
     run = subprocess.run([sys.executable, "-c", blocked + "['--device', 'cpu', '--bert-base']; import benchmark; "
                           "benchmark.main()"], cwd=HERE, capture_output=True, text=True, timeout=120)
@@ -3394,7 +3414,7 @@ def test_extract_without_pillow_says_how_to_get_it(tmp_path, monkeypatch):
 
 
 # --- issue 23: SANCL+BERT (train.py --bert PATH, bert.py), on a tiny random BERT -----------------------------
-import bert  # noqa: E402  (needs transformers, pinned in requirements.txt)
+from plumbing import bert  # noqa: E402  (needs transformers, pinned in requirements.txt)
 
 BERT_SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -3423,7 +3443,7 @@ def tiny_bert(tiny_root, tmp_path_factory):
 
 
 def test_requirements_pin_the_transformers_that_bert_names():
-    assert bert.PIN in (Path(__file__).parent / "requirements.txt").read_text().splitlines()
+    assert bert.PIN in (Path(__file__).parent / "requirements-bert.txt").read_text().splitlines()
 
 
 def test_bert_masks_follow_their_words_onto_the_pieces(tmp_path):
@@ -3458,7 +3478,7 @@ def test_bert_masks_follow_their_words_onto_the_pieces(tmp_path):
 
 def test_bert_trains_only_its_last_four_layers_and_our_modules(tiny_root, tiny_bert):
     pieces, encoder = bert.load(tiny_bert)
-    splits, vocab, embeddings, _ = plumbing.load_data(data.resolve_data(data_dir=tiny_root), pieces=pieces)
+    splits, vocab, embeddings, _ = common.load_data(data.resolve_data(data_dir=tiny_root), pieces=pieces)
     assert embeddings is None and vocab == pieces.vocab
     config = sancl.SANCLConfig(vocab_size=len(vocab), embed_dim=32, bert=True)
     model = sancl.SANCL(config, None, encoder).train()

@@ -32,17 +32,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import bert
+from plumbing import bert
 import data
-import plots
+from plumbing import plots
 import sancl
-from distributed import (WORLD, check_split, end_processes, on_rank0, rank0_first, share_steps, start_processes,
+from plumbing.distributed import (WORLD, check_split, end_processes, on_rank0, rank0_first, share_steps, start_processes,
                          together, total_over_processes, wrap_model)
 from evaluate import (baseline_metrics, evaluate_split, finished_test, format_geometry, format_metrics, run_digest,
                       write_table)
-from plumbing import (DROPOUT, KAPPA, SEED, THRESHOLD, Prefetch, adam, autocast, cores, count, device_flag, find_data,
+from plumbing.common import (DROPOUT, KAPPA, SEED, THRESHOLD, Prefetch, adam, autocast, cores, count, device_flag, find_data,
                       load_data, pick_device, rate, report_data, seed_everything, to_device)
-from runs import (die_with_parent, folder_lock, load_checkpoint, resume_from, rng_state, run_folder, save_atomic,
+from plumbing.runs import (die_with_parent, folder_lock, load_checkpoint, resume_from, rng_state, run_folder, save_atomic,
                   say_where, set_rng_state, write_error)
 
 RESUME_TAKES = {"resume", "epochs", "device", "threads", "data_dir", "glove", "features", "compute_masks"}

@@ -6,8 +6,8 @@ The left column is nothing but the code's own docstrings (and the comment above 
 has none), so the page cannot say what the code does not: to change the page, change the docstring.
 An equation gets its anchor (#eq-4) from the docstring line that begins "Eq. (4)...:", and every
 equation the code cites must have exactly one such line. The page shows all of sancl.py, its
-plumbing folded, then Algorithm 1 (probe_mask.py, probe_coref.py), the training pairs (train.py) and
-SANCL+BERT (bert.py).
+plumbing folded, then Algorithm 1 (probe_mask.py, plumbing/coref_rules.py), the training pairs (train.py) and
+SANCL+BERT (plumbing/bert.py).
 
 Standard library only; it reads the scripts as text and imports none of them.
 """
@@ -28,14 +28,14 @@ PAGE = ROOT / "docs" / "sancl.html"
 # The parts of the other scripts the page shows: (title, anchor, [(file, top-level names in page order)]).
 # The intro of Algorithm 1 is the listing in probe_mask.py's module docstring.
 PARTS = [
-    ("Algorithm 1: the probe mask M (Sec. 3.4; probe_mask.py, probe_coref.py)", "algorithm-1",
-     [("probe_mask.py", ["core_words"]), ("probe_coref.py", ["rule_clusters"]),
-      ("probe_mask.py", ["_algorithm_1"]), ("probe_coref.py", ["forms"]),
+    ("Algorithm 1: the probe mask M (Sec. 3.4; probe_mask.py, plumbing/coref_rules.py)", "algorithm-1",
+     [("probe_mask.py", ["core_words"]), ("plumbing/coref_rules.py", ["rule_clusters"]),
+      ("probe_mask.py", ["_algorithm_1"]), ("plumbing/coref_rules.py", ["forms"]),
       ("probe_mask.py", ["_sentence_mask", "probe_mask"])]),
     ("Training pairs for the ranking loss (Eq. 16; train.py)", "training-pairs",
      [("train.py", ["NEGATIVES", "product_groups", "epoch_groups"])]),
-    ("SANCL+BERT: E_t from a BERT, probe masks on its word pieces (Sec. 3.3, Appendix B, Table 6; bert.py)", "bert",
-     [("bert.py", ["TABLE6", "TRAINED_LAYERS", "WordPieces", "BertEncoder"])]),
+    ("SANCL+BERT: E_t from a BERT, probe masks on its word pieces (Sec. 3.3, Appendix B, Table 6; plumbing/bert.py)", "bert",
+     [("plumbing/bert.py", ["TABLE6", "TRAINED_LAYERS", "WordPieces", "BertEncoder"])]),
 ]
 
 # "Eq. (3)-(5), (7)", "(Eq. 4, 5)", "Eq. (11) / (12)", "Eq. 2": one citation, one or more numbers
@@ -243,7 +243,7 @@ def build():
                 fail("probe_mask.py's docstring no longer holds the listing of Algorithm 1")
             intro = f'<pre class="listing">{html.escape(textwrap.dedent(listing[1].split(PARAGRAPH)[0]))}</pre>'
         if anchor == "bert":  # the reading of the paper: bert.py's docstring, its paragraph of bullets
-            reading = [part for part in ast.get_docstring(Source("bert.py").tree).split(PARAGRAPH)
+            reading = [part for part in ast.get_docstring(Source("plumbing/bert.py").tree).split(PARAGRAPH)
                        if part.startswith("Everything the paper says")]
             if len(reading) != 1:
                 fail("bert.py's docstring no longer holds its reading of the paper ('Everything the paper says ...')")
@@ -312,7 +312,7 @@ TEMPLATE = """<!DOCTYPE html>
 <p>Han et al., COLING 2022, read beside this re-implementation. On the left, each block's equation
 and what it does, in plain symbols; on the right, the code that computes it. The left column is the
 code's own docstrings: <code>python docs/make_page.py</code> writes this page from sancl.py,
-probe_mask.py, probe_coref.py and train.py, and a test fails when the page and the code differ.</p>
+probe_mask.py, plumbing/coref_rules.py and train.py, and a test fails when the page and the code differ.</p>
 <p class="index">Equations: {index}</p>
 <ul>
 {contents}

@@ -1,4 +1,4 @@
-"""Image features from images, without a detector: grid features (`python features.py --extract`).
+"""Image features from images, without a detector: grid features (`python -m plumbing.features --extract`).
 
 The paper's region features come from a bottom-up-attention Faster R-CNN, whose builds fail on
 current systems. Jiang et al. ("In Defense of Grid Features for VQA", CVPR 2020) showed that the
@@ -10,7 +10,7 @@ its last stage, averaged into a grid of at most 32 cells, are the image's region
   2. `load_weights`: the weight file, every key and shape checked before use, no pickled code run
   3. `load_image`: Pillow decodes, resize and normalise by hand
   4. `extract`: every image of a folder, batched, resumable, bad files listed at the end
-  5. the flags of `python features.py --extract` (the command lives in features.py, beside --pack)
+  5. the flags of `python -m plumbing.features --extract` (the command lives in features.py, beside --pack)
 
 torchvision itself is not used: its PyPI wheel needs the CUDA build of torch (SPEC §11).
 """
@@ -268,7 +268,7 @@ def _try_load(path, size):
         return f"{path}: cannot be decoded ({type(error).__name__}: {str(error)[:80]})"
 
 
-# --- 5. the command line: `python features.py --extract IMAGES --weights FILE --out FEATURES` ---------------
+# --- 5. the command line: `python -m plumbing.features --extract IMAGES --weights FILE --out FEATURES` ---------------
 def add_arguments(parser):
     """features.py's --extract flags (the command lives there, beside --pack)."""
     parser.add_argument("--extract", metavar="IMAGES", help="a folder of images, {id}/{k}.jpg (any format Pillow "

@@ -23,8 +23,8 @@ import torch
 
 import data
 import probe_mask
-import sample
-from features import RegionStore, scan_regions
+from plumbing import sample
+from plumbing.features import RegionStore, scan_regions
 
 
 # --- 1. seeding, devices, batches built ahead -----------------------------------------------

@@ -1,18 +1,20 @@
-"""How fast is training? Two benchmarks, nothing downloaded:
+"""How fast is training? Two benchmarks, nothing downloaded; and the parameter table:
 
-    python benchmark.py                 # a training step vs. its input encoding alone, random batch
-    python benchmark.py --text-only     # the same for the text-only model
-    python benchmark.py --products 32   # a bigger batch: 32 products x 8 reviews
-    python benchmark.py --release DIR   # the whole pipeline at the release's size (Table 4)
-    python benchmark.py --device cuda   # a step at Home & Kitchen's shapes on a GPU: seconds, peak memory (--amp)
-    python benchmark.py --device cpu --bert-base   # the same step of SANCL+BERT, a random BERT-base (bert.py)
+    python -m plumbing.benchmark --params        # parameters per component next to the reference's, one step
+
+    python -m plumbing.benchmark                 # a training step vs. its input encoding alone, random batch
+    python -m plumbing.benchmark --text-only     # the same for the text-only model
+    python -m plumbing.benchmark --products 32   # a bigger batch: 32 products x 8 reviews
+    python -m plumbing.benchmark --release DIR   # the whole pipeline at the release's size (Table 4)
+    python -m plumbing.benchmark --device cuda   # a step at Home & Kitchen's shapes on a GPU: seconds, peak memory (--amp)
+    python -m plumbing.benchmark --device cpu --bert-base   # the same step of SANCL+BERT, a random BERT-base (plumbing/bert.py)
 
 `--release DIR` writes a synthetic folder of Home & Kitchen's size into DIR when it is not there
-(`python sample.py --size release`, ~10 minutes), then measures what a user of the real release
+(`python -m plumbing.sample --size release`, ~10 minutes), then measures what a user of the real release
 waits for: loading (seconds, peak memory), steps per epoch, seconds per step and the projected
 epoch for text-only and multimodal, each batching, the share of a step spent waiting for region
 features (.npz files read in the step, the same with the next batch prefetched, and the float16
-pack of `python features.py --pack`), and dev-scoring throughput.
+pack of `python -m plumbing.features --pack`), and dev-scoring throughput.
 
 Numbers on a shared machine are noisy: the steps compared take turns where they can, so quote
 ratios and give `uptime`'s load beside any time.
@@ -32,13 +34,89 @@ import numpy as np
 import torch
 
 import data
-import distributed
+from plumbing import distributed
 import evaluate
-import features
-import plumbing
-import sample
+from plumbing import features
+from plumbing import common
+from plumbing import sample
 import sancl
 import train
+
+
+# --- a random valid batch, and the parameter table of --params ------------------------------------
+def random_batch(config, products=4, reviews_per_product=8, product_len=16, review_len=24,
+                 regions=6, seed=0, device="cpu"):
+    """A batch dict in data.py's format with random content (tests, demo, benchmark).
+    Lengths, region counts and labels are random; about one item in five has no image
+    (one all-zero region marked real); pairs = every (higher, lower) label pair of a product."""
+    g = torch.Generator().manual_seed(seed)
+    P, R = products, products * reviews_per_product
+
+    def tokens(n, max_len):
+        lengths = torch.randint(1, max_len + 1, (n,), generator=g)
+        ids = torch.randint(1, config.vocab_size, (n, max_len), generator=g)
+        return ids * sancl.lengths_to_mask(lengths, max_len), lengths
+
+    def image(n):
+        counts = torch.randint(1, regions + 1, (n,), generator=g)
+        counts[torch.rand(n, generator=g) < 0.2] = 0
+        mask = sancl.lengths_to_mask(counts.clamp(min=1), regions)
+        features = torch.relu(torch.randn(n, regions, config.region_dim, generator=g))
+        return features * sancl.lengths_to_mask(counts, regions)[..., None], mask
+
+    product_tokens, product_lengths = tokens(P, product_len)
+    review_tokens, review_lengths = tokens(R, review_len)
+    # probe mask: one random block of real tokens per review (some reviews get none)
+    start = (torch.rand(R, generator=g) * review_lengths).long()
+    stop = start + (torch.rand(R, generator=g) * (review_lengths - start)).long()
+    position = torch.arange(review_len)[None, :]
+    probe_mask = ((position >= start[:, None]) & (position < stop[:, None])).float()
+    review_product = torch.arange(P).repeat_interleave(reviews_per_product)
+    labels = torch.randint(0, 5, (R,), generator=g)
+    same_product = review_product[:, None] == review_product[None, :]
+    pairs = (same_product & (labels[:, None] > labels[None, :])).nonzero()  # (K, 2)
+    batch = dict(product_tokens=product_tokens, product_lengths=product_lengths,
+                 review_tokens=review_tokens, review_lengths=review_lengths, probe_mask=probe_mask,
+                 review_product=review_product, labels=labels, pairs=pairs,
+                 product_regions=None, product_region_mask=None,
+                 review_regions=None, review_region_mask=None)
+    if not config.text_only:
+        batch["product_regions"], batch["product_region_mask"] = image(P)
+        batch["review_regions"], batch["review_region_mask"] = image(R)
+    return {k: v if v is None else v.to(device) for k, v in batch.items()}
+
+
+# Parameter table of `python sancl.py`: label -> (submodules, the reference's count, why they differ).
+# The reference counts are SPEC §10's (only the layers its forward pass uses, Table 5 sizes),
+# which add up to the paper's 1.41M.
+COMPONENTS = {
+    "product text GRU (Eq. 1)": (["product_text_encoder"], 165_120, ""),
+    "review text GRU (Eq. 1)": (["review_text_encoder"], 165_120, ""),
+    "beta generator (Eq. 6)": (["probe_weights"], 129, ""),
+    "review selective self-attention (Eq. 3-7)": (["review_self_attention"], 33_024, ""),
+    "text cross-field attention": (["text_cross_attention"], 16_512, ""),
+    "image encoder, shared (3 transformer layers)": (["image_encoder"], 857_344, ""),
+    "image cross-attention": (["image_cross_attention"], 16_512, ""),
+    "projections to ii and pr (Eq. 9)": (["projections"], 49_664, ""),
+    "contrastive prediction heads": ([], 33_280, "Eq. (10) compares the projections directly"),
+    "output layer (Eq. 15)": (["output"], 73_985, "Eq. (15) is one linear layer; the reference's "
+                              "MLP 512-128-64-1 also reads the product text twice (a defect)"),
+}
+PAPER_PARAMS = 1_410_690  # the paper's 1.41M, component by component above
+
+
+def print_parameter_table(model):
+    """Our parameter count next to the reference's, component by component."""
+    children = dict(model.named_children())
+    print(f"  {'component':<46} {'ours':>10} {'reference':>10}")
+    for label, (names, reference, why) in COMPONENTS.items():
+        n = sum(p.numel() for name in names if name in children for p in children[name].parameters())
+        print(f"  {label:<46} {n:>10,} {reference:>10,}" + (f"  <- {why}" if n != reference and why else ""))
+    ours = model.num_params()
+    print(f"  {'total without word embeddings':<46} {ours:>10,} {PAPER_PARAMS:>10,}  "
+          f"({(ours - PAPER_PARAMS) / PAPER_PARAMS:+.1%} against the paper's 1.41M)")
+    print(f"  word embeddings (GloVe init, {'frozen' if model.config.freeze_embeddings else 'trained'}): "
+          f"{model.embedding.weight.numel():,}")
 
 
 def time_steps(steps, repeats, warmup):
@@ -60,7 +138,7 @@ def benchmark(config, products=4, repeats=20, warmup=3):
     reviews (products=4), 128 tokens, 20 regions. The ratio is the cost of SANCL's own
     mechanisms (Sec. 3.4-3.6: selective and cross-field attention, projections, losses)."""
     model = sancl.SANCL(config).train()
-    batch = sancl.random_batch(config, products=products, reviews_per_product=8, product_len=128,
+    batch = random_batch(config, products=products, reviews_per_product=8, product_len=128,
                          review_len=128, regions=20, seed=0)
 
     def full_step():
@@ -102,7 +180,7 @@ def drop_page_cache():
 
 def time_training(split, plan, model, optimizer, steps, warmup=2, ahead=True, cold=False):
     """Median seconds per step over `steps` batches of `plan` (after `warmup`), and the share of the
-    time spent waiting for a batch: with `ahead`, batches are built by plumbing.Prefetch as in
+    time spent waiting for a batch: with `ahead`, batches are built by common.Prefetch as in
     train.py; without, in the step (what train.py did before it prefetched)."""
     plan = plan[:warmup + steps]
     if len(plan) <= warmup:
@@ -110,7 +188,7 @@ def time_training(split, plan, model, optimizer, steps, warmup=2, ahead=True, co
     times, waits = [], []
     if cold:
         drop_page_cache()
-    with plumbing.Prefetch(split.group_batch, plan) if ahead else contextlib.nullcontext() as prefetched:
+    with common.Prefetch(split.group_batch, plan) if ahead else contextlib.nullcontext() as prefetched:
         batches = iter(prefetched) if ahead else map(split.group_batch, plan)
         for n in range(len(plan)):
             start, before = time.perf_counter(), prefetched.waited if ahead else 0.0
@@ -139,7 +217,7 @@ def release_benchmark(folder, category, steps, cold=False, vocab_rows=None):
           f"{os.getloadavg()[0]:.1f} at start{', page cache emptied before each multimodal timing' if cold else ''})")
 
     t0, cpu0 = time.time(), time.process_time()
-    splits, vocab, embeddings, _ = plumbing.load_data(source, with_images=False, with_masks=False)
+    splits, vocab, embeddings, _ = common.load_data(source, with_images=False, with_masks=False)
     print(f"load: {time.time() - t0:.1f}s wall ({time.process_time() - cpu0:.1f}s CPU), peak memory "
           f"{peak_memory_gb():.2f} GB: " + ", ".join(f"{n} {len(s.products)}/{len(s.labels)}" for n, s in
                                                     splits.items()) + f" products/reviews, {len(vocab)} words")
@@ -170,7 +248,7 @@ def release_benchmark(folder, category, steps, cold=False, vocab_rows=None):
                                    kappa=table["kappa"], text_only=text_only)
         torch.manual_seed(0)
         model = sancl.SANCL(config, embeddings).train()
-        optimizer = plumbing.adam(model, table["lr"])
+        optimizer = common.adam(model, table["lr"])
         where, batch_groups = (split, groups) if text_only else (images, image_groups)
         for name in plans:
             plan = train.epoch_plan(where, batch_groups, name, table["batch_size"], np.random.default_rng(0))
@@ -220,7 +298,7 @@ RELEASE_STEPS = {"groups": 47767, "products": 13629}  # Home & Kitchen's steps p
 def bert_base(seed=0):
     """A BERT-base-sized encoder with random weights (12 layers, 768 wide, 30,522 pieces, as bert-base-uncased):
     the speed and memory of SANCL+BERT's step without downloading anything."""
-    import bert
+    from plumbing import bert
     package = bert.transformers()
     torch.manual_seed(seed)
     model = package.BertModel(package.BertConfig(), add_pooling_layer=False)
@@ -237,7 +315,7 @@ def device_benchmark(category, device, amp, vocab_rows, repeats=20, warmup=5, wi
     share of the batch's 4 products, as train.py's processes share a step's groups.
     with_bert (--bert-base): SANCL+BERT with a random BERT-base (Table 6's settings, its last 4 layers trained);
     the batch's 32 rows are 32 different reviews, where train.py's de-duplicated batches hold about 15.5."""
-    import bert
+    from plumbing import bert
     table = (bert.TABLE6 if with_bert else sancl.TABLE5)[category]
     cuda = device.type == "cuda"
     rank, size = distributed.WORLD["rank"], distributed.WORLD["size"]
@@ -264,9 +342,9 @@ def device_benchmark(category, device, amp, vocab_rows, repeats=20, warmup=5, wi
             print(f"  {'text-only' if text_only else 'multimodal':10} parameters: BERT {model.num_params(False) - model.num_params():,} "
                   f"(its last {encoder.trained_layers} layers {sum(p.numel() for p in encoder.parameters() if p.requires_grad):,}), "
                   f"SANCL's own {model.num_params():,}; trained {trained:,}", flush=True)
-        optimizer = plumbing.adam(model, table["lr"])
+        optimizer = common.adam(model, table["lr"])
         net = distributed.wrap_model(model, device)  # DistributedDataParallel under torchrun
-        batches = [sancl.random_batch(config, 4 // size, 8, product_len=128, review_len=128, regions=128,
+        batches = [random_batch(config, 4 // size, 8, product_len=128, review_len=128, regions=128,
                                       seed=seed * size + rank, device=device) for seed in range(min(4, warmup + repeats))]
         for batch in batches:  # distinct rows in every process (gather_step keeps repeats once)
             batch["review_rows"] = torch.arange(32 // size, device=device) + rank * 32
@@ -290,9 +368,32 @@ def device_benchmark(category, device, amp, vocab_rows, repeats=20, warmup=5, wi
         del model, net, optimizer, batches
 
 
+def parameters(category, text_only, seed=0, vocab_size=20000):
+    """--params: SANCL with Table 5 sizes, its parameters component by component next to the reference's, and
+    one training step on a random batch (a word table of `vocab_size` random rows)."""
+    torch.manual_seed(seed)
+    table = sancl.TABLE5[category]
+    config = sancl.SANCLConfig(vocab_size=vocab_size, text_dropout=table["text_dropout"], kappa=table["kappa"],
+                               text_only=text_only)
+    model = sancl.SANCL(config)
+    print(f"SANCL ({category}, {'text-only' if text_only else 'multimodal'}) parameters:")
+    print_parameter_table(model)
+    batch = random_batch(config, seed=seed)
+    out = model(batch)
+    loss = model.losses(batch, out)
+    loss["total"].backward()
+    print("one training step on a random batch: "
+          + "  ".join(f"{name} {value.item():.4f}" for name, value in loss.items())
+          + f"  mean beta {out['beta'].mean().item():.3f}")
+
+
 def main():
     parser = argparse.ArgumentParser(description="Time a SANCL training step against its input encoding alone, "
-                                     "or (--release DIR) the whole pipeline at the release's size.")
+                                     "or (--release DIR) the whole pipeline at the release's size; --params "
+                                     "prints the parameter table.")
+    parser.add_argument("--params", action="store_true", help="print the parameters per component next to the "
+                        "reference code's (the paper's 1.41M) and run one training step on a random batch (a "
+                        "20,000-word random table); --category and --text-only choose the model")
     parser.add_argument("--category", choices=sorted(sancl.TABLE5), default="clothing",
                         help="Table 5 column for text dropout and kappa (default: clothing)")
     parser.add_argument("--text-only", action="store_true", help="time the text-only model")
@@ -309,7 +410,7 @@ def main():
                         "training tokens at the reference's min count 5; train.py prints the real vocabulary); "
                         "the synthetic folder itself has a few hundred words")
     parser.add_argument("--steps", type=int, default=20, help="--release, --device: training steps timed per setting")
-    parser.add_argument("--device", type=plumbing.device_flag, help="time train.py's step at Home & Kitchen's "
+    parser.add_argument("--device", type=common.device_flag, help="time train.py's step at Home & Kitchen's "
                         "shapes on this device (cuda, cuda:1, cpu): seconds a step, projected epoch, peak GPU memory")
     parser.add_argument("--amp", action="store_true", help="--device: in bfloat16 autocast (train.py --amp)")
     parser.add_argument("--bert-base", action="store_true", help="--device: time SANCL+BERT's step with a random "
@@ -317,12 +418,14 @@ def main():
     parser.add_argument("--cold", action="store_true", help="--release: empty the page cache before each multimodal "
                         "timing (Linux, root), so that region files are read from disk as on the real release")
     args = parser.parse_args()
+    if args.params:
+        return parameters(args.category, args.text_only)
     torch.manual_seed(0)
     torch.set_num_threads(args.threads or (1 if args.release else torch.get_num_threads()))
     if (args.amp or args.bert_base) and not args.device:
         parser.error("--amp and --bert-base time a step on --device: add --device cuda (or cpu)")
     if args.device:
-        device = distributed.start_processes(plumbing.pick_device(args.device))
+        device = distributed.start_processes(common.pick_device(args.device))
         try:
             device_benchmark(args.data, device, args.amp, args.vocab, args.steps, min(5, args.steps), args.bert_base)
         except data.DataError as error:  # --bert-base without transformers

@@ -15,7 +15,7 @@ Everything the paper says about its BERT runs is in this file; sancl.py only ask
   - Algorithm 1 marks sentences of data.py's words; a piece takes its word's mark (WordPieces).
 Everything after Eq. (1) (M', beta, selective and cross-field attention, MCPC, the losses) is unchanged.
 
-`transformers` is needed for this path only (pinned in requirements.txt): without it every other
+`transformers` is needed for this path only (pinned in requirements-bert.txt): without it every other
 command runs, and --bert says how to install it. Files are read with local_files_only: never a download.
 """
 import sys
@@ -36,7 +36,7 @@ TABLE6 = {
 }
 TRAINED_LAYERS = 4  # Appendix B: "we fine-tune the last four layers of the BERT encoder" (Sun et al., 2019)
 SPECIAL = 2  # [CLS] and [SEP] around each text's pieces
-PIN = "transformers==5.25.0"  # as in requirements.txt
+PIN = "transformers==5.25.0"  # as in requirements-bert.txt
 WHERE = ("a BERT folder in the Hugging Face layout (config.json, vocab.txt, tokenizer_config.json, model.safetensors "
          "or pytorch_model.bin), "
          "e.g. bert-base-uncased downloaded from https://huggingface.co/google-bert/bert-base-uncased")
@@ -50,7 +50,7 @@ def transformers():
     try:
         import transformers as package
     except ImportError:
-        raise data.DataError(f"--bert needs the transformers package: pip install {PIN} (README 'SANCL+BERT'); "
+        raise data.DataError(f"--bert needs the transformers package: pip install {PIN} (or -r requirements-bert.txt; docs/bert.md); "
                              f"every run without --bert works without it") from None
     package.logging.set_verbosity_error()  # its notes on unused pooler weights: we load no pooler on purpose
     package.logging.disable_progress_bar()

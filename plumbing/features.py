@@ -6,7 +6,7 @@ file reads those arrays for one product or review id and batches them for sancl.
   1. `read_regions(folder)`: the images of one item, capped per image and per item
   2. `RegionStore`: features by item id, padded into (B, N, 2048) batches
   3. `scan_regions`: every item of a run read once before training, every bad file reported
-  4. `pack`: `python features.py --pack --data NAME` copies the kept regions of every item, once,
+  4. `pack`: `python -m plumbing.features --pack --data NAME` copies the kept regions of every item, once,
      into one float16 file that RegionStore then reads instead: half the bytes of the float32 .npz
      files, only the regions the model uses, read by slicing (no unzipping, no parsing)
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import grid_features
+from plumbing import grid_features
 from data import CATEGORIES, DataError, resolve_data
 
 MAX_REGIONS_PER_IMAGE = 32  # SPEC §2 (reference limits)
@@ -162,7 +162,7 @@ class RegionStore:
         pack = None if folders else Pack(self.folder / PACK_DIR)  # --predict's own folders are never packed
         self.pack = pack if pack is not None and pack.complete else None
         if self.pack is not None and self.pack.damage:
-            raise DataError(f"{self.pack.damage}: `python features.py --pack --features {self.folder}` repairs it "
+            raise DataError(f"{self.pack.damage}: `python -m plumbing.features --pack --features {self.folder}` repairs it "
                             f"(it re-reads the damaged items from their folders).")
 
     def folder_of(self, item_id):
@@ -224,7 +224,7 @@ def scan_regions(store, products_by_split, most=10):
     found, total, bad, t0 = {"products": 0, "reviews": 0}, {"products": 0, "reviews": 0}, [], time.time()
     pack, stale, gone = store.pack, [], []
     if pack is None and (store.folder / PACK_DIR / "index.npz").exists():
-        print(f"{store.folder / PACK_DIR}/ is incomplete: reading the .npz files; `python features.py --pack "
+        print(f"{store.folder / PACK_DIR}/ is incomplete: reading the .npz files; `python -m plumbing.features --pack "
               f"--features {store.folder}` completes it", file=sys.stderr)
     for n, (item_id, kind) in enumerate(items.items(), 1):
         folder = store.folder_of(item_id)
@@ -252,7 +252,7 @@ def scan_regions(store, products_by_split, most=10):
              f"their folders are gone)" if pack is not None else ""), file=sys.stderr)
     if stale:
         raise DataError(f"{len(stale)} items' feature folders changed since {pack.folder}/ was written (e.g. "
-                        f"{', '.join(stale[:3])}): `python features.py --pack --features {store.folder}` packs them "
+                        f"{', '.join(stale[:3])}): `python -m plumbing.features --pack --features {store.folder}` packs them "
                         f"again (only those).")
     if bad:
         raise DataError(f"{len(bad)} bad region-feature file{'s' if len(bad) > 1 else ''}, fix or delete each "
@@ -272,7 +272,7 @@ INDEX_KEYS = ("ids", "start", "count", "signature", "rows", "complete")
 
 
 class PackError(DataError):
-    """packed/index.npz cannot be read: `features.py --pack` rebuilds the pack."""
+    """packed/index.npz cannot be read: `python -m plumbing.features --pack` rebuilds the pack."""
 
 
 def folder_signature(folder):
@@ -299,7 +299,7 @@ class Pack:
                 self._read_index(index)
             except Exception as error:  # cut short (BadZipFile), garbage, pickled, other keys, bad numbers
                 raise PackError(f"{index}: damaged or not a pack index ({type(error).__name__}: "
-                                f"{str(error)[:100]}); `python features.py --pack --features {self.folder.parent}` "
+                                f"{str(error)[:100]}); `python -m plumbing.features --pack --features {self.folder.parent}` "
                                 f"rebuilds the pack from the item folders") from None
             size = self.file.stat().st_size if self.file.is_file() else 0
             if size < self.rows * ROW_BYTES or (self.complete and size != self.rows * ROW_BYTES):
@@ -334,7 +334,7 @@ class Pack:
         x = np.asarray(self.data[start:start + count], np.float32)
         if not np.isfinite(x).all():
             raise DataError(f"{self.file}: item {item_id} (rows {start}-{start + count - 1}) holds NaN or infinite "
-                            f"values: the pack is damaged; `python features.py --pack --features "
+                            f"values: the pack is damaged; `python -m plumbing.features --pack --features "
                             f"{self.folder.parent}` re-reads the damaged items from their folders.")
         return x
 

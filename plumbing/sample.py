@@ -76,7 +76,7 @@ BRANDS = "Nordvik Alcora Bellweather Quenby Tamsin Orrick Velda Castellan Brimle
 ADJECTIVES = "Premium Classic Deluxe Compact Pro Essential Modern Everyday".split()
 QUALITY = "solid great decent sturdy lovely excellent".split()
 PRODUCT_SENTENCES = [  # informative: a product's noun and two of THIS product's topic words, never
-    # after "the"/"its"/"this" (which would make them the product's parts for probe_coref.py)
+    # after "the"/"its"/"this" (which would make them the product's parts for plumbing/coref_rules.py)
     "My {noun} has a {quality} {a} and a {quality2} {b} .",
     "I like how my {noun} deals with {a} and {b} .",
     "After two weeks my {noun} still has {quality} {a} and {b} .",

@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import bert
+from plumbing import bert
 import data
 import sancl
-from distributed import WORLD
+from plumbing.distributed import WORLD
 
 
 # --- 1. checkpoints --------------------------------------------------------------------------

@@ -7,7 +7,7 @@ no-op then). SPEC §12 has the facts on the engine.
   - gather_step: the whole step's rows for the losses, with autograd (sancl.SANCL.losses' hook)
   - agree, together, on_rank0, rank0_first, total_over_processes: errors and work that all agree on
 
-Imports go one way: this file uses data only; plumbing.py and train.py use it.
+Imports go one way: this file uses data only; plumbing/common.py and train.py use it.
 """
 import os
 import sys

@@ -1,4 +1,4 @@
-"""Build Amazon-MRHP yourself, from the public Amazon review dumps: `python build_data.py`.
+"""Build Amazon-MRHP yourself, from the public Amazon review dumps: `python -m plumbing.build_data`.
 
 The release of the dataset's authors is a zip behind a drive link; the files it was built from
 are public. This script applies their rules (../shared/SPEC.md §11) to a reviews file and a
@@ -13,7 +13,7 @@ metadata file of one category and writes exactly the layout data.py reads:
      save it to, for features.py --extract) and `build.json` (inputs with sizes and hashes, rules,
      counts), written to a temporary folder that is renamed at the end: same input, same bytes.
 
-    python build_data.py --reviews Home_and_Kitchen.json.gz --meta meta_Home_and_Kitchen.json.gz \
+    python -m plumbing.build_data --reviews Home_and_Kitchen.json.gz --meta meta_Home_and_Kitchen.json.gz \
         --category home_kitchen --out data/Home_and_Kitchen
 """
 import argparse
