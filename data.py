@@ -6,13 +6,12 @@ Read top to bottom:
   3. votes -> helpfulness scores 0..4
   4. GloVe vectors for the data's vocabulary, cached
   5. one encoded `Split` per split: token tensors built once, batches sliced from them
-  6. `python data.py --stats`
 
-Facts about the release format are in ../shared/SPEC.md §2. This file imports no other
-script of the project: region features are read by features.py, probe masks computed by
-probe_mask.py, the sample written by sample.py, and plumbing/common.py puts them together.
+The release format is described in docs/release.md; its JSON files are read and checked by
+plumbing/tables.py. Region features are read by plumbing/features.py, probe masks computed by
+probe_mask.py, the sample written by plumbing/sample.py, and plumbing/common.py puts them
+together; `python -m plumbing.stats` prints Table 4 of a data folder.
 """
-import argparse
 import hashlib
 import json
 import math
@@ -24,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from plumbing.tables import DataError, read_ids, read_table, read_texts  # plumbing: the JSON files, checked
 
 CATEGORIES = {  # CLI name -> the release's folder and file prefix
     "home_kitchen": "Home_and_Kitchen",
@@ -39,10 +40,6 @@ MAX_PRODUCT_TOKENS = 128  # product name + description, truncated
 MAX_REVIEW_TOKENS = 128  # review text, truncated
 EMBED_DIM = 300  # GloVe 300-d
 TOKENIZER_VERSION = 1  # bump when TOKEN_RE changes: probe-mask caches record it
-
-
-class DataError(Exception):
-    """A problem with the user's data: the message names the file, the record and the fix."""
 
 
 # --- tokenisation: one tokeniser for product and review text -----------------------
@@ -142,64 +139,6 @@ class SplitReport:
     unlisted_reviews: int = 0  # in .rvw but in no .rel row (a .rel cut short leaves such reviews)
 
 
-def read_table(path, columns):
-    """Rows (dicts) of one JSON table: a list of records, a dict of columns, or JSON lines."""
-    if not path.exists():
-        raise DataError(f"{path}: file missing. Every split needs its .prd, .rvw and .rel table.")
-    raw = path.read_bytes()
-    if raw[:2] in (b"\xff\xfe", b"\xfe\xff") or b"\x00" in raw[:4096]:
-        raise DataError(f"{path}: UTF-16 text; convert it to UTF-8: iconv -f UTF-16 -t UTF-8 {path.name} > new.")
-    try:
-        text = raw.decode("utf-8-sig")  # a byte-order mark is dropped
-    except UnicodeDecodeError as error:
-        raise DataError(f"{path}: line {raw[:error.start].count(10) + 1} is not UTF-8 (byte {raw[error.start]:#04x});"
-                        f" save the file as UTF-8.") from None
-    try:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as first_error:
-            try:  # JSON lines: one record per line
-                data = [json.loads(line) for line in text.splitlines() if line.strip()]
-            except json.JSONDecodeError:
-                raise DataError(f"{path}: not valid JSON ({first_error}); the file may be truncated: "
-                                f"download or copy it again.") from None
-    except RecursionError:  # python's json parser recurses: [[[[...]]]] 100,000 deep
-        raise DataError(f"{path}: JSON nested too deep to be a table (thousands of [ or {{ within each other); "
-                        f"the file is damaged: copy it again.") from None
-    if not isinstance(data, (list, dict)):
-        raise DataError(f"{path}: holds a JSON {type(data).__name__}, expected a list of records or a dict of columns.")
-    if isinstance(data, dict) and not all(isinstance(v, (list, dict)) for v in data.values()):
-        data = [data]  # JSON lines of one record
-    if not data:
-        raise DataError(f"{path}: no records in it; the file is empty or cut short: copy it again.")
-    if isinstance(data, dict):  # columns: {"col": [..]} or pandas' {"col": {"0": ..}}
-        cols = {k: list(v.values()) if isinstance(v, dict) else v for k, v in data.items()}
-        lengths = {len(v) for v in cols.values()}
-        if len(lengths) != 1:
-            raise DataError(f"{path}: columns of different lengths {sorted(lengths)}; the file is damaged.")
-        data = [dict(zip(cols, values)) for values in zip(*cols.values())]
-    for i, row in enumerate(data):
-        missing = [c for c in columns if not isinstance(row, dict) or c not in row]
-        if missing:
-            has = list(row) if isinstance(row, dict) else row
-            raise DataError(f"{path}: record {i} lacks {missing} (has {has}); expected columns {columns}.")
-    return data
-
-
-def _ids(path, rows, column, unique=True):
-    """An id column as strings: each a non-empty string or integer; with `unique`, each one once."""
-    seen = {}
-    for i, value in enumerate(row[column] for row in rows):
-        if isinstance(value, bool) or not isinstance(value, (str, int)) or not str(value).strip():
-            raise DataError(f"{path}: record {i}: {column} {value!r} is not an id (a non-empty string or integer); "
-                            f"fix or remove the record.")
-        if unique and str(value) in seen:
-            raise DataError(f"{path}: records {seen[str(value)]} and {i} both have {column} {value}; ids must be "
-                            f"unique: remove or renumber one of them.")
-        seen.setdefault(str(value), i)
-    return [str(row[column]) for row in rows]
-
-
 LABEL_RULES = {
     "log2": "score = floor(log2(upvotes)) clipped to [0, 4] (the paper's rule); 0-vote reviews dropped",
     "binned": "upvotes already binned to 0..4: kept as scores",
@@ -240,21 +179,6 @@ def read_relations(source, split):
     return rel
 
 
-def _texts(path, rows, column, ids):
-    """A text column: strings; null is ""; a list of strings (the 2018 metadata's description) is
-    joined with spaces; a number or a dict is an error."""
-    texts = []
-    for i, (row, item_id) in enumerate(zip(rows, ids)):
-        value = row[column]
-        if isinstance(value, list) and all(isinstance(part, str) for part in value):
-            value = " ".join(value)
-        if value is not None and not isinstance(value, str):
-            raise DataError(f"{path}: record {i} ({item_id}): {column} {str(value)[:30]!r} is a JSON "
-                            f"{type(value).__name__}, not text (a string, a list of strings or null); fix the record.")
-        texts.append(value or "")
-    return texts
-
-
 def read_split(source, split, report=None, rule=None):
     """Products of one split, each with its reviews (text and score), in release order.
     `rule` is the release's label rule (release_label_rule(source); computed when None)."""
@@ -265,15 +189,15 @@ def read_split(source, split, report=None, rule=None):
                         f"`python -m plumbing.sample --data {NAMES.get(source.prefix)} --out {source.root}`.")
     prd_path, rvw_path, rel_path = (source.table(k, split) for k in ("prd", "rvw", "rel"))
     prd = read_table(prd_path, ["product_id", "name", "description"])
-    listed = _ids(prd_path, prd, "product_id")
+    listed = read_ids(prd_path, prd, "product_id")
     products = {pid: Product(pid, name, description) for pid, name, description in
-                zip(listed, _texts(prd_path, prd, "name", listed), _texts(prd_path, prd, "description", listed))}
+                zip(listed, read_texts(prd_path, prd, "name", listed), read_texts(prd_path, prd, "description", listed))}
     report.products_without_name = sum(not p.name.strip() for p in products.values())
     rvw = read_table(rvw_path, ["review_id", "content"])
-    listed = _ids(rvw_path, rvw, "review_id")
-    texts = dict(zip(listed, _texts(rvw_path, rvw, "content", listed)))
+    listed = read_ids(rvw_path, rvw, "review_id")
+    texts = dict(zip(listed, read_texts(rvw_path, rvw, "content", listed)))
     rel, owner = read_relations(source, split), {}  # review id -> its first (record, product)
-    pids, rids = _ids(rel_path, rel, "product_id", False), _ids(rel_path, rel, "review_id", False)
+    pids, rids = read_ids(rel_path, rel, "product_id", False), read_ids(rel_path, rel, "review_id", False)
     for i, (pid, rid) in enumerate(zip(pids, rids)):
         where = f"{rel_path}: record {i} (product {pid}, review {rid})"
         for kind, known, table in (("product", products, prd_path), ("review", texts, rvw_path)):
@@ -474,62 +398,3 @@ class Split:
             plan.append(torch.arange(int(self.review_start[p]), int(self.review_start[q])))
             p = q
         return plan
-
-
-# --- 6. command line: stats ------------------------------------------------
-def _has_images(folder):
-    """Whether an item's feature folder holds an image file (an empty folder is an item without images)."""
-    return folder.is_dir() and any(name.endswith((".npz", ".pth")) for name in os.listdir(folder))
-
-
-def print_stats(source):
-    """A Table-4-style summary of a release-layout folder."""
-    print(f"data: {source.root}{'  (BUILT-IN SYNTHETIC SAMPLE)' if source.is_sample else ''}")
-    reports = {split: SplitReport() for split in SPLITS}
-    products = {split: read_split(source, split, reports[split]) for split in SPLITS}
-    words = {"<pad>": PAD, "<unk>": UNK}
-    splits = {split: Split(split, products[split], words, grow=True) for split in SPLITS}
-    vocab = build_vocab(splits["train"], words)[0]
-    oov = glove_matrix(source, vocab)[1] if source.glove.exists() else None
-    print(f"{'split':6} {'products':>9} {'reviews':>9} {'rev/prod min/mean/max':>22}  "
-          f"scores 0/1/2/3/4 (%)            with images: products / reviews")
-    for name, split in splits.items():
-        per_product = split.review_start.diff().float()
-        hist = torch.bincount(split.labels, minlength=5).float() / max(1, len(split.labels)) * 100
-        with_images = [sum(_has_images(source.features / i) for i in ids) / max(1, len(ids)) * 100
-                       for ids in (split.product_ids, split.review_ids)]
-        print(f"{name:6} {len(split.products):9d} {len(split.labels):9d} "
-              f"{int(per_product.min()):>8d} / {per_product.mean():5.1f} / {int(per_product.max()):<4d}  "
-              f"{' / '.join(f'{h:4.1f}' for h in hist.tolist())}   {with_images[0]:5.1f}% / {with_images[1]:5.1f}%")
-    for name, report in reports.items():
-        print(f"{name:6} labels: {report.label_rule}; skipped: {report.empty_reviews} empty reviews, "
-              f"{report.products_without_reviews} products without reviews, {report.duplicate_rows} repeated .rel "
-              f"rows, {report.unlisted_reviews} reviews in no .rel row; {report.zero_vote_reviews} zero-vote reviews; "
-              f"kept: {report.products_without_name} products without a name")
-    coverage = (f"; GloVe file {source.glove} not found, so no OOV rate (--glove PATH)" if oov is None else
-                f", not in GloVe ({source.glove.name}): {oov} ({oov / max(1, len(vocab) - 2):.1%}), random vectors")
-    print(f"vocabulary {len(vocab) - 2} words{coverage}")
-    print("items without image features get one zero region (see features.RegionStore)")
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="Read Amazon-MRHP (or the built-in sample) and summarise it.")
-    parser.add_argument("--data", choices=sorted(CATEGORIES), help="category; the built-in sample when "
-                        "data/{Category}/ does not hold the release")
-    parser.add_argument("--data-dir", help="a release-layout folder ({Category}.prd.train, ...) to read instead")
-    parser.add_argument("--glove", help="GloVe 300-d text file (default data/glove.840B.300d.txt; the sample's own)")
-    parser.add_argument("--features", help="region features, one sub-folder per id (default {data folder}/features)")
-    parser.add_argument("--stats", action="store_true", help="print a Table-4-style summary")
-    args = parser.parse_args(argv)
-    try:
-        if not args.stats:
-            parser.error("nothing to do: pass --stats (python -m plumbing.sample writes the built-in sample)")
-        print_stats(resolve_data(args.data, args.data_dir, args.glove, args.features))
-    except DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

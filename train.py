@@ -6,7 +6,7 @@
 
 Each epoch: the reference's training groups (1 positive + 7 lower-scored reviews of the same
 product, `product_groups`), batches of 32 review rows, Adam; dev MAP / N@3 / N@5, which also
-drives the learning-rate schedule; the best dev epoch is kept and reported on test (SPEC §6, §10).
+drives the learning-rate schedule; the best dev epoch is kept and reported on test (docs/differences.md).
 """
 import os
 
@@ -22,34 +22,25 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import argparse
 import contextlib
-import dataclasses
 import json
-import multiprocessing
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from plumbing import bert
 import data
-from plumbing import plots
 import sancl
-from plumbing.distributed import (WORLD, check_split, end_processes, on_rank0, rank0_first, share_steps, start_processes,
-                         together, total_over_processes, wrap_model)
-from evaluate import (baseline_metrics, evaluate_split, finished_test, format_geometry, format_metrics, run_digest,
-                      write_table)
-from plumbing.common import (DROPOUT, KAPPA, SEED, THRESHOLD, Prefetch, adam, autocast, cores, count, device_flag, find_data,
-                      load_data, pick_device, rate, report_data, seed_everything, to_device)
-from plumbing.runs import (die_with_parent, folder_lock, load_checkpoint, resume_from, rng_state, run_folder, save_atomic,
-                  say_where, set_rng_state, write_error)
+from evaluate import evaluate_split, format_geometry, format_metrics
+from plumbing import plots, table2, training
+from plumbing.common import (DROPOUT, KAPPA, SEED, THRESHOLD, Prefetch, adam, autocast, cores, count, device_flag, rate,
+                             to_device)
+from plumbing.distributed import end_processes, on_rank0, share_steps, together, total_over_processes, wrap_model
+from plumbing.runs import finished_test, load_checkpoint, run_digest, write_error
 
 RESUME_TAKES = {"resume", "epochs", "device", "threads", "data_dir", "glove", "features", "compute_masks"}
 # --bert PATH is kept by a resumed run (its BERT and tokenizer are in its checkpoint), never changed
 SWITCHES = ("text_only", "fixed_beta", "no_probe_mask", "no_cpc_ii", "no_cpc_pr")
-RELEASE_EPOCHS = 11  # the reference trains 11 epochs (SPEC §10)
-SAMPLE_EPOCHS = 5  # the built-in sample: the main job stays within a few minutes on a laptop CPU
 
 
 def parse_args(argv=None):
@@ -59,9 +50,9 @@ def parse_args(argv=None):
     p.add_argument("--glove", help="GloVe 300-d text file (default data/glove.840B.300d.txt; the sample ships one)")
     p.add_argument("--features", help="region-feature folder (default {data folder}/features)")
     p.add_argument("--compute-masks", action="store_true",
-                   help="compute missing probe masks in this run (else: python probe_mask.py first)")
-    p.add_argument("--epochs", type=count, help=f"maximum epochs (default {RELEASE_EPOCHS} on the release, as the "
-                   f"reference; {SAMPLE_EPOCHS} on the sample)")
+                   help="compute missing probe masks in this run (else: python -m plumbing.masks first)")
+    p.add_argument("--epochs", type=count, help=f"maximum epochs (default {training.RELEASE_EPOCHS} on the release, as the "
+                   f"reference; {training.SAMPLE_EPOCHS} on the sample)")
     p.add_argument("--patience", type=count, default=6, help="stop after this many epochs without a better dev MAP "
                    "(default 6: the learning rate is halved after 5, then one more epoch is tried)")
     p.add_argument("--lr-patience", type=count, default=4, help="halve the learning rate after MORE than this many "
@@ -214,7 +205,7 @@ def epoch_plan(split, groups, batching, batch_size, rng):
     return group_plan(groups, batch_size, rng)
 
 
-# plumbing: settings, the loop, checkpoints
+# plumbing: a NaN loss stops the run before it reaches the weights
 def check_finite(losses, batch, split, epoch):
     """Stop at the first batch whose loss is NaN or infinite, before it reaches the weights. The one
     device-to-host copy of a step (one bool), the price of stopping before the bad step."""
@@ -230,6 +221,7 @@ def check_finite(losses, batch, split, epoch):
                              f"features, or lower --lr.")
 
 
+# --- SANCL: the training recipe (Sec. 3.6; the reference's schedule) ---
 def train_step(model, optimizer, batch, amp, split, epoch):
     """One optimizer step on a batch (on the model's device): the losses of Eq. (16)-(18), checked to be
     finite before they reach the weights, backward, Adam. Returns the losses."""
@@ -242,99 +234,55 @@ def train_step(model, optimizer, batch, amp, split, epoch):
     return losses
 
 
-def settings(args, category):
-    """Hyper-parameters: the flags where given, else Table 5 of the paper for the category (Table 6 with --bert)."""
-    table = (bert.TABLE6 if args.bert else sancl.TABLE5)[category or "home_kitchen"]
-    return {"lr": args.lr or table["lr"], "batch_size": args.batch_size or table["batch_size"],
-            "kappa": table["kappa"] if args.kappa is None else args.kappa,
-            "text_dropout": table["text_dropout"] if args.dropout is None else args.dropout}
-
-
 def train(args, progress=None):
-    """`progress` (a dict) is told the run folder and the epoch, for main's Ctrl-C message."""
+    """Train SANCL and score test at the best dev epoch. `progress` (a dict) is told the run folder and the
+    epoch, for main's Ctrl-C message. The run folder stays locked until the run ends."""
     with contextlib.ExitStack() as hold:
         return train_locked(args, {} if progress is None else progress, hold)
 
 
 def train_locked(args, progress, hold):
-    device = start_processes(pick_device(args.device))  # plumbing: one process, or torchrun's (README "Several processes")
-    resume, args = resume_from(args.resume, args) if args.resume else (None, args)  # the saved run's flags win
-    seed_everything(args.seed, args.threads)
-    autocast(device, args.amp)  # --amp refused here, before the data loads, where it cannot work
-    source = rank0_first(find_data, args.data, args.data_dir, args.glove, args.features)
-    category = args.data or data.NAMES.get(source.prefix)
-    hp = settings(args, category)
-    check_split(max(1, hp["batch_size"] // (1 + NEGATIVES)))  # several processes: each needs a group a step
-    args.epochs = args.epochs or (SAMPLE_EPOCHS if source.is_sample else RELEASE_EPOCHS)
-    out = run_folder(args, category or source.prefix, SWITCHES, hold if WORLD["rank"] == 0 else None)  # process 0 locks it
-    progress["run"] = out
-
-    t0 = time.time()
-    pieces, encoder = (resume["pieces"], None) if resume else bert.load(args.bert) if args.bert else (None, None)
-    splits, vocab, embeddings, info = rank0_first(  # process 0 first: it may write the probe-mask cache
-        load_data, source, resume["vocab"] if resume else None, not args.text_only, not args.no_probe_mask,
-        args.compute_masks, data.SPLITS, True, pieces)
-    config = sancl.SANCLConfig(vocab_size=len(vocab), text_dropout=hp["text_dropout"], kappa=hp["kappa"],
+    """The paper's recipe: each epoch, draw the training groups afresh, take one Adam step on each batch
+    (Eq. 16-18), score dev; halve the learning rate after 5 epochs without a better dev MAP, stop after 6,
+    and report test at the best dev epoch. Every line marked plumbing is one call into plumbing/."""
+    run = training.start(args, progress, hold, SWITCHES, 1 + NEGATIVES)  # plumbing: processes, --resume, data, folder
+    args, hp, splits, device = run.args, run.hp, run.splits, run.device
+    # the model of Fig. 1 with Table 5's settings (a resumed run: its own, from its checkpoint)
+    config = sancl.SANCLConfig(vocab_size=len(run.vocab), text_dropout=hp["text_dropout"], kappa=hp["kappa"],
                                freeze_embeddings=args.freeze_embeddings, bert=bool(args.bert),
-                               embed_dim=encoder.bert.config.hidden_size if encoder else data.EMBED_DIM,
+                               embed_dim=run.encoder.bert.config.hidden_size if run.encoder else data.EMBED_DIM,
                                **{s: getattr(args, s) for s in SWITCHES})
-    model = resume["model"] if resume else sancl.SANCL(config, embeddings, encoder)
-    config = model.config  # a resumed run's own (hp below say its kappa and dropout)
-    hp.update(kappa=config.kappa, text_dropout=config.text_dropout)
+    model = run.resume["model"] if run.resume else sancl.SANCL(config, run.embeddings, run.encoder)
+    hp.update(kappa=model.config.kappa, text_dropout=model.config.text_dropout)
     model.to(device)
-    net = wrap_model(model, device)  # the model, or DistributedDataParallel around it under torchrun
+    net = wrap_model(model, device)  # plumbing: the model, or DistributedDataParallel around it under torchrun
     optimizer = adam(model, hp["lr"])
     # the reference's schedule: halve the learning rate after 5 epochs without a better dev score. "Better" is
     # one notion for the schedule, early stopping and best.pt: a strictly higher dev MAP (threshold=0; the
-    # reference keeps ReduceLROnPlateau's default, better by a relative 1e-4: README, differences)
+    # reference keeps ReduceLROnPlateau's default, better by a relative 1e-4: docs/differences.md)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5,
                                                            patience=args.lr_patience, threshold=0)
     state = {"epoch": 0, "best_map": -1.0, "best_epoch": 0, "bad_epochs": 0, "history": []}
-    if resume:
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        state = resume["state"]
-        set_rng_state(resume["rng"])
-        say_where(out, state, args)
-    run_info = {"args": vars(args), "settings": hp, "config": dataclasses.asdict(config), "data": str(source.root),
-                "sample": source.is_sample}
-    on_rank0((out / "config.json").write_text, json.dumps(run_info, indent=2))  # several processes: 0 writes
-    print(f"data {source.root} ({'SAMPLE' if source.is_sample else 'release'}): "
-          + ", ".join(f"{n} {len(s.products)}/{len(s.labels)}" for n, s in splits.items())
-          + f" products/reviews; loaded in {time.time() - t0:.1f}s")
-    dropped = [report.zero_vote_reviews for report in info["reports"].values()]
-    print(f"labels: {info['label_rule']}" + (f" ({'/'.join(map(str, dropped))} in "
-                                             f"{'/'.join(info['reports'])})" if any(dropped) else ""))
-    report_data(info)
-    if config.bert:
-        trained = sum(p.numel() for p in model.bert.parameters() if p.requires_grad)
-        print(f"BERT {args.bert}: {model.bert.trained_layers} of {len(model.bert.bert.encoder.layer)} layers trained "
-              f"({trained:,} of its {model.num_params(False) - model.num_params():,} params), texts in word "
-              f"pieces (up to {data.MAX_REVIEW_TOKENS}), E_t = its last layer")
-    print(f"model: {model.num_params() / 1e6:.2f}M params without embeddings; device {device}; "
-          f"lr {hp['lr']} batch {hp['batch_size']} kappa {hp['kappa']} dropout {hp['text_dropout']}; "
-          f"switches: {', '.join(s for s in SWITCHES if getattr(args, s)) or 'none (full SANCL)'}"
-          + (f"; batching {args.batching}" if args.batching != "groups" else "")
-          + ("; bfloat16 autocast" if args.amp else ""))
+    if run.resume:
+        state = training.restore(run, optimizer, scheduler)  # plumbing: --resume continues exactly
+    training.describe(run, model, SWITCHES)  # plumbing: config.json, and what the run reads and trains
 
     while state["epoch"] < args.epochs and state["bad_epochs"] < args.patience:
         epoch = progress["epoch"] = state["epoch"] + 1
         model.train()
         rng = np.random.default_rng([args.seed, epoch])  # the epoch's groups: same on resume
+        groups = epoch_groups(splits["train"], rng)
+        plan = epoch_plan(splits["train"], groups, args.batching, hp["batch_size"], rng)
         # loss sums stay on the device (float64: the same sums as Python floats) until the epoch ends
         sums = {k: torch.zeros((), dtype=torch.float64, device=device) for k in ("task", "cpc_ii", "cpc_pr")}
         steps, reviews, t0 = 0, 0, time.time()
-        groups = epoch_groups(splits["train"], rng)
-        plan = epoch_plan(splits["train"], groups, args.batching, hp["batch_size"], rng)
-        with Prefetch(*share_steps(splits["train"].group_batch, plan)) as batches:  # the next batch is built now
-            for batch in together(batches):  # several processes: each its share of a step, stopping together
+        with Prefetch(*share_steps(splits["train"].group_batch, plan)) as batches:  # plumbing: built ahead
+            for batch in together(batches):  # plumbing: several processes, each its share of a step
                 losses = train_step(net, optimizer, to_device(batch, device), args.amp, splits["train"], epoch)
                 for k in sums:
                     sums[k] += losses[k].detach().double()
                 steps, reviews = steps + 1, reviews + len(batch["labels"])
-                if steps % 20 == 0 and sys.stderr.isatty():
-                    print(f"\r  epoch {epoch} step {steps}/{len(plan)}  loss {sums['task'].item() / steps:.4f}  "
-                          f"{reviews / (time.time() - t0):.0f} reviews/s", end="", file=sys.stderr)
+                training.show_progress(epoch, steps, len(plan), sums["task"], reviews, time.time() - t0)
         waited, reviews = batches.waited, total_over_processes(reviews)
         train_time, t0 = time.time() - t0, time.time()
         dev = on_rank0(evaluate_split, model, splits["dev"], device, args.threshold)
@@ -343,30 +291,17 @@ def train_locked(args, progress, hold):
         means = {k: v.item() / max(1, steps) for k, v in sums.items()}
         state["history"].append({"epoch": epoch, **means, "dev": dev, "lr": optimizer.param_groups[0]["lr"],
                                  "train_s": train_time, "dev_s": dev_time, "wait_s": waited})
-        on_rank0(plots.write_history_csv, state["history"], out / "history.csv")  # each epoch: resume-safe
+        on_rank0(plots.write_history_csv, state["history"], run.out / "history.csv")  # each epoch: resume-safe
         scheduler.step(dev["MAP"])
         better = dev["MAP"] > state["best_map"]
         if better:
             state.update(best_map=dev["MAP"], best_epoch=epoch, bad_epochs=0)
         else:
             state["bad_epochs"] += 1
-        checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "args": vars(args),
-                      "config": dataclasses.asdict(config), "vocab": vocab, "state": state, "rng": rng_state(),
-                      "scheduler": scheduler.state_dict()}
-        if config.bert:  # its BERT's config and tokenizer: evaluate.py and --resume need no BERT folder
-            checkpoint["bert"] = bert.checkpoint_entry(pieces, model.bert)
-        if better:
-            save_atomic(checkpoint, out / "best.pt")
-        save_atomic(checkpoint, out / "last.pt")
-        if sys.stderr.isatty():
-            print("\r", end="", file=sys.stderr)
-        print(f"epoch {epoch:2d}  " + "  ".join(f"{k} {v:.4f}" for k, v in means.items()) + "  |  "
-              + format_metrics("dev", dev)
-              + f"  |  train {train_time:.1f}s {reviews / train_time:.0f} reviews/s, dev {dev_time:.1f}s "
-              f"{len(splits['dev'].labels) / dev_time:.0f} reviews/s, waiting for data {waited / train_time:.0%}"
-              + ("  *best" if better else ""), flush=True)
+        training.save_epoch(run, model, optimizer, scheduler, state, better)  # plumbing: last.pt, best.pt
+        training.epoch_line(epoch, means, dev, train_time, reviews, dev_time, len(splits["dev"].labels), waited, better)
 
-    return on_rank0(score_best, model, splits["test"], out, state, device, args.threshold)
+    return on_rank0(score_best, model, splits["test"], run.out, state, device, args.threshold)
 
 
 def score_best(model, split, out, state, device, threshold):
@@ -383,18 +318,7 @@ def score_best(model, split, out, state, device, threshold):
     return test
 
 
-# --- Table 2 in one command: every setting, several seeds -------------------------------------
-TABLE2 = {"SANCL (full)": [], "text-only": ["--text-only"], "w/o learned beta": ["--fixed-beta"],
-          "w/o probe mask": ["--no-probe-mask"], "w/o cpc_ii": ["--no-cpc-ii"], "w/o cpc_pr": ["--no-cpc-pr"],
-          "w/o cpc_ii and cpc_pr": ["--no-cpc-ii", "--no-cpc-pr"]}
-TABLE_FLAGS = {"--ablations": 0, "--seeds": 1, "--jobs": 1, "--seed": 1, "--out": 1}  # flag -> values it takes
-
-
-def run_name(flags, seed):
-    """A table run's folder: full-s0, text_only-s1, no_cpc_ii_no_cpc_pr-s2, ..."""
-    return f"{'_'.join(flag[2:].replace('-', '_') for flag in flags) or 'full'}-s{seed}"
-
-
+# plumbing: --ablations, Table 2 in one command (plumbing/table2.py); each of its runs is this function
 def table_run(job):
     """One run of the table, in its own process, its output in its folder's train.log: the test metrics (a
     finished run's read back, or recomputed from best.pt by --resume where test.json does not match it; an
@@ -413,50 +337,6 @@ def table_run(job):
     return test, time.time() - start, note
 
 
-def ablation_table(args, argv):
-    """--ablations: TABLE2's settings x --seeds seeds, --jobs at a time; then the table."""
-    base, skip = [], 0
-    for item in argv:  # the run's own flags, without the table's
-        if skip:
-            skip -= 1
-        elif item.split("=")[0] in TABLE_FLAGS:
-            skip = 0 if "=" in item else TABLE_FLAGS[item]
-        else:
-            base.append(item)
-    source = find_data(args.data, args.data_dir, args.glove, args.features)  # the sample: written once, here
-    folder = Path(args.out or f"runs/{args.data or data.NAMES.get(source.prefix, source.prefix)}"
-                  f"{'-bert' if args.bert else ''}-table2")
-    if folder.exists() and not folder.is_dir():
-        raise data.DataError(f"--out {folder} is a file, not a folder: pass --out NEW_FOLDER.")
-    folder.mkdir(parents=True, exist_ok=True)
-    with folder_lock(folder, "a Table 2 (--ablations)"):  # the same table started twice: the second stops
-        table_in(args, base, source, folder)
-
-
-def table_in(args, base, source, folder):
-    jobs = [(base + flags + ["--seed", str(seed), "--out", str(folder / run_name(flags, seed))],
-             folder / run_name(flags, seed)) for flags in TABLE2.values() for seed in range(args.seeds)]
-    gpus = torch.cuda.device_count() if args.device in ("auto", "cuda") else 0  # several: one run on each
-    workers = min(gpus if gpus > 1 else args.jobs, len(jobs))  # never more processes than runs
-    print(f"Table 2: {len(TABLE2)} settings x {args.seeds} seeds = {len(jobs)} runs, {workers} at a time"
-          + (" (one a GPU)" if gpus > 1 else "") + f", in {folder}/ (each run's output in its train.log)", flush=True)
-    results, start, context = {}, time.time(), multiprocessing.get_context("spawn")
-    slots = context.Queue() if gpus > 1 else None
-    for gpu in range(workers if gpus > 1 else 0):
-        slots.put(gpu)
-    with context.Pool(workers, initializer=die_with_parent, initargs=(slots,)) as pool:
-        for n, ((test, seconds, note), (_, out)) in enumerate(zip(pool.imap(table_run, jobs), jobs), 1):
-            results[out.name] = test
-            elapsed = time.time() - start
-            print(f"[{n}/{len(jobs)}] {out.name}: {format_metrics('test', test)}  ({f'{note}, ' if note else ''}"
-                  f"{'finished before' if seconds is None else f'{seconds / 60:.1f} min'}; ETA "
-                  f"{elapsed / n * (len(jobs) - n) / 60:.0f} min)", flush=True)
-    rows = {name: [results[run_name(flags, seed)] for seed in range(args.seeds)] for name, flags in TABLE2.items()}
-    rows.update({name: [m] for name, m in baseline_metrics(data.read_split(source, "test"), args.threshold).items()})
-    write_table(rows, folder, f"{source.root} ({'SAMPLE' if source.is_sample else 'release'}), test split, "
-                f"{args.seeds} seeds, {(time.time() - start) / 60:.1f} min")
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args, progress = parse_args(argv), {}
@@ -464,7 +344,7 @@ def main(argv=None):
         if args.ablations and "RANK" in os.environ:
             raise data.DataError("--ablations starts its own processes: run it with python, not torchrun")
         if args.ablations:
-            ablation_table(args, argv)
+            table2.ablation_table(args, argv, table_run)
             return 0
         train(args, progress)
     except data.DataError as error:

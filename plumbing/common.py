@@ -2,7 +2,7 @@
 
   1. seeding, devices and batches built ahead: same seed, same numbers; CPU first, CUDA when present
   2. which data a run reads: the release, else the built-in sample (written on first use),
-     with probe masks from probe_mask.py's cache (computed now for the sample) and region
+     with probe masks from plumbing/masks.py's cache (computed now for the sample) and region
      features from features.py
 
 Checkpoints and run folders are in runs.py, several processes (torchrun) in distributed.py.
@@ -11,18 +11,20 @@ evaluate.py and train.py use it; nothing below imports it.
 """
 import argparse
 import contextlib
+import json
 import os
 import queue
 import random
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
 import data
-import probe_mask
+from plumbing import masks as probe_masks
 from plumbing import sample
 from plumbing.features import RegionStore, scan_regions
 
@@ -199,10 +201,10 @@ def find_data(name=None, data_dir=None, glove=None, features=None, quiet=False):
 
 
 def load_masks(source, split, compute=False):
-    """Probe masks of a split, never stale (probe_mask.split_masks checks each review's text and
+    """Probe masks of a split, never stale (masks.split_masks checks each review's text and
     product name): from the cache; what is missing is computed now for the sample (seconds) or with
     compute=True, otherwise an error that says how to precompute them."""
-    return probe_mask.split_masks(source, split, compute=source.is_sample or compute)
+    return probe_masks.split_masks(source, split, compute=source.is_sample or compute)
 
 
 def load_data(source, vocab=None, with_images=True, with_masks=True, compute_masks=False,
@@ -280,3 +282,67 @@ def report_data(info, file=None):
               f"{100 * info['images']['reviews']:.1f}% (the others get the learned 'no image' region)", file=file)
     for warning in warnings:
         print(f"WARNING: {warning}", file=file)
+
+
+# --- 3. a product given as JSON (evaluate.py --predict, --explain) ------------------------------
+MAX_NAME = 2000  # characters of a --predict product name (the model reads 128 tokens of name + description)
+
+
+def feature_folder(path, item_id, given):
+    """An item's "features" path of a --predict file, checked. The rule: a folder INSIDE the JSON file's folder,
+    given relative to it; resolved with its symlinks, it and the .npz / .pth files in it must stay inside,
+    and those must be regular files (a FIFO would block the read for ever). Anything else is refused."""
+    home = Path(path).resolve().parent
+    folder = home / given if isinstance(given, str) and given and not Path(given).is_absolute() else None
+    if folder is None or not folder.resolve().is_relative_to(home):
+        raise data.DataError(f"{path}: the \"features\" of {item_id} ({str(given)[:80]!r}) must be a folder inside "
+                             f"{home}, given relative to the JSON file (no absolute path, no .. out of it).")
+    if folder.exists() and not folder.is_dir():
+        raise data.DataError(f"{folder}: the \"features\" of {item_id} is a file, not a folder of .npz files.")
+    for file in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if file.suffix in (".npz", ".pth") and not (file.is_file() and file.resolve().is_relative_to(home)):
+            raise data.DataError(f"{file}: the features of {item_id} must be regular files inside {home} (this is a "
+                                 f"{'link out of it' if file.is_file() else 'FIFO, device or folder'}).")
+    return folder
+
+
+def read_product_file(model, checkpoint, path, nlp=None):
+    """One product and its reviews given as JSON, encoded like a split: (Split, skipped, folders).
+
+    {"name": "...", "description": "...", "features": "folder (optional)",
+     "reviews": [{"text": "...", "features": "folder (optional)"}, ...]}
+    Feature folders hold .npz files (key x, shape (n, 2048)) as in the release, inside the JSON file's folder
+    (feature_folder). skipped: reviews without text; folders: item id -> its feature folder (items with images).
+    """
+    expected = '{"name": "...", "description": "...", "reviews": [{"text": "..."}, ...]}'
+    try:
+        spec = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as error:  # the message alone: a repr would quote the whole file
+        raise data.DataError(f"{path}: cannot read it ({type(error).__name__}: {str(error)[:200]}); expected "
+                             f"{expected}") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("reviews"), list):
+        raise data.DataError(f"{path}: expected {expected} (no \"reviews\" list in it).")
+    name, description = spec.get("name"), spec.get("description")
+    if not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME:
+        raise data.DataError(f"{path}: \"name\" must be the product's name, text of 1 to {MAX_NAME} characters (it "
+                             f"is {type(name).__name__ if not isinstance(name, str) else f'{len(name)} characters'}).")
+    if description is not None and not isinstance(description, str):
+        raise data.DataError(f"{path}: \"description\" must be text or null (it is {type(description).__name__}).")
+    for i, review in enumerate(spec["reviews"]):
+        if not isinstance(review, dict) or not isinstance(review.get("text"), str):
+            raise data.DataError(f"{path}: review {i + 1} must be {{\"text\": \"...\"}} with its text as a string.")
+    product = data.Product("product", name, description or "")  # null: no description, not the word "None"
+    reviews = [(f"review-{i}", r) for i, r in enumerate(spec["reviews"]) if r["text"].strip()]
+    product.reviews = [data.Review(review_id, r["text"], 0) for review_id, r in reviews]
+    folders = {item_id: feature_folder(path, item_id, item["features"])
+               for item_id, item in [("product", spec), *reviews] if item.get("features") is not None}
+    if not product.reviews:
+        raise data.DataError(f"{path}: no review with text to rank.")
+    masks = None
+    if not model.config.no_probe_mask:
+        masks = probe_masks.compute_masks([(product.product_id, r.review_id, product.name, r.text)
+                                           for r in product.reviews], nlp, progress=False)
+    regions = None if model.config.text_only else RegionStore(Path(path).parent, folders=folders)
+    split = data.Split("predict", [product], {w: i for i, w in enumerate(checkpoint["vocab"])}, masks, regions,
+                       pieces=checkpoint.get("pieces"))
+    return split, len(spec["reviews"]) - len(product.reviews), folders

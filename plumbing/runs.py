@@ -11,6 +11,8 @@ import argparse
 import contextlib
 import dataclasses
 import errno
+import hashlib
+import json
 import math
 import os
 import pickle
@@ -28,6 +30,7 @@ import torch
 from plumbing import bert
 import data
 import sancl
+from plumbing.common import find_data, load_data, report_data
 from plumbing.distributed import WORLD
 
 
@@ -302,3 +305,53 @@ def resume_from(run, args):
                  **{k: getattr(args, k) for k in ("data_dir", "glove", "features", "compute_masks")
                     if getattr(args, k)})
     return resume, argparse.Namespace(**saved)
+
+
+# --- 3. saved runs: a checkpoint's model and data, a finished run's test metrics -----------------------
+def load_run(checkpoint_path, data_dir=None, split_names=data.SPLITS, device="cpu"):
+    """The model of a saved run and its data, encoded with the run's own vocabulary."""
+    checkpoint = load_checkpoint(checkpoint_path)
+    model = model_from_checkpoint(checkpoint, checkpoint_path).to(device)  # checked: config, shapes, finite
+    args, config = checkpoint["args"], model.config  # checkpoint["pieces"]: SANCL+BERT's tokenizer, else None
+    splits = None
+    if split_names:
+        saved = {k: args.get(k) if isinstance(args.get(k), str) else None
+                 for k in ("data", "data_dir", "glove", "features")}
+        if saved["data"] not in data.CATEGORIES:
+            saved["data"] = None
+        if data_dir is None and saved["data_dir"] and not Path(saved["data_dir"]).is_dir():
+            raise data.DataError(f"{checkpoint_path}: the run read its data from {saved['data_dir']} (saved in the "
+                                 f"checkpoint), which is no folder here: pass --data-dir DIR where the data is now.")
+        source = find_data(saved["data"], data_dir or saved["data_dir"], saved["glove"], saved["features"])
+        splits, _, _, info = load_data(source, vocab=checkpoint["vocab"], with_images=not config.text_only,
+                                       with_masks=not config.no_probe_mask, split_names=split_names,
+                                       pieces=checkpoint["pieces"])
+        report_data(info, sys.stderr)  # the unknown-token share says whether the run's vocabulary fits this data
+    checkpoint["path"] = str(checkpoint_path)
+    return model, checkpoint, splits
+
+
+def run_digest(out, test):
+    """sha256 of the run's best.pt and of the test metrics written beside it: test.json names the checkpoint
+    its numbers came from, and a hand-edited number or another best.pt no longer matches."""
+    digest = hashlib.sha256()
+    with open(out / "best.pt", "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return hashlib.sha256(digest.digest() + json.dumps(test, sort_keys=True).encode()).hexdigest()
+
+
+def finished_test(out):
+    """A finished run's test metrics from its test.json, or why they cannot be trusted: the file is
+    unreadable, not what train() writes, or does not match the run's best.pt (run_digest)."""
+    try:
+        record = json.loads((out / "test.json").read_text())
+        test = record["test"]
+        if not (isinstance(test, dict) and all(isinstance(test.get(k), float) and 0 <= test[k] <= 100
+                                               for k in ("MAP", "N@3", "N@5"))):
+            return None, "its test metrics are not three numbers from 0 to 100"
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return None, f"unreadable ({type(error).__name__})"
+    if not (out / "best.pt").is_file() or record.get("digest") != run_digest(out, test):
+        return None, "it does not match the run's best.pt"
+    return test, None
