@@ -123,7 +123,7 @@ class Product:
 
     @property
     def text(self):
-        """Product text fed to the model = name + " " + description (SPEC §2)."""
+        """Product text fed to the model = name + " " + description (docs/release.md)."""
         return f"{self.name} {self.description}"
 
 
@@ -146,7 +146,7 @@ LABEL_RULES = {
 
 
 def votes_to_scores(votes, rule=None):
-    """The label rule and the scores (SPEC §2, §10). The rule is one decision for a whole release:
+    """The label rule and the scores (docs/release.md, docs/differences.md). The rule is one decision for a whole release:
     decided here when `rule` is None (pass the votes of every split), else given. The paper: score =
     floor(log2(votes)) clipped to [0, 4], i.e. 1 -> 0, 2-3 -> 1, 4-7 -> 2, 8-15 -> 3, >= 16 -> 4 (the
     reference's bins); 0 votes has no score (None: dropped, as the reference does). When every value is
@@ -286,7 +286,7 @@ def glove_matrix(source, vocab, seed=0):
 
 # --- 5. encoded splits and batches ------------------------------------------------------
 PAD, UNK = 0, 1
-MIN_COUNT = 5  # the reference keeps the tokens seen at least 5 times in train (SPEC §10)
+MIN_COUNT = 5  # the reference keeps the tokens seen at least 5 times in train (docs/differences.md)
 
 
 def build_vocab(train, words, min_count=MIN_COUNT):

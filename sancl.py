@@ -38,7 +38,7 @@ class SANCLConfig:
     shared_dim: int = 64  # D, size of the shared ii / pr spaces (Table 5)
     text_dropout: float = 0.5  # dropout on word embeddings (0.2 for Home & Kitchen)
     freeze_embeddings: bool = False  # the paper initialises with GloVe and trains (so does the reference)
-    image_layers: int = 3  # pre-LayerNorm transformer layers of the image encoder (reference, SPEC §10)
+    image_layers: int = 3  # pre-LayerNorm transformer layers of the image encoder (reference, docs/differences.md)
     image_heads: int = 4  # attention heads in each of them
     image_feedforward: int = 512  # their feed-forward size
     image_dropout: float = 0.5  # after the region projection and on each residual branch
@@ -47,7 +47,7 @@ class SANCLConfig:
     fixed_beta_value: float = 0.5  # beta when fixed_beta is on (the reference GloVe model)
     tau: float = 1.0  # temperature of phi (Eq. 10)
     gamma: float = 1.0  # hinge margin per point of label gap (Eq. 16)
-    helpful_threshold: int = 3  # label >= this is a helpful review, S+ (SPEC §5)
+    helpful_threshold: int = 3  # label >= this is a helpful review, S+ (docs/differences.md)
     kappa: float = 0.25  # weight of the contrastive losses (Eq. 18; Table 5)
     text_only: bool = False  # no image path, no cpc_ii, text terms only
     fixed_beta: bool = False  # ablation "w/o learned beta": beta = fixed_beta_value
@@ -98,7 +98,7 @@ class TextEncoder(nn.Module):
 
 
 class TransformerLayer(nn.Module):
-    """One pre-LayerNorm transformer layer over regions (the reference's image encoder, SPEC §10):
+    """One pre-LayerNorm transformer layer over regions (the reference's image encoder, docs/differences.md):
     x = x + Dropout(MultiHeadAttention(LN(x))); x = x + Dropout(W2 Dropout(ReLU(W1 LN(x)))).
     Padded regions are masked as keys (the reference masks them too)."""
 
@@ -179,7 +179,7 @@ class SelectiveAttention(nn.Module):
     H' = H + A' H                                             (Eq. 7)
     The paper writes Eq. (3) as "softmax(W H)"; the query and key maps with bias and no
     1/sqrt(d) scaling are the reference code's. Like paper and reference, A' is not
-    re-normalised. Padded keys are masked (the reference forgets to: SPEC §10).
+    re-normalised. Padded keys are masked (the reference forgets to: docs/differences.md).
     b_k cannot change A: it adds q_i . b_k to every score of row i, which the softmax takes away,
     so its gradient is zero up to rounding (about 1e-9 against 1e-2); kept, as in the reference."""
 
@@ -328,7 +328,7 @@ class SANCL(nn.Module):
             out[f"{name}_review"] = project(pooled_review[name[0]])  # (R, D)
             out[f"{name}_product"] = project(pooled_product[name[0]])  # (P, D)
         # Eq. (14): review representations only (the reference code also appended the
-        # product text, twice; SPEC §5)
+        # product text, twice; docs/differences.md)
         features = torch.cat([out[f"{name}_review"] for name in self.projections], dim=-1)  # (R, 4D) or (R, 2D)
         # Eq. (15)
         out["score"] = self.output(features).squeeze(-1)  # (R,)

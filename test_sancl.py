@@ -2010,7 +2010,7 @@ def resnet_weights(tmp_path_factory):
 
 
 def test_resnet101_has_torchvisions_layout():
-    """Literal numbers of torchvision's resnet101 file (SPEC §11), not a recount by the same code."""
+    """Literal numbers of torchvision's resnet101 file (docs/real-data.md), not a recount by the same code."""
     net = grid_features.ResNet101()
     state = net.state_dict()
     assert len(state) == 626 and sum(p.numel() for p in net.parameters()) == 44_549_160
@@ -2156,7 +2156,7 @@ def test_split_is_sklearns_train_test_split_twice():
 
 # --- issue 21: tests that catch a broken training loop and model; every equation; Table 5 and sizes ---
 def test_product_text_is_the_mean_of_its_real_gru_states():
-    """SPEC §10: the product text vector is the mean of the product GRU's states over its REAL tokens."""
+    """The reference code (docs/differences.md): the product text vector is the mean of the product GRU's states over its REAL tokens."""
     model, config = tiny_model()
     model.eval()
     captured = {}
@@ -2309,7 +2309,7 @@ def test_eq14_eq15_score_is_one_linear_layer_on_the_review_vectors(text_only):
         assert out["score"][r].item() == pytest.approx(sum(wi * fi for wi, fi in zip(w, F)) + b, abs=1e-5)
 
 
-# SPEC §10's count of the reference's layers (the ones its forward pass uses, Table 5 sizes) -> ours.
+# The reference code's count of the reference's layers (the ones its forward pass uses, Table 5 sizes) -> ours.
 REFERENCE_PARAMS = {
     "product_text_encoder": (165_120, 165_120),
     "review_text_encoder": (165_120, 165_120),
@@ -3371,7 +3371,7 @@ def test_the_device_benchmark_needs_neither_spacy_nor_transformers():
     import subprocess
     blocked = "import sys; sys.modules['spacy'] = sys.modules['transformers'] = None; sys.argv = ['benchmark.py'] + "
     run = subprocess.run([sys.executable, "-c", blocked + "['--device', 'cpu', '--steps', '1', '--vocab', '500']; "
-                          "from plumbing from plumbing from plumbing from plumbing from plumbing from plumbing from plumbing from plumbing from plumbing from plumbing import benchmark; benchmark.main()"], cwd=HERE, capture_output=True, text=True, timeout=120)
+                          "from plumbing from plumbing from plumbing from plumbing from plumbing from plumbing from plumbing from plumbing from plumbing from plumbing from plumbing import benchmark; benchmark.main()"], cwd=HERE, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and run.stdout.count(" s/step, epoch ") == 2, run.stderr[-2000:]
     run = subprocess.run([sys.executable, "-c", blocked + "['--device', 'cpu', '--bert-base']; import benchmark; "
                           "benchmark.main()"], cwd=HERE, capture_output=True, text=True, timeout=120)

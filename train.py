@@ -124,7 +124,7 @@ def parse_args(argv=None):
     return args
 
 
-# --- SANCL: training pairs for the ranking loss (Eq. 16; the reference's sampler, SPEC §10) ---
+# --- SANCL: training pairs for the ranking loss (Eq. 16; the reference's sampler, docs/differences.md) ---
 NEGATIVES = 7  # negatives per positive: a group is 1 + 7 = 8 review rows
 
 

@@ -86,8 +86,8 @@ def random_batch(config, products=4, reviews_per_product=8, product_len=16, revi
     return {k: v if v is None else v.to(device) for k, v in batch.items()}
 
 
-# Parameter table of `python sancl.py`: label -> (submodules, the reference's count, why they differ).
-# The reference counts are SPEC §10's (only the layers its forward pass uses, Table 5 sizes),
+# Parameter table of `python -m plumbing.benchmark --params`: label -> (submodules, the reference's count, why they differ).
+# The reference counts are the reference code's (only the layers its forward pass uses, Table 5 sizes),
 # which add up to the paper's 1.41M.
 COMPONENTS = {
     "product text GRU (Eq. 1)": (["product_text_encoder"], 165_120, ""),

@@ -1,7 +1,7 @@
 """Build Amazon-MRHP yourself, from the public Amazon review dumps: `python -m plumbing.build_data`.
 
 The release of the dataset's authors is a zip behind a drive link; the files it was built from
-are public. This script applies their rules (../shared/SPEC.md §11) to a reviews file and a
+are public. This script applies their rules (docs/real-data.md) to a reviews file and a
 metadata file of one category and writes exactly the layout data.py reads:
   1. read the two files, in any of the three public formats (2014, 2018, 2023), plain or gzip,
      in one streaming pass each: memory grows with the reviews kept, not with the file
@@ -145,7 +145,7 @@ def _json_or_literal(text, where):
                     f"dump (JSON lines, plain or .gz), not a csv or a zip.")
 
 
-# --- the three formats (SPEC §11), told apart by their fields -------------------------------------
+# --- the three formats (docs/real-data.md), told apart by their fields -------------------------------------
 REVIEW_FORMATS = {  # format -> (product key, text, reviewer)
     2014: ("asin", "reviewText", "reviewerID"), 2018: ("asin", "reviewText", "reviewerID"),
     2023: ("parent_asin", "text", "user_id")}
@@ -338,7 +338,7 @@ def train_test_split(ids, test_share, seed):
 
 def split_products(product_ids, seed):
     """64/16/20 by product: 80/20 (train+dev / test), then the first part 80/20 (train / dev),
-    with the same seed each time, as the authors did (SPEC §11). Product ids are sorted first, so
+    with the same seed each time, as the authors did (docs/real-data.md). Product ids are sorted first, so
     the split does not depend on the order of the dump."""
     rest, test = train_test_split(sorted(product_ids), 0.2, seed)
     train, dev = train_test_split(rest, 0.2, seed)

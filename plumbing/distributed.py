@@ -1,7 +1,7 @@
 """Several processes, several GPUs: `torchrun` with the one-process recipe (README "Several processes").
 
 Plumbing only: nothing of the paper lives here, and one process never needs it (every function is a
-no-op then). SPEC §12 has the facts on the engine.
+no-op then). docs/processes.md says how to use it.
   - start_processes / end_processes: join torchrun's processes (gloo on CPU, nccl on CUDA)
   - wrap_model, check_split, share_steps: DistributedDataParallel, and each step's groups dealt out
   - gather_step: the whole step's rows for the losses, with autograd (sancl.SANCL.losses' hook)

@@ -1,7 +1,7 @@
 """Region features of the images (Sec. 3.3 "image encoding" input), one item at a time.
 
 The release has no images: users crawl them and run a bottom-up-attention Faster R-CNN
-(ResNet-101), which gives per image an array `x` of shape (n_boxes, 2048) (SPEC §2). This
+(ResNet-101), which gives per image an array `x` of shape (n_boxes, 2048) (docs/release.md). This
 file reads those arrays for one product or review id and batches them for sancl.py:
   1. `read_regions(folder)`: the images of one item, capped per image and per item
   2. `RegionStore`: features by item id, padded into (B, N, 2048) batches
@@ -25,7 +25,7 @@ import torch
 from plumbing import grid_features
 from data import CATEGORIES, DataError, resolve_data
 
-MAX_REGIONS_PER_IMAGE = 32  # SPEC §2 (reference limits)
+MAX_REGIONS_PER_IMAGE = 32  # docs/release.md (reference limits)
 MAX_REGIONS_PER_ITEM = 128
 REGION_DIM = 2048  # bottom-up-attention Faster R-CNN (ResNet-101) features
 MAX_BOXES_PER_IMAGE = 1000  # the extractor gives 10-100 boxes an image: a file declaring more is refused unread

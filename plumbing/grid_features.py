@@ -5,14 +5,14 @@ current systems. Jiang et al. ("In Defense of Grid Features for VQA", CVPR 2020)
 convolutional map of the backbone, used as a grid of "regions", does as well: no proposals, one
 forward pass. So each image here goes through an ImageNet ResNet-101 (the backbone of the paper's
 detector, weights from a file the user has: torchvision's `resnet101`), and the 2048-d vectors of
-its last stage, averaged into a grid of at most 32 cells, are the image's regions (SPEC §11).
+its last stage, averaged into a grid of at most 32 cells, are the image's regions (docs/real-data.md).
   1. `ResNet101`: the network in plain torch, with torchvision's parameter names
   2. `load_weights`: the weight file, every key and shape checked before use, no pickled code run
   3. `load_image`: Pillow decodes, resize and normalise by hand
   4. `extract`: every image of a folder, batched, resumable, bad files listed at the end
   5. the flags of `python -m plumbing.features --extract` (the command lives in features.py, beside --pack)
 
-torchvision itself is not used: its PyPI wheel needs the CUDA build of torch (SPEC §11).
+torchvision itself is not used: its PyPI wheel needs the CUDA build of torch (docs/real-data.md).
 """
 import json
 import os

@@ -122,7 +122,7 @@ def check_weights(checkpoint, path, parts=("model",)):
 
 
 # What a checkpoint's config may ask for: a file can hold any number, and the model allocates what it says
-# before a single weight is compared. Far above the paper's sizes (Table 5, SPEC §10), far below memory's end.
+# before a single weight is compared. Far above the paper's sizes (Table 5, docs/differences.md), far below memory's end.
 CONFIG_LIMITS = {"vocab_size": 5_000_000, "embed_dim": 4096, "hidden": 4096, "image_dim": 4096, "region_dim": 8192,
                  "shared_dim": 4096, "image_layers": 48, "image_heads": 64, "image_feedforward": 16384}
 

@@ -41,7 +41,7 @@ SENTENCES_PER_REVIEW = (3, 8)
 # the product] + Normal(0, NOISE)), clipped to 0..4
 TEXT_WEIGHT, IMAGE_WEIGHT, NOISE = 3.0, 2.0, 0.9
 P_INFORMATIVE = 0.4  # chance that a sentence about the product is informative
-# --size release: Table 4's products/reviews per split (SPEC §2), reviews of ~100 tokens (as the release's),
+# --size release: Table 4's products/reviews per split (docs/release.md), reviews of ~100 tokens (as the release's),
 # for benchmark.py; region features only for the first RELEASE_FEATURED train products and their reviews
 # (the whole release's features would take ~270 GB), with 10-100 boxes per image, float32, as extracted.
 RELEASE_SIZES = {
@@ -237,7 +237,7 @@ def ensure_sample(root, category):
 
 # --- the sample as a public Amazon dump, for build_data.py ---------------------------------------------
 def _dump_lines(root, category, year):
-    """(review lines, metadata lines) of the sample in `root`, in the `year` format (SPEC §11). Each
+    """(review lines, metadata lines) of the sample in `root`, in the `year` format (docs/real-data.md). Each
     split's products and reviews, as build_data.py would find them in a downloaded dump."""
     prefix, reviews, meta = CATEGORIES[category], [], []
     for split in ("train", "dev", "test"):
