@@ -39,6 +39,8 @@ import probe_mask as pm
 from plumbing import runs
 from plumbing import sample
 from plumbing import speed
+from plumbing import training
+from plumbing import table2
 from plumbing import tables
 from plumbing import stats
 from plumbing import masks as mask_cache
@@ -1232,7 +1234,7 @@ def test_ablation_table_trains_every_setting_and_reuses_finished_runs(tiny_root,
     assert "7 settings x 1 seeds = 7 runs, 2 at a time" in out and "[7/7] no_cpc_ii_no_cpc_pr-s0: test  MAP" in out
     table = (tmp_path / "table2.md").read_text().splitlines()
     assert table[2] == "| setting | MAP | N@3 | N@5 | pr text h / u | pr image h / u | ii h / u |"
-    assert [row.split(" | ")[0] for row in table[4:]] == ["| " + name for name in list(train.TABLE2) + ["random", "length"]]
+    assert [row.split(" | ")[0] for row in table[4:]] == ["| " + name for name in list(table2.TABLE2) + ["random", "length"]]
     text_only = json.loads((tmp_path / "text_only-s0" / "test.json").read_text())["test"]
     pr_text = f"{text_only['geometry']['pr_t_helpful']:+.2f} / {text_only['geometry']['pr_t_unhelpful']:+.2f}"
     assert (f"| text-only | {text_only['MAP']:.2f} | {text_only['N@3']:.2f} | {text_only['N@5']:.2f} | {pr_text} | - | - |"
@@ -1754,7 +1756,8 @@ def test_imports_have_no_circle():
 
     for name in sorted(graph):
         visit(name)
-    assert graph["data"] == set(), "data.py, a building block, imports no other script"
+    assert graph["data"] <= {"plumbing.tables"} and graph.get("plumbing.tables", set()) == set(), \
+        "data.py, a building block, imports no other script but the reader of its JSON files"
     assert graph["sancl"] <= {"plumbing.speed"} and graph.get("plumbing.speed", set()) == set(), \
         "sancl.py, the model, imports no other script but its one speed device"
     importers = {name for name, imported in graph.items() if "train" in imported}
@@ -2343,7 +2346,7 @@ def test_table5_values_per_category():
               "home_kitchen": dict(lr=1e-4, text_dropout=0.2, kappa=0.1, batch_size=32)}
     assert sancl.TABLE5 == table5
     for category, expected in table5.items():
-        assert train.settings(train.parse_args(["--data", category]), category) == expected
+        assert training.settings(train.parse_args(["--data", category]), category) == expected
     config = sancl.SANCLConfig(vocab_size=10)  # text embedding 300, image 128, "LSTM" hidden 128, shared 64
     assert (config.embed_dim, config.image_dim, config.hidden, config.shared_dim) == (300, 128, 128, 64)
 
@@ -2399,7 +2402,7 @@ def test_a_damaged_pack_is_an_error_and_pack_repairs_it_from_the_folders(tiny_ro
     with open(regions, "r+b") as f:  # cut short: the last items' rows are gone
         f.truncate(whole // 2)
     with pytest.raises(data.DataError, match=r"regions.f16 is \d+ bytes, its index index.npz says \d+ rows.*"
-                                             r"damaged: `python -m common.features --pack .*` repairs it"):
+                                             r"damaged: `python -m plumbing.features --pack .*` repairs it"):
         features.RegionStore(folder)
     capsys.readouterr()
     features.pack(folder)  # re-reads the cut items from their folders: no zero padding
@@ -2465,7 +2468,7 @@ def test_a_damaged_pack_index_is_an_error_and_pack_rebuilds_it(tiny_copy, tmp_pa
         saved = dict(np.load(index))
         np.savez(index, **{**saved, "start": saved["start"] + 10 ** 6})
     with pytest.raises(features.PackError, match=r"packed/index.npz: damaged or not a pack index .*"
-                                                 r"`python -m common.features --pack --features .*` rebuilds"):
+                                                 r"`python -m plumbing.features --pack --features .*` rebuilds"):
         features.RegionStore(folder)
     capsys.readouterr()
     assert train.main(["--data-dir", str(tiny_copy), "--out", str(tmp_path / "run"), "--epochs", "1"]) == 2
@@ -2712,7 +2715,7 @@ def test_ablations_started_twice_stop_and_its_workers_die_with_it(tiny_root, tmp
         pools.append((processes, initializer))
         raise Stop
 
-    monkeypatch.setattr(train.multiprocessing, "get_context", lambda kind: SimpleNamespace(Pool=pool))
+    monkeypatch.setattr(table2.multiprocessing, "get_context", lambda kind: SimpleNamespace(Pool=pool))
     with pytest.raises(Stop):
         train.main(argv[:-4] + ["--seeds", "1", "--jobs", "2", "--out", str(tmp_path)])
     assert pools == [(2, runs.die_with_parent)]
@@ -2726,7 +2729,7 @@ def test_a_pool_worker_ends_when_its_parent_is_killed(tmp_path):
     marker = tmp_path / "worker.pid"
     script = tmp_path / "parent.py"
     script.write_text(f"import multiprocessing, os, sys, time\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-                      "import runs\n\ndef work(path):\n    open(path + '.tmp', 'w').write(str(os.getpid()))\n"
+                      "from plumbing import runs\n\ndef work(path):\n    open(path + '.tmp', 'w').write(str(os.getpid()))\n"
                       "    os.replace(path + '.tmp', path)\n    time.sleep(120)\n\n"
                       "if __name__ == '__main__':\n    with multiprocessing.get_context('spawn').Pool(1, initializer="
                       f"runs.die_with_parent) as pool:\n        pool.apply(work, ({str(marker)!r},))\n")
@@ -2804,7 +2807,7 @@ def test_a_forged_or_broken_test_json_is_recomputed_from_best_pt(tiny_root, tmp_
         assert again == test and seconds is not None and note == f"test.json {why}: recomputed from best.pt"
         assert json.loads((out / "test.json").read_text()) == record  # rewritten from the checkpoint
     torch.save(runs.load_checkpoint(out / "last.pt"), out / "best.pt")  # another best.pt, same numbers
-    assert evaluate.finished_test(out) == (None, "it does not match the run's best.pt")
+    assert runs.finished_test(out) == (None, "it does not match the run's best.pt")
 
 
 def test_best_pt_without_last_pt_resumes_and_the_table_finishes(tiny_root, tmp_path, capsys):
@@ -2868,7 +2871,7 @@ def test_a_table_never_starts_more_workers_than_runs(tiny_root, tmp_path, monkey
         pools.append(processes)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train.multiprocessing, "get_context", lambda kind: SimpleNamespace(Pool=pool))
+    monkeypatch.setattr(table2.multiprocessing, "get_context", lambda kind: SimpleNamespace(Pool=pool))
     assert train.main(["--data-dir", str(tiny_root), "--ablations", "--seeds", "1", "--jobs", "12",
                        "--out", str(tmp_path)]) == 130
     assert pools == [7] and "7 runs, 7 at a time" in capsys.readouterr().out
@@ -2892,7 +2895,7 @@ def test_bad_paths_are_one_line(tiny_root, tiny_run, tmp_path, monkeypatch, caps
         def refuse(obj, path):
             raise OSError(code, os.strerror(code), str(path))
 
-        monkeypatch.setattr(train, "save_atomic", refuse)
+        monkeypatch.setattr(training, "save_atomic", refuse)
         assert train.main([*base, "--out", str(tmp_path / f"run{code}")]) == 2
         said += " (a run continues with --resume)." if code == errno.ENOSPC else " / --plots."
         where = tmp_path / f"run{code}" / "best.pt"
@@ -3371,9 +3374,9 @@ def test_the_device_benchmark_needs_neither_spacy_nor_transformers():
     import subprocess
     blocked = "import sys; sys.modules['spacy'] = sys.modules['transformers'] = None; sys.argv = ['benchmark.py'] + "
     run = subprocess.run([sys.executable, "-c", blocked + "['--device', 'cpu', '--steps', '1', '--vocab', '500']; "
-                          "from plumbing from plumbing from plumbing from plumbing from plumbing from plumbing from plumbing from plumbing from plumbing from plumbing from plumbing import benchmark; benchmark.main()"], cwd=HERE, capture_output=True, text=True, timeout=120)
+                          "from plumbing import benchmark; benchmark.main()"], cwd=HERE, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and run.stdout.count(" s/step, epoch ") == 2, run.stderr[-2000:]
-    run = subprocess.run([sys.executable, "-c", blocked + "['--device', 'cpu', '--bert-base']; import benchmark; "
+    run = subprocess.run([sys.executable, "-c", blocked + "['--device', 'cpu', '--bert-base']; from plumbing import benchmark; "
                           "benchmark.main()"], cwd=HERE, capture_output=True, text=True, timeout=120)
     assert run.returncode == 1 and run.stderr.strip().splitlines()[-1].startswith(
         "error: --bert needs the transformers package: pip install transformers=="), run.stderr[-2000:]
@@ -3393,9 +3396,9 @@ def test_ablations_run_one_run_a_gpu_where_there_are_several(tiny_root, tmp_path
         raise Stop
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
-    monkeypatch.setattr(train.multiprocessing, "get_context", lambda kind: SimpleNamespace(Pool=pool, Queue=queue.Queue))
+    monkeypatch.setattr(table2.multiprocessing, "get_context", lambda kind: SimpleNamespace(Pool=pool, Queue=queue.Queue))
     with pytest.raises(Stop):
-        train.table_in(SimpleNamespace(device="cuda", jobs=1, seeds=1), [], None, tmp_path)
+        table2.table_in(SimpleNamespace(device="cuda", jobs=1, seeds=1), [], None, tmp_path, train.table_run)
     (processes, initializer, (slots,)), = started
     assert processes == 3 and initializer is runs.die_with_parent and "3 at a time (one a GPU)" in capsys.readouterr().out
     taken = []
@@ -3406,7 +3409,7 @@ def test_ablations_run_one_run_a_gpu_where_there_are_several(tiny_root, tmp_path
     assert taken == ["0", "1", "2"]
     started.clear()
     with pytest.raises(Stop):  # on the CPU: --jobs workers, no GPU queue
-        train.table_in(SimpleNamespace(device="cpu", jobs=2, seeds=1), [], None, tmp_path)
+        table2.table_in(SimpleNamespace(device="cpu", jobs=2, seeds=1), [], None, tmp_path, train.table_run)
     assert started == [(2, runs.die_with_parent, (None,))]
 
 
