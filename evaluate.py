@@ -5,7 +5,7 @@
     python evaluate.py --checkpoint runs/home_kitchen-s0/best.pt --predict examples/twisty_pins.json
     python evaluate.py --checkpoint runs/home_kitchen-s0/best.pt --explain examples/twisty_pins.json
 
-The metrics follow the definitions of the dataset's authors (docs/differences.md): each
+The metrics follow the definitions of the dataset's authors (docs/differences.md, "Metrics"): each
 product is one query; its reviews are sorted by predicted score, ties kept in input order.
 """
 import argparse
