@@ -1,0 +1,183 @@
+"""Image features pinned by value (issue 29, item 2): colour order and scale, (height, width) and the
+cells' boxes, the cells' order, the network's output, and JPEG draft decoding. Each test here failed on a
+one- or two-line bug in plumbing/grid_features.py that passed every test before.
+Run from the repository root: python -m pytest -q plumbing/test_grid_features.py"""
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from plumbing import grid_features
+
+Image = pytest.importorskip("PIL.Image")  # Pillow comes with matplotlib
+
+# ImageNet's mean and std written out here, not read from grid_features, so that a changed constant shows
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def normalise(rgb_uint8):
+    """(H, W, 3) uint8 RGB -> (3, H, W) as the network expects: /255, minus mean, over std, RGB order."""
+    pixels = torch.from_numpy(np.asarray(rgb_uint8, np.float32) / 255).permute(2, 0, 1)
+    return (pixels - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+
+def test_solid_colour_is_normalised_channel_by_channel_in_rgb_order(tmp_path):
+    """A PNG of one colour whose R, G and B all differ: each channel is (value/255 - mean) / std with
+    the mean and std of that channel. Catches BGR pixels, mean/std in BGR order, pixels not divided by 255."""
+    path = tmp_path / "orange.png"
+    Image.new("RGB", (40, 24), (255, 128, 0)).save(path)
+    pixels, (height, width) = grid_features.load_image(path, size=32)
+    assert pixels.shape == (3, 32, 32) and pixels.dtype == torch.float32
+    expected = torch.tensor([(255 / 255 - 0.485) / 0.229,  # R: 2.2489
+                             (128 / 255 - 0.456) / 0.224,  # G: 0.2052
+                             (0 / 255 - 0.406) / 0.225])  # B: -1.8044
+    torch.testing.assert_close(pixels.mean((1, 2)), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(pixels, expected.view(3, 1, 1).expand(3, 32, 32), rtol=0, atol=1e-5)
+
+
+def test_non_square_image_keeps_height_width_and_cell_boxes(tmp_path, monkeypatch):
+    """A 64 x 32 image (64 wide, 32 high): image_h 32, image_w 64, and cell (row 0, column 1) is the box
+    x 12.8 .. 25.6, y 0 .. 6.4, from load_image through to the .npz that --extract writes."""
+    picture = np.zeros((32, 64, 3), np.uint8)
+    picture[:, :32] = (255, 0, 0)  # left half red, right half blue
+    picture[:, 32:] = (0, 0, 255)
+    images = tmp_path / "images"
+    (images / "P1").mkdir(parents=True)
+    Image.fromarray(picture).save(images / "P1" / "0.png")
+    assert Image.open(images / "P1" / "0.png").size == (64, 32)  # PIL's (width, height)
+
+    pixels, size = grid_features.load_image(images / "P1" / "0.png", size=32)
+    assert size == (32, 64)  # (height, width)
+    red, blue = normalise(np.array([[[255, 0, 0]]], np.uint8))[:, 0, 0], normalise(np.array([[[0, 0, 255]]], np.uint8))[:, 0, 0]
+    torch.testing.assert_close(pixels[:, :, 0], red.view(3, 1).expand(3, 32))  # the whole image, squeezed, not turned
+    torch.testing.assert_close(pixels[:, :, -1], blue.view(3, 1).expand(3, 32))
+
+    boxes = grid_features.cell_boxes(32, 64)
+    assert boxes.shape == (25, 4)
+    np.testing.assert_allclose(boxes[1], [12.8, 0.0, 25.6, 6.4], rtol=1e-6)  # row 0, column 1
+    np.testing.assert_allclose(boxes[5], [0.0, 6.4, 12.8, 12.8], rtol=1e-6)  # row 1, column 0
+    np.testing.assert_allclose(boxes[24], [51.2, 25.6, 64.0, 32.0], rtol=1e-6)
+
+    class Cheap(nn.Module):  # stands in for the ResNet-101: what is pinned here is only sizes and boxes
+        def forward(self, batch):
+            return nn.functional.avg_pool2d(batch, 32).mean(1, keepdim=True).expand(-1, 2048, -1, -1)
+
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"not read")
+    monkeypatch.setattr(grid_features, "load_weights", lambda path: Cheap())
+    assert grid_features.extract(images, weights, tmp_path / "f", size=32, batch_size=1) == []
+    with np.load(tmp_path / "f" / "P1" / "0.npz") as npz:
+        assert (int(npz["image_h"]), int(npz["image_w"])) == (32, 64)
+        np.testing.assert_allclose(npz["bbox"][1], [12.8, 0.0, 25.6, 6.4], rtol=1e-6)
+        assert npz["x"].shape == (25, 2048)
+
+
+def test_grid_regions_go_row_by_row_as_cell_boxes_do():
+    """A 10 x 10 map whose value is 100 * row + column (channel 0) and row, column (channels 1, 2): cell
+    k = 5 * r + c averages rows 2r, 2r+1 and columns 2c, 2c+1, and its centre is cell_boxes' box k's centre.
+    Catches cells in column order (cells 0, 6, 12, 18, 24 are the same in both orders; the others are not)."""
+    rows, columns = torch.meshgrid(torch.arange(10.0), torch.arange(10.0), indexing="ij")
+    feature_map = torch.stack([100 * rows + columns, rows, columns]).unsqueeze(0)  # (1, 3, 10, 10)
+    regions = grid_features.grid_regions(feature_map)
+    assert regions.shape == (1, 25, 3)
+    r, c = np.divmod(np.arange(25), 5)
+    torch.testing.assert_close(regions[0, :, 0], torch.tensor(100 * (2 * r + 0.5) + (2 * c + 0.5), dtype=torch.float32))
+    assert regions[0, 1, 0].item() == 100 * 0.5 + 2.5  # cell (row 0, column 1): rows 0-1, columns 2-3
+    assert regions[0, 5, 0].item() == 100 * 2.5 + 0.5  # cell (row 1, column 0): rows 2-3, columns 0-1
+    # the centre of each region in the map, as a fraction of the image, is the centre of its box
+    boxes = grid_features.cell_boxes(10, 20)  # any image size: boxes in its pixels
+    centre_y, centre_x = (regions[0, :, 1].numpy() + 0.5) / 10, (regions[0, :, 2].numpy() + 0.5) / 10
+    np.testing.assert_allclose(centre_x, (boxes[:, 0] + boxes[:, 2]) / 2 / 20, rtol=1e-6)
+    np.testing.assert_allclose(centre_y, (boxes[:, 1] + boxes[:, 3]) / 2 / 10, rtol=1e-6)
+
+
+def seeded_resnet101():
+    """The ResNet-101 with weights drawn from a torch.Generator seeded 0, key by key in sorted order
+    (independent of torch's default initialisation): convolutions He-normal, BatchNorm scale 0.5 .. 1,
+    shift and running mean N(0, 0.1), running variance 0.5 .. 1.5; eval mode."""
+    net = grid_features.ResNet101()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        state = net.state_dict()
+        for name in sorted(state):
+            tensor = state[name]
+            if not tensor.is_floating_point():
+                continue  # num_batches_tracked
+            if tensor.dim() == 4:
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) * math.sqrt(2 / tensor[0].numel()))
+            elif name.endswith("running_var"):
+                tensor.copy_(0.5 + torch.rand(tensor.shape, generator=generator))
+            elif name.endswith(".weight") and tensor.dim() == 1:
+                tensor.copy_(0.5 + 0.5 * torch.rand(tensor.shape, generator=generator))
+            else:  # BatchNorm bias and running_mean; fc (not used by forward)
+                tensor.copy_(0.1 * torch.randn(tensor.shape, generator=generator))
+    return net.eval(), generator
+
+
+def test_seeded_network_gives_literal_output():
+    """The network's layer4 map on a 64 x 96 input, against numbers written here. The README says this
+    network gives torchvision's resnet101 output exactly; these literals keep today's output (checked
+    against torchvision then) from changing unseen. Catches a missing ReLU after the residual sum (the map
+    would have negative values), and any change of strides, padding, BatchNorm or block order.
+    How the literals were obtained: this test's code, run once on the unchanged grid_features.py (torch
+    2.13 CPU), printing out[0, 6:12, 0, 0], out[0, 2047, 1, 2], out.sum() ('%.6g') and the count of zeros."""
+    net, generator = seeded_resnet101()
+    images = torch.randn((1, 3, 64, 96), generator=generator)
+    with torch.no_grad():
+        out = net(images)
+    assert out.shape == (1, 2048, 2, 3)  # stride 32
+    assert out.min().item() == 0.0  # ReLU after the residual sum: nothing negative
+    torch.testing.assert_close(out[0, 6:12, 0, 0], torch.tensor(LITERAL_SEVEN_TO_TWELVE), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out[0, 2047, 1, 2].item(), LITERAL_LAST, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.double().sum().item(), LITERAL_SUM, rtol=1e-4, atol=0)
+    assert abs((out == 0).sum().item() - LITERAL_ZEROS) <= 2  # ReLU's zeros
+
+
+LITERAL_SEVEN_TO_TWELVE = [15.6294, 0.942542, 37.5641, 16.2661, 101.534, 41.7822]  # out[0, 6:12, 0, 0]
+LITERAL_LAST = 35.2198  # out[0, 2047, 1, 2]
+LITERAL_SUM = 630370.0  # out.sum() of 12288 values
+LITERAL_ZEROS = 3308  # of 12288 (the smallest positive value is 0.028: rounding cannot make it 0)
+
+
+@pytest.fixture(scope="module")
+def large_jpeg(tmp_path_factory):
+    """A 1600 x 1200 JPEG with detail at every scale: smooth random colour plus a fine product of sines
+    (periods 9 and 11 pixels), which a decode at a quarter of the size loses."""
+    rng = np.random.default_rng(0)
+    smooth = Image.fromarray(rng.integers(0, 256, (150, 200, 3), dtype=np.uint8)).resize((1600, 1200), Image.Resampling.BICUBIC)
+    y, x = np.mgrid[0:1200, 0:1600]
+    fine = 60 * np.sin(2 * np.pi * x / 9) * np.sin(2 * np.pi * y / 11)
+    picture = np.clip(0.7 * np.asarray(smooth, np.float32) + fine[..., None] + 40, 0, 255).astype(np.uint8)
+    path = tmp_path_factory.mktemp("jpeg") / "large.jpg"
+    Image.fromarray(picture).save(path, quality=95)
+    return path
+
+
+def test_large_jpeg_draft_decodes_at_no_less_than_the_target_size(large_jpeg, monkeypatch):
+    """What load_image promises of JPEG draft mode: Pillow may decode a large JPEG at a reduced scale
+    (1600 x 1200 -> 800 x 600 for 448), but never below the target size, so the image is only ever
+    shrunk, never upsampled. Pinned by the size the resize receives."""
+    resized_from = []
+    resize = Image.Image.resize
+
+    def spy(self, *args, **kwargs):
+        resized_from.append(self.size)
+        return resize(self, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", spy)
+    pixels, size = grid_features.load_image(large_jpeg, size=448)
+    assert size == (1200, 1600) and pixels.shape == (3, 448, 448)
+    assert len(resized_from) == 1 and min(resized_from[0]) >= 448, resized_from  # 800 x 600 with Pillow 13
+
+
+def test_large_jpeg_with_and_without_draft_decoding(large_jpeg):
+    """load_image (draft decoding) against a full decode resized the same way: mean difference 0.035 in
+    normalised units with Pillow 13 (draft at half the size); a decode at a quarter of the size, then
+    upsampled, differs by 0.14. The bound 0.07 lies between."""
+    pixels, _ = grid_features.load_image(large_jpeg, size=448)
+    with Image.open(large_jpeg) as image:  # no draft: every pixel decoded
+        full = normalise(image.convert("RGB").resize((448, 448), Image.Resampling.BILINEAR))
+    difference = (pixels - full).abs()
+    assert difference.mean().item() < 0.07, difference.mean().item()
