@@ -1780,12 +1780,14 @@ def test_the_top_level_is_the_paper():
 
 
 def test_each_readme_exercise_has_its_marked_place_in_sancl():
-    """README "Exercises": each one is a change at one marked line of sancl.py; the marks and the
-    exercises must not drift apart."""
+    """README "Exercises" (in full in docs/exercises.md): each one is a change at one marked line of sancl.py;
+    the marks and the exercises must not drift apart."""
     root = Path(__file__).parent
-    readme, code = (root / "README.md").read_text(), (root / "sancl.py").read_text()
-    exercises = [line.split()[2].rstrip(":.") for line in readme.splitlines() if line.startswith("### Exercise ")]
+    guide, code = (root / "docs" / "exercises.md").read_text(), (root / "sancl.py").read_text()
+    exercises = [line.split()[2].rstrip(":.") for line in guide.splitlines() if line.startswith("## Exercise ")]
     assert exercises == [str(n) for n in range(1, len(exercises) + 1)] and len(exercises) >= 5
+    readme = (root / "README.md").read_text()
+    assert all(re.search(rf"^{n}\. \*\*", readme, re.M) for n in exercises), "README lists each exercise, numbered"
     for n in exercises:
         assert code.count(f"README exercise {n}:") == 1, f"sancl.py has no single mark of README exercise {n}"
 
@@ -3080,17 +3082,20 @@ EXERCISES = sorted((Path(__file__).parent / "exercises").glob("*.patch"))
 
 def test_each_readme_exercise_has_a_solution_patch():
     """exercises/N-name.patch for each README exercise N, changing sancl.py at the exercise's mark, with
-    README's measured numbers as its expected effect (so a re-measured README and the patch agree)."""
-    readme = " ".join((Path(__file__).parent / "README.md").read_text(encoding="utf-8").split())
-    exercises = re.findall(r"### Exercise (\d+)", readme)
+    the measured numbers of README and docs/exercises.md as its expected effect (so that a re-measured
+    README, the guide and the patch agree)."""
+    root = Path(__file__).parent
+    readme = " ".join((root / "README.md").read_text(encoding="utf-8").split())
+    guide = " ".join((root / "docs" / "exercises.md").read_text(encoding="utf-8").split())
+    exercises = re.findall(r"## Exercise (\d+)", guide)
     assert [patch.name.split("-")[0] for patch in EXERCISES] == exercises
     for patch in EXERCISES:
         header, diff = patch.read_text(encoding="utf-8").split("\ndiff --git a/sancl.py b/sancl.py\n")
         n = patch.name.split("-")[0]
         assert f"README exercise {n}:" in diff and diff.count("\n@@ ") >= 1, f"{patch.name}: not at the mark of exercise {n}"
         expected = re.findall(r"(?:MAP|N@3|N@5) \d+\.\d+ ± \d+\.\d+", " ".join(header.split()))
-        assert len(expected) == 6 and all(number in readme for number in expected), \
-            f"{patch.name}: its expected numbers are not README's"
+        assert len(expected) == 6 and all(number in readme and number in guide for number in expected), \
+            f"{patch.name}: its expected numbers are not those of README and docs/exercises.md"
 
 
 def apply_exercise(patch, folder):
