@@ -23,9 +23,9 @@ def hand_made_split():
 
 
 def test_scoring_a_split_puts_every_module_in_eval_mode():
-    """evaluate.predict_scores (dev scoring during training, test scoring, evaluate.py) is handed a model in
-    train mode, as the training loop leaves it; every module it runs must be in eval mode (no dropout draws), whatever the scores
-    happen to be."""
+    """evaluate.predict_scores (dev scoring during training, test scoring, evaluate.py) is handed a model
+    in train mode, as the training loop leaves it; every module it runs must be in eval mode (no dropout
+    draws), whatever the scores happen to be."""
     split, vocab_size = hand_made_split()
     torch.manual_seed(0)
     config = sancl.SANCLConfig(vocab_size=vocab_size, embed_dim=8, hidden=8, image_dim=8, region_dim=16,
