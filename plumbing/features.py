@@ -7,8 +7,9 @@ file reads those arrays for one product or review id and batches them for sancl.
   2. `RegionStore`: features by item id, padded into (B, N, 2048) batches
   3. `scan_regions`: every item of a run read once before training, every bad file reported
   4. `pack`: `python -m plumbing.features --pack --data NAME` copies the kept regions of every item, once,
-     into one float16 file that RegionStore then reads instead: half the bytes of the float32 .npz
-     files, only the regions the model uses, read by slicing (no unzipping, no parsing)
+     into one float16 file that RegionStore then reads instead: half the bytes of a detector's float32
+     .npz files (--extract writes float16 already), only the regions the model uses, read by slicing
+     (no unzipping, no parsing)
 """
 import argparse
 import bisect

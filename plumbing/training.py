@@ -12,6 +12,8 @@ import sys
 import time
 from types import SimpleNamespace
 
+import numpy as np
+
 import data
 import sancl
 from evaluate import format_metrics
@@ -38,7 +40,7 @@ def start(args, progress, hold, switches, group_size):
     embeddings, encoder (SANCL+BERT's, else None), pieces, resume (the checkpoint, or None), info."""
     device = start_processes(pick_device(args.device))  # one process, or torchrun's (docs/processes.md)
     resume, args = resume_from(args.resume, args) if args.resume else (None, args)  # the saved run's flags win
-    seed_everything(args.seed, args.threads)
+    seed_everything(process_seed(args.seed), args.threads)  # seed + rank: each process its own dropout masks
     autocast(device, args.amp)  # --amp refused here, before the data loads, where it cannot work
     source = rank0_first(find_data, args.data, args.data_dir, args.glove, args.features)
     category = args.data or data.NAMES.get(source.prefix)
@@ -57,11 +59,25 @@ def start(args, progress, hold, switches, group_size):
                            embeddings=embeddings, encoder=encoder, pieces=pieces, resume=resume, info=info)
 
 
+def process_seed(seed, epoch=None):
+    """The seed of this process's random streams (dropout): seed + rank, so that under torchrun each process
+    draws its own masks and process 0 (one process: the only one) draws what one process draws. A resumed
+    run's processes after the first: a fresh seed from (seed, rank, epoch), as a checkpoint holds process
+    0's streams only."""
+    rank = WORLD["rank"]
+    if epoch is None or rank == 0:
+        return (seed + rank) % 2 ** 32
+    return int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0])
+
+
 def restore(run, optimizer, scheduler):
-    """--resume: the optimizer, the schedule and the random streams where the run stopped; its state."""
+    """--resume: the optimizer, the schedule and the random streams where the run stopped (process 0's; the
+    other processes of a torchrun start their own, `process_seed`); its state."""
     optimizer.load_state_dict(run.resume["optimizer"])
     scheduler.load_state_dict(run.resume["scheduler"])
     set_rng_state(run.resume["rng"])
+    if WORLD["rank"] > 0:
+        seed_everything(process_seed(run.args.seed, run.resume["state"]["epoch"]), run.args.threads)
     say_where(run.out, run.resume["state"], run.args)
     return run.resume["state"]
 

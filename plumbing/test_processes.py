@@ -1,0 +1,136 @@
+"""Two processes as torchrun starts them (gloo on CPU): who does rank 0's work, and whose dropout masks are
+whose (issue 29). `python -m pytest -q plumbing/test_processes.py` (about 20 s: one two-process run)."""
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import train
+from plumbing import distributed, runs, sample, training
+
+HERE = Path(__file__).resolve().parent.parent  # the repository root: train.py's folder
+TINY = {"train": 12, "dev": 4, "test": 4}
+HANG = 300  # seconds: the two-process run takes ~20 s on 2 busy cores; only a hang gets near this
+
+# Each process records, into its own file, the rank-0 work it does itself and a dropout mask drawn right
+# after training.start (where the processes are joined and seeded), then runs train.py as torchrun would.
+RECORDING = """import json, pathlib, sys, torch, train
+from plumbing import plots, training
+log = open(sys.argv[1], "w")
+def note(*words):
+    print(*words, file=log, flush=True)
+def recorded(name, work):
+    def run(*args, **kwargs):
+        note(name)
+        return work(*args, **kwargs)
+    return run
+train.evaluate_split = recorded("evaluate_split", train.evaluate_split)  # dev scoring, and test in score_best
+train.score_best = recorded("score_best", train.score_best)  # test.json
+plots.write_history_csv = recorded("write_history_csv", plots.write_history_csv)
+write_text = pathlib.Path.write_text
+pathlib.Path.write_text = lambda path, *args, **kwargs: (note("write_text", path.name), write_text(path, *args, **kwargs))[1]
+start = training.start
+def started(*args, **kwargs):
+    run = start(*args, **kwargs)
+    note("dropout", json.dumps(torch.nn.functional.dropout(torch.ones(256), 0.5).tolist()))
+    return run
+training.start = started
+sys.exit(train.main(sys.argv[2:]))
+"""
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_processes(argv):
+    """`python argv...` twice, as torchrun starts them (RANK, WORLD_SIZE, a rendezvous on 127.0.0.1), one
+    thread each; [(returncode, stdout, stderr)] per rank. `{rank}` in argv becomes the process's rank."""
+    port, runs = free_port(), []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        runs.append(subprocess.Popen([sys.executable, *[a.replace("{rank}", str(rank)) for a in argv]], cwd=HERE,
+                                     env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        outputs = [run.communicate(timeout=HANG) for run in runs]
+        return [(run.returncode, *output) for run, output in zip(runs, outputs)]
+    except subprocess.TimeoutExpired:
+        for run in runs:
+            run.kill()
+        pytest.fail(f"two processes still running after {HANG} s: a rank hangs")
+
+
+def run_flags(root, out):
+    return ["--data-dir", str(root), "--out", str(out), "--epochs", "1", "--text-only", "--no-probe-mask"]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    """One two-process run of train.py on a tiny sample: (root, out, each rank's records)."""
+    folder = tmp_path_factory.mktemp("processes")
+    root, out = folder / "Home_and_Kitchen", folder / "run"
+    sample.write_sample(root, "home_kitchen", split_products=TINY)
+    ranks = two_processes(["-c", RECORDING, str(folder / "rank{rank}.log"), *run_flags(root, out)])
+    assert [rc for rc, _, _ in ranks] == [0, 0], ranks
+    records = [(folder / f"rank{rank}.log").read_text().splitlines() for rank in range(2)]
+    return root, out, records
+
+
+def test_rank_0_alone_scores_dev_and_test_and_writes_the_run_files(two_process_run):
+    """Dev and test scoring, config.json, history.csv and test.json are process 0's work: done by every
+    process they give the same files and numbers, so only a record of who did what tells."""
+    _, out, (rank0, rank1) = two_process_run
+    work = [line for line in rank1 if not line.startswith("dropout ")]
+    assert work == [], f"process 1 did rank 0's work: {work}"
+    assert {"evaluate_split", "score_best", "write_history_csv", "write_text config.json",
+            "write_text test.json"} <= set(rank0), rank0
+    assert rank0.count("evaluate_split") == 2  # dev after the one epoch, then test at the best epoch
+    assert json.loads((out / "test.json").read_text())["best_epoch"] == 1
+
+
+def dropout_mask(records):
+    return [json.loads(line.split(" ", 1)[1]) for line in records if line.startswith("dropout ")]
+
+
+def test_each_process_draws_its_own_dropout_masks_and_process_0_those_of_one_process(two_process_run, tmp_path):
+    """Seeded with seed + rank: process 1's masks differ from process 0's, and process 0 draws what one
+    process draws with the same seed (one process's numbers are unchanged)."""
+    root, _, (rank0, rank1) = two_process_run
+    assert len(dropout_mask(rank0)) == len(dropout_mask(rank1)) == 1
+    assert dropout_mask(rank0) != dropout_mask(rank1)
+    with contextlib.ExitStack() as hold:  # one process: training.start, then the same draw
+        training.start(train.parse_args(run_flags(root, tmp_path / "one")), {}, hold, train.SWITCHES, 8)
+        one = torch.nn.functional.dropout(torch.ones(256), 0.5).tolist()
+    assert distributed.WORLD == {"rank": 0, "size": 1}
+    assert dropout_mask(rank0) == [one]
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_resumed_process_after_the_first_draws_its_own_masks_too(rank, monkeypatch, capsys):
+    """A checkpoint holds process 0's random streams: --resume gives them back to process 0 exactly (one
+    process goes on as it would have), and any other process starts streams of its own."""
+    parameter = torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.Adam([parameter])
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max")
+    torch.manual_seed(5)
+    state = {"epoch": 2, "best_map": 50.0, "best_epoch": 1, "bad_epochs": 1}
+    run = SimpleNamespace(out="runs/x", args=train.parse_args(["--data", "home_kitchen", "--epochs", "4"]),
+                          resume={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                  "rng": runs.rng_state(), "state": state})
+    saved = torch.nn.functional.dropout(torch.ones(256), 0.5)  # what process 0 drew next when it was saved
+    monkeypatch.setitem(distributed.WORLD, "rank", rank)
+    monkeypatch.setitem(distributed.WORLD, "size", 2)
+    assert training.restore(run, optimizer, scheduler) is state
+    drawn = torch.nn.functional.dropout(torch.ones(256), 0.5)
+    assert torch.equal(drawn, saved) == (rank == 0)
+    assert "resuming runs/x after epoch 2 of 4" in capsys.readouterr().out
