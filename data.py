@@ -85,12 +85,12 @@ def resolve_data(name=None, data_dir=None, glove=None, features=None):
         root = Path(data_dir)
         if not root.is_dir():
             raise DataError(f"--data-dir {root}: no such folder. Point it at the folder that holds "
-                            f"{{Category}}.prd.train, .rvw.train, .rel.train, ... (see README, 'Real data').")
+                            f"{{Category}}.prd.train, .rvw.train, .rel.train, ... (see docs/real-data.md).")
         prefix = CATEGORIES[name] if name else _prefix_in(root)
         if prefix is None or not (root / f"{prefix}.prd.train").exists():
             want = f"{prefix}.prd.train" if prefix else "*.prd.train"
             raise DataError(f"--data-dir {root}: no {want} in it. Expected the Amazon-MRHP layout "
-                            f"{{Category}}.{{prd,rvw,rel}}.{{train,dev,test}} (see README, 'Real data').")
+                            f"{{Category}}.{{prd,rvw,rel}}.{{train,dev,test}} (see docs/real-data.md).")
         is_sample = (root / "SAMPLE").exists()
     else:
         if name is None:

@@ -1,4 +1,4 @@
-"""Several processes, several GPUs: `torchrun` with the one-process recipe (README "Several processes").
+"""Several processes, several GPUs: `torchrun` with the one-process recipe (docs/processes.md).
 
 Plumbing only: nothing of the paper lives here, and one process never needs it (every function is a
 no-op then). docs/processes.md says how to use it.

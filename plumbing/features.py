@@ -123,7 +123,7 @@ def _image_files(folder):
             raise DataError(f"{path}: not a regular file (a FIFO, device or folder), so it is not read; remove it.")
         if outside(path, folder.parent):
             raise DataError(f"{path}: a link out of the features folder {folder.parent}; copy the file in instead "
-                            f"(README, 'Real data': links must stay inside the features folder).")
+                            f"(docs/real-data.md: links must stay inside the features folder).")
     return files
 
 
@@ -179,7 +179,7 @@ class RegionStore:
         folder = self.folder_of(item_id)
         if item_id not in self.folders and outside(folder, self.folder):
             raise DataError(f"{folder}: a link out of the features folder {self.folder}; move or copy the item's "
-                            f"folder in instead (README, 'Real data': links must stay inside the features folder).")
+                            f"folder in instead (docs/real-data.md: links must stay inside the features folder).")
         return read_regions(folder)
 
     def get(self, item_id):
@@ -412,7 +412,7 @@ def pack(features, save_every=5000):
             try:
                 if outside(features / item, features):
                     raise DataError(f"{features / item}: a link out of the features folder; move or copy the "
-                                    f"item's folder in instead (README, 'Real data').")
+                                    f"item's folder in instead (docs/real-data.md).")
                 x = read_regions(features / item)
                 if x is not None and np.abs(x).max() > MAX_FLOAT16:
                     raise DataError(f"{features / item}: region-feature values above {MAX_FLOAT16:.0f} do not fit "

@@ -4,7 +4,7 @@ It exists so that every script runs on a machine with nothing downloaded, and so
 can watch each SANCL mechanism learn something. It is not the paper's data and numbers on it
 are not the paper's numbers. Everything is drawn from one seeded generator: same files, always.
 
-The signal, one line per SANCL mechanism (README "The built-in sample" says the same):
+The signal, one line per SANCL mechanism (docs/sample.md says the same):
 - score = round(TEXT_WEIGHT * share + IMAGE_WEIGHT * i + Normal(0, NOISE)), clipped to 0..4.
   share: how many of the review's 2-4 sentences about THIS product are informative ("My kettle
   has a solid spout and a great lid .") rather than vague ("The kettle is okay I guess ."). i: its
