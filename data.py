@@ -146,8 +146,8 @@ LABEL_RULES = {
 
 
 def votes_to_scores(votes, rule=None):
-    """The label rule and the scores (docs/release.md, docs/differences.md). The rule is one decision for a whole release:
-    decided here when `rule` is None (pass the votes of every split), else given. The paper: score =
+    """The label rule and the scores (docs/release.md, docs/differences.md). The rule is one decision for a
+    whole release: decided here when `rule` is None (pass the votes of every split), else given. The paper: score =
     floor(log2(votes)) clipped to [0, 4], i.e. 1 -> 0, 2-3 -> 1, 4-7 -> 2, 8-15 -> 3, >= 16 -> 4 (the
     reference's bins); 0 votes has no score (None: dropped, as the reference does). When every value is
     an integer in 0..4 the release is taken as binned. Returns (scores, rule): rule in LABEL_RULES."""
@@ -190,8 +190,8 @@ def read_split(source, split, report=None, rule=None):
     prd_path, rvw_path, rel_path = (source.table(k, split) for k in ("prd", "rvw", "rel"))
     prd = read_table(prd_path, ["product_id", "name", "description"])
     listed = read_ids(prd_path, prd, "product_id")
-    products = {pid: Product(pid, name, description) for pid, name, description in
-                zip(listed, read_texts(prd_path, prd, "name", listed), read_texts(prd_path, prd, "description", listed))}
+    names, descriptions = read_texts(prd_path, prd, "name", listed), read_texts(prd_path, prd, "description", listed)
+    products = {pid: Product(pid, name, description) for pid, name, description in zip(listed, names, descriptions)}
     report.products_without_name = sum(not p.name.strip() for p in products.values())
     rvw = read_table(rvw_path, ["review_id", "content"])
     listed = read_ids(rvw_path, rvw, "review_id")

@@ -54,7 +54,7 @@ class SANCLConfig:
     no_probe_mask: bool = False  # ablation "w/o probe mask": M' = 1 on every real token
     no_cpc_ii: bool = False  # ablation: drop cpc_ii
     no_cpc_pr: bool = False  # ablation: drop cpc_pr
-    bert: bool = False  # SANCL+BERT (Appendix B): E_t from plumbing/bert.py's BERT, embed_dim = its size (768); no word table
+    bert: bool = False  # SANCL+BERT (Appendix B): E_t from a BERT (plumbing/bert.py), embed_dim its size; no word table
 
     def __post_init__(self):
         if not (self.alpha > 0 and self.fixed_beta_value > 0 and self.tau > 0):

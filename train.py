@@ -51,8 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--features", help="region-feature folder (default {data folder}/features)")
     p.add_argument("--compute-masks", action="store_true",
                    help="compute missing probe masks in this run (else: python -m plumbing.masks first)")
-    p.add_argument("--epochs", type=count, help=f"maximum epochs (default {training.RELEASE_EPOCHS} on the release, as the "
-                   f"reference; {training.SAMPLE_EPOCHS} on the sample)")
+    p.add_argument("--epochs", type=count, help=f"maximum epochs (default {training.RELEASE_EPOCHS} on the release, "
+                   f"as the reference; {training.SAMPLE_EPOCHS} on the sample)")
     p.add_argument("--patience", type=count, default=6, help="stop after this many epochs without a better dev MAP "
                    "(default 6: the learning rate is halved after 5, then one more epoch is tried)")
     p.add_argument("--lr-patience", type=count, default=4, help="halve the learning rate after MORE than this many "

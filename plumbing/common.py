@@ -195,8 +195,8 @@ def find_data(name=None, data_dir=None, glove=None, features=None, quiet=False):
         sample.ensure_sample(source.root, name)
         if not quiet:
             print(f"!!! no Amazon-MRHP release in {data.DEFAULT_DATA_DIR / source.prefix}/: using the BUILT-IN "
-                  f"SYNTHETIC SAMPLE in {source.root}/ (numbers on it are not the paper's; docs/release.md and docs/real-data.md "
-                  f"say how to get the data)", file=sys.stderr)
+                  f"SYNTHETIC SAMPLE in {source.root}/ (numbers on it are not the paper's; docs/release.md and "
+                  f"docs/real-data.md say how to get the data)", file=sys.stderr)
     return source
 
 

@@ -34,7 +34,8 @@ def _chunk_masks(items, nlp, backend, batch_size, root_sentences):
     docs = nlp.pipe(map(pm.name_text, names), batch_size=batch_size)  # a giant name is cut (pm.name_text)
     info = {name: pm._name_info(doc, root_sentences) for name, doc in zip(names, docs)}
     if backend != "rules":
-        return [((pid, rid), pm.mask_to_spans(pm._sentence_mask(text, *pm._analyse(nlp, info[name], text, backend)[:3])))
+        return [((pid, rid), pm.mask_to_spans(pm._sentence_mask(text, *pm._analyse(nlp, info[name], text,
+                                                                                   backend)[:3])))
                 for pid, rid, name, text in items]
     reviews = pm.coref.parse_reviews(nlp, [pm.model_text(text) for *_, text in items], batch_size)  # words = tokens
     return [((pid, rid), pm.mask_to_spans([int(k in marked) for k in review.sentence_of]))
@@ -156,7 +157,8 @@ def load_cache(path, texts=None):
         if not isinstance(meta, dict):
             raise TypeError("its meta is not a dict")
     except (ValueError, KeyError, TypeError, IndexError, RecursionError, OSError) as error:  # not our layout
-        raise pm.ProbeMaskError(f"probe-mask cache {path} is corrupt or truncated ({str(error)[:100]}); {fix}") from None
+        raise pm.ProbeMaskError(f"probe-mask cache {path} is corrupt or truncated ({str(error)[:100]}); "
+                                f"{fix}") from None
     if meta.get("tokenizer") != data.TOKENIZER_VERSION:
         raise pm.ProbeMaskError(f"probe-mask cache {path} was built for tokenizer version "
                              f"{meta.get('tokenizer')}, data.py is at {data.TOKENIZER_VERSION}; {fix}")

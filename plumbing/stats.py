@@ -49,7 +49,8 @@ def print_stats(source):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Read Amazon-MRHP (or the built-in sample) and print a Table-4-style summary.")
+    parser = argparse.ArgumentParser(description="Read Amazon-MRHP (or the built-in sample) and print a "
+                                     "Table-4-style summary.")
     parser.add_argument("--data", choices=sorted(data.CATEGORIES), help="category; the built-in sample when "
                         "data/{Category}/ does not hold the release")
     parser.add_argument("--data-dir", help="a release-layout folder ({Category}.prd.train, ...) to read instead")
