@@ -9,7 +9,8 @@ examples/probe_mask_eval.jsonl (`python probe_mask.py --evaluate FILE`).
 Mentions of the product: nouns that stand for it (`product_nouns`: core word, topic noun,
 name word; `kind_noun`, `part`, `demonstrative`, `elided_subject`) and third-person
 pronouns, less those that cannot be it (`pleonastic_it`, `said_by_people`, an `antecedent`
-that is a person, another product or the package). `rule_clusters` groups them.
+that is a person, another product or the package) and the parts that others talk about
+(`said_about`). `rule_clusters` groups them.
 
 The rules read the model's own tokens (data.TOKEN_RE); spaCy's tagger alone (no parser)
 POS-tags the few sentences two rules need, which keeps a release-size split fast.
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import data
 
-VERSION = 2  # bump when a rule changes: caches built with other rules are recomputed
+VERSION = 3  # bump when a rule changes: caches built with other rules are recomputed
 TAGGED_FRAGMENT = 10  # sentences of at most this many tokens get POS tags (`elided_subject`)
 ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "st", "vs"}
 
@@ -146,6 +147,7 @@ PURCHASE = _words_of("buy bought order purchase get got")
 QUANTIFIERS = _words_of("most many some all no every each several few both")
 COLLECTIVE = _words_of("set pair pack kit collection bundle lot")
 OTHER = _words_of("old previous last former another other cheaper")
+TOPIC_PREPOSITIONS = _words_of("about of on for regarding")  # "reviews about the colors", "a refund for the lid"
 DEFINITE = _words_of("the its their this these")
 DETERMINERS = DEFINITE | _words_of("a an my our your his her another each every same")
 AUX = _words_of("""is are was were be been being 's s ' ’ has have had 've will would 'll can could
@@ -274,13 +276,23 @@ def part(review, i):
     """Rule "part": a part or property of a product ("the lid", "its screen", "the fit") with a
     definite determiner or at the start of its sentence ("Battery life is great"), and not
     the modifier or the part of a word for people or shipping ("the cable company", "the lid
-    of the delivery box")."""
+    of the delivery box"). `rule_clusters` first leaves out the parts of `said_about`."""
     after = _after(review, i, 4)
     if singular(review.words[i][0]) not in PARTS or set(after[:1]) & NOT_ABOUT_PRODUCTS:
         return False
     if after[:1] in (["of"], ["on"], ["in"], ["from"]) and {singular(w) for w in after[1:]} & NOT_ABOUT_PRODUCTS:
         return False  # the part of something else: "the lid of the box", "the screen on my car"
     return _definite(review, i) or len(_before(review, i, 2)) < 2
+
+
+def said_about(review, i):
+    """Rule "said about": a part or property that is what a word for people, reviews, the listing
+    or shipping is about ("the other reviews about the colors", "a refund for the handle", "the
+    photo of the size"): the sentence talks about those, and the part alone is no mention of the
+    product. Fig. 2 of the paper marks "I have read some of the other reviews about the colors" 0."""
+    before = _before(review, i, 4)  # nearest first: "the", "about", "reviews", ...
+    k = next((k for k, word in enumerate(before) if word not in DETERMINERS), len(before))
+    return k + 1 < len(before) and before[k] in TOPIC_PREPOSITIONS and singular(before[k + 1]) in NOT_ABOUT_PRODUCTS
 
 
 def demonstrative(review, i):
@@ -359,7 +371,8 @@ def rule_clusters(review, info):
     Mentions: nouns that stand for the product (`product_nouns`, `kind_noun`, `part`,
     `demonstrative`, `elided_subject`; a single one is enough) and the third-person pronouns.
     A pronoun is left out when it cannot be the product (`pleonastic_it`, `said_by_people`,
-    an `antecedent` that is a person or `other_product`). Clusters: the product cluster holds
+    an `antecedent` that is a person or `other_product`), and so is a part `said_about` by
+    others ("reviews about the colors"). Clusters: the product cluster holds
     the noun mentions and the pronouns whose antecedent is one of them or whose number is the
     product's (as the review uses it: "these shoes" -> plural; else as the name has it); the
     other pronouns are grouped by number, as a last resort for lines 14-16."""
@@ -377,7 +390,11 @@ def rule_clusters(review, info):
         if (noun in info.nouns or noun == topic or noun in CANDIDATES) and other_product(review, i):
             found[i] = _mention(review, i, "another product", "pl" if is_plural(stem) else "sg")
             continue
-        rule = (product_nouns(review, i, info, topic) or ("kind noun" if kind_noun(review, i) else None)
+        rule = product_nouns(review, i, info, topic)
+        if not rule and noun in PARTS and said_about(review, i):  # a part or property others talk about
+            left_out.append(_mention(review, i, "said about"))
+            continue
+        rule = (rule or ("kind noun" if kind_noun(review, i) else None)
                 or ("part" if part(review, i) else None) or ("demonstrative" if demonstrative(review, i) else None)
                 or ("elided subject" if elided_subject(review, i) else None))
         if rule:
