@@ -60,3 +60,11 @@ def test_a_part_that_others_talk_about_is_said_about(nlp, review, word):
 def test_a_part_of_the_product_is_still_a_part(nlp, review, word):
     gold, left_out = mentions(nlp, "Euro Ceramica Inc. Dinnerware Set, 16 Piece", review)
     assert gold.get(word) == "part" and word not in left_out
+
+
+@pytest.mark.parametrize("product, review", [
+    ("Dundas Jafine CHK100ZW CHK100ZW6 Vents, 4-Inch, White", "This works. If you vent outside, you lose the heat."),
+    ("Coleman Cable 09045 5-Foot Range Cord", "The cord works. Most of the wire you'll buy is made by Southwire."),
+    ("Brita Standard Everyday Water Filter Pitcher, 10 Cup", "The pitcher works. We drank the milk you buy at the store.")])
+def test_a_noun_of_the_product_used_as_a_verb_is_no_mention(nlp, product, review):
+    assert flags(nlp, product, review) == [1, 0]

@@ -147,6 +147,7 @@ PURCHASE = _words_of("buy bought order purchase get got")
 QUANTIFIERS = _words_of("most many some all no every each several few both")
 COLLECTIVE = _words_of("set pair pack kit collection bundle lot")
 OTHER = _words_of("old previous last former another other cheaper")
+BEFORE_A_VERB = _words_of("i you we they he she to will would can could should may might must")
 TOPIC_PREPOSITIONS = _words_of("about of on for regarding")  # "reviews about the colors", "a refund for the lid"
 DEFINITE = _words_of("the its their this these")
 DETERMINERS = DEFINITE | _words_of("a an my our your his her another each every same")
@@ -242,6 +243,15 @@ def topic_noun(review, name_nouns):
                 if head not in NOT_ABOUT_PRODUCTS | CANDIDATES or head in name_nouns:
                     found[kind] = head
     return next((found[kind] for kind in ("this", "bought", "the") if kind in found), None)
+
+
+def used_as_verb(review, i):
+    """Rule "verb": a word that is a noun or a verb ("vent", "buy", "set", "fit") right after a
+    subject pronoun, "to" or a modal is the verb: "you vent outside", "you'll buy", "to pin the
+    fabric", "they fit". Not "this", "these", "mine", "one(s)" ("compared to these")."""
+    before = _before(review, i, 1)
+    return bool(before) and base(before[0]) in BEFORE_A_VERB and review.words[i][0] not in (
+        "this", "these", "mine", "one", "ones")
 
 
 def other_product(review, i):
@@ -387,6 +397,8 @@ def rule_clusters(review, info):
             continue
         if noun not in nouns and stem not in ("this", "these", "mine") and i not in starts:
             continue  # no rule can fire: the common case, kept fast
+        if used_as_verb(review, i):
+            continue
         if (noun in info.nouns or noun == topic or noun in CANDIDATES) and other_product(review, i):
             found[i] = _mention(review, i, "another product", "pl" if is_plural(stem) else "sg")
             continue
