@@ -68,3 +68,12 @@ def test_a_part_of_the_product_is_still_a_part(nlp, review, word):
     ("Brita Standard Everyday Water Filter Pitcher, 10 Cup", "The pitcher works. We drank the milk you buy at the store.")])
 def test_a_noun_of_the_product_used_as_a_verb_is_no_mention(nlp, product, review):
     assert flags(nlp, product, review) == [1, 0]
+
+
+@pytest.mark.parametrize("review, expected", [
+    ("This one is spot on. Most range cords are barely adequate for the amps they claim.", [1, 0]),
+    ("This one is spot on. Most brands gap at the back of the cord.", [1, 0]),
+    ("This one is spot on. Most of the cords I tried were thin.", [1, 1]),  # partitive: not in general
+    ("This one is spot on. Most importantly, the cord is long.", [1, 1])])
+def test_most_or_many_things_are_products_in_general(nlp, review, expected):
+    assert flags(nlp, "Coleman Cable 09045 5-Foot Range Cord", review) == expected

@@ -10,7 +10,8 @@ Mentions of the product: nouns that stand for it (`product_nouns`: core word, to
 name word; `kind_noun`, `part`, `demonstrative`, `elided_subject`) and third-person
 pronouns, less those that cannot be it (`pleonastic_it`, `said_by_people`, an `antecedent`
 that is a person, another product or the package) and the parts that others talk about
-(`said_about`). `rule_clusters` groups them.
+(`said_about`). Nouns used as verbs (`used_as_verb`) and those of another product
+(`other_product`, `in_general`) are no mentions. `rule_clusters` groups them.
 
 The rules read the model's own tokens (data.TOKEN_RE); spaCy's tagger alone (no parser)
 POS-tags the few sentences two rules need, which keeps a release-size split fast.
@@ -147,6 +148,7 @@ PURCHASE = _words_of("buy bought order purchase get got")
 QUANTIFIERS = _words_of("most many some all no every each several few both")
 COLLECTIVE = _words_of("set pair pack kit collection bundle lot")
 OTHER = _words_of("old previous last former another other cheaper")
+GENERIC = _words_of("most many")  # "Most range cords are ...": products in general
 BEFORE_A_VERB = _words_of("i you we they he she to will would can could should may might must")
 TOPIC_PREPOSITIONS = _words_of("about of on for regarding")  # "reviews about the colors", "a refund for the lid"
 DEFINITE = _words_of("the its their this these")
@@ -170,6 +172,7 @@ HUMAN_ADJECTIVES = _words_of("""friendly rude helpful unhelpful polite patient k
 IRREGULAR_VERBS = {"said": "say", "told": "tell", "thought": "think", "sent": "send"}
 NOT_ABOUT_PRODUCTS = ANIMATE | NOT_PRODUCT
 CANDIDATES = KINDS | PARTS | {"one", "ones"}
+OTHER_RULES = ("another product", "products in general")
 NOUN_RULES = ("core word", "topic noun", "name word", "kind noun", "part", "demonstrative", "elided subject")
 
 Mention = namedtuple("Mention", "sentence start text rule number")
@@ -252,6 +255,17 @@ def used_as_verb(review, i):
     before = _before(review, i, 1)
     return bool(before) and base(before[0]) in BEFORE_A_VERB and review.words[i][0] not in (
         "this", "these", "mine", "one", "ones")
+
+
+def in_general(review, i):
+    """Rule "products in general": a sentence that begins with "Most" or "Many" and a word for
+    things states what holds for such things in general ("Most range cords are barely adequate",
+    "Most brands gap at the back of the waist"): its nouns are not the product reviewed. Not
+    "Most of the lids", "Most importantly", "Many people", "Most days"."""
+    first = review.sentences[review.sentence_of[i]][0]
+    words = [word for word, _, _ in review.words[first:first + 2]]
+    return (len(words) == 2 and words[0] in GENERIC and words[1].isalpha() and words[1] != "of"
+            and not words[1].endswith("ly") and singular(words[1]) not in NOT_ABOUT_PRODUCTS)
 
 
 def other_product(review, i):
@@ -371,7 +385,7 @@ def antecedent(review, i, number, found):
         if number == "sg" and word in LOGISTICS:
             return "other", j
         if j in found and (found[j].number in (None, number) or number == "pl" and word in COLLECTIVE):
-            return ("other" if found[j].rule == "another product" else "product"), j
+            return ("other" if found[j].rule in OTHER_RULES else "product"), j
     return None, None
 
 
@@ -399,9 +413,11 @@ def rule_clusters(review, info):
             continue  # no rule can fire: the common case, kept fast
         if used_as_verb(review, i):
             continue
-        if (noun in info.nouns or noun == topic or noun in CANDIDATES) and other_product(review, i):
-            found[i] = _mention(review, i, "another product", "pl" if is_plural(stem) else "sg")
-            continue
+        if noun in info.nouns or noun == topic or noun in CANDIDATES:
+            other = "another product" if other_product(review, i) else "products in general" if in_general(review, i) else None
+            if other:
+                found[i] = _mention(review, i, other, "pl" if is_plural(stem) else "sg")
+                continue
         rule = product_nouns(review, i, info, topic)
         if not rule and noun in PARTS and said_about(review, i):  # a part or property others talk about
             left_out.append(_mention(review, i, "said about"))
@@ -413,7 +429,7 @@ def rule_clusters(review, info):
             number = (None if noun in COLLECTIVE or rule == "elided subject" or stem == "mine"
                       else "pl" if stem in ("these", "ones") or is_plural(stem) and stem != "this" else "sg")
             found[i] = _mention(review, i, rule, number)
-    product = [m for m in found.values() if m.rule != "another product"]
+    product = [m for m in found.values() if m.rule not in OTHER_RULES]
     numbers = {m.number for m in product if m.rule != "part"} - {None} | info.number
     numbers |= {"sg", "pl"} if any(singular(base(m.text.lower())) in COLLECTIVE for m in product) else set()
     others = {"sg": [], "pl": []}
