@@ -77,3 +77,8 @@ def test_a_noun_of_the_product_used_as_a_verb_is_no_mention(nlp, product, review
     ("This one is spot on. Most importantly, the cord is long.", [1, 1])])
 def test_most_or_many_things_are_products_in_general(nlp, review, expected):
     assert flags(nlp, "Coleman Cable 09045 5-Foot Range Cord", review) == expected
+
+
+def test_its_own_is_bound_in_its_clause_as_itself_is(nlp):
+    review = "The stick gets warm. It is annoying that every app wants its own subscription."
+    assert flags(nlp, "Fire TV Stick with Alexa Voice Remote", review) == [1, 0]

@@ -119,7 +119,8 @@ def _words_of(text):
 
 PRONOUNS = {"it": "sg", "its": "sg", "they": "pl", "them": "pl", "their": "pl", "theirs": "pl"}
 # Reflexives ("itself") are no mentions: their antecedent is in the same clause (binding
-# principle A), so they never mark a sentence, and "the TV itself" is not the product.
+# principle A), so they never mark a sentence, and "the TV itself" is not the product. So is
+# "its own"/"their own" ("every app wants its own subscription"): no mention (`rule_clusters`).
 # "that"/"those" are no mentions: in reviews they point at a situation ("That's why ...") and
 # "that" is also the relative pronoun. "this"/"these" are `demonstrative`.
 ANIMATE = _words_of("""person people man men woman women guy kid child children boy girl baby son
@@ -407,7 +408,8 @@ def rule_clusters(review, info):
         stem = base(word)
         noun = singular(stem)
         if stem in PRONOUNS:
-            pronouns.append(i)
+            if _after(review, i, 1) != ["own"]:  # "its own" is bound in its clause, as "itself" is
+                pronouns.append(i)
             continue
         if noun not in nouns and stem not in ("this", "these", "mine") and i not in starts:
             continue  # no rule can fire: the common case, kept fast
