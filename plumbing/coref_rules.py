@@ -394,8 +394,8 @@ def rule_clusters(review, info):
     """Algorithm 1, line 4 with the built-in rules: (clusters, left_out), lists of Mentions.
 
     Mentions: nouns that stand for the product (`product_nouns`, `kind_noun`, `part`,
-    `demonstrative`, `elided_subject`; a single one is enough) and the third-person pronouns.
-    A pronoun is left out when it cannot be the product (`pleonastic_it`, `said_by_people`,
+    `demonstrative`, `elided_subject`; a single one is enough; not a noun `used_as_verb`, nor one
+    of `other_product` or `in_general`) and the third-person pronouns. A pronoun is left out when it cannot be the product (`pleonastic_it`, `said_by_people`,
     an `antecedent` that is a person or `other_product`), and so is a part `said_about` by
     others ("reviews about the colors"). Clusters: the product cluster holds
     the noun mentions and the pronouns whose antecedent is one of them or whose number is the
