@@ -201,7 +201,7 @@ def probe_mask(nlp, product_name, review_text, backend="rules", root_sentences=F
 def explain(nlp, product_name, review_text, backend="rules", root_sentences=False):
     """What Algorithm 1 saw: {"sentences": [(0 or 1, text)], "core_words": sorted list,
     "clusters": [[(mention text, rule)]], "gold": index of the gold cluster or None,
-    "left_out": [(pronoun, rule)] (pronouns that cannot be the product),
+    "left_out": [(word, rule)] (pronouns that cannot be the product, parts that others talk about),
     "token_sentence": the sentence of each token of data.tokenize(review_text), -1 after the cut}."""
     info = _name_info(nlp(name_text(product_name)), root_sentences)
     cut, starts, marked, clusters, gold, left_out = _analyse(nlp, info, review_text, backend)

@@ -9,7 +9,9 @@ examples/probe_mask_eval.jsonl (`python probe_mask.py --evaluate FILE`).
 Mentions of the product: nouns that stand for it (`product_nouns`: core word, topic noun,
 name word; `kind_noun`, `part`, `demonstrative`, `elided_subject`) and third-person
 pronouns, less those that cannot be it (`pleonastic_it`, `said_by_people`, an `antecedent`
-that is a person, another product or the package). `rule_clusters` groups them.
+that is a person, another product or the package) and the parts that others talk about
+(`said_about`). Nouns used as verbs (`used_as_verb`) and those of another product
+(`other_product`, `in_general`) are no mentions. `rule_clusters` groups them.
 
 The rules read the model's own tokens (data.TOKEN_RE); spaCy's tagger alone (no parser)
 POS-tags the few sentences two rules need, which keeps a release-size split fast.
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import data
 
-VERSION = 2  # bump when a rule changes: caches built with other rules are recomputed
+VERSION = 3  # bump when a rule changes: caches built with other rules are recomputed
 TAGGED_FRAGMENT = 10  # sentences of at most this many tokens get POS tags (`elided_subject`)
 ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "st", "vs"}
 
@@ -117,7 +119,8 @@ def _words_of(text):
 
 PRONOUNS = {"it": "sg", "its": "sg", "they": "pl", "them": "pl", "their": "pl", "theirs": "pl"}
 # Reflexives ("itself") are no mentions: their antecedent is in the same clause (binding
-# principle A), so they never mark a sentence, and "the TV itself" is not the product.
+# principle A), so they never mark a sentence, and "the TV itself" is not the product. So is
+# "its own"/"their own" ("every app wants its own subscription"): no mention (`rule_clusters`).
 # "that"/"those" are no mentions: in reviews they point at a situation ("That's why ...") and
 # "that" is also the relative pronoun. "this"/"these" are `demonstrative`.
 ANIMATE = _words_of("""person people man men woman women guy kid child children boy girl baby son
@@ -146,6 +149,9 @@ PURCHASE = _words_of("buy bought order purchase get got")
 QUANTIFIERS = _words_of("most many some all no every each several few both")
 COLLECTIVE = _words_of("set pair pack kit collection bundle lot")
 OTHER = _words_of("old previous last former another other cheaper")
+GENERIC = _words_of("most many")  # "Most range cords are ...": products in general
+BEFORE_A_VERB = _words_of("i you we they he she to will would can could should may might must")
+TOPIC_PREPOSITIONS = _words_of("about of on for regarding")  # "reviews about the colors", "a refund for the lid"
 DEFINITE = _words_of("the its their this these")
 DETERMINERS = DEFINITE | _words_of("a an my our your his her another each every same")
 AUX = _words_of("""is are was were be been being 's s ' ’ has have had 've will would 'll can could
@@ -167,6 +173,7 @@ HUMAN_ADJECTIVES = _words_of("""friendly rude helpful unhelpful polite patient k
 IRREGULAR_VERBS = {"said": "say", "told": "tell", "thought": "think", "sent": "send"}
 NOT_ABOUT_PRODUCTS = ANIMATE | NOT_PRODUCT
 CANDIDATES = KINDS | PARTS | {"one", "ones"}
+OTHER_RULES = ("another product", "products in general")
 NOUN_RULES = ("core word", "topic noun", "name word", "kind noun", "part", "demonstrative", "elided subject")
 
 Mention = namedtuple("Mention", "sentence start text rule number")
@@ -242,6 +249,26 @@ def topic_noun(review, name_nouns):
     return next((found[kind] for kind in ("this", "bought", "the") if kind in found), None)
 
 
+def used_as_verb(review, i):
+    """Rule "verb": a word that is a noun or a verb ("vent", "buy", "set", "fit") right after a
+    subject pronoun, "to" or a modal is the verb: "you vent outside", "you'll buy", "to pin the
+    fabric", "they fit". Not "this", "these", "mine", "one(s)" ("compared to these")."""
+    before = _before(review, i, 1)
+    return bool(before) and base(before[0]) in BEFORE_A_VERB and review.words[i][0] not in (
+        "this", "these", "mine", "one", "ones")
+
+
+def in_general(review, i):
+    """Rule "products in general": a sentence that begins with "Most" or "Many" and a word for
+    things states what holds for such things in general ("Most range cords are barely adequate",
+    "Most brands gap at the back of the waist"): its nouns are not the product reviewed. Not
+    "Most of the lids", "Most importantly", "Many people", "Most days"."""
+    first = review.sentences[review.sentence_of[i]][0]
+    words = [word for word, _, _ in review.words[first:first + 2]]
+    return (len(words) == 2 and words[0] in GENERIC and words[1].isalpha() and words[1] != "of"
+            and not words[1].endswith("ly") and singular(words[1]) not in NOT_ABOUT_PRODUCTS)
+
+
 def other_product(review, i):
     """Rule "another product": a noun marked as a different item than the one reviewed,
     "my old one", "her old Fossil", "a cheaper pan from another brand"."""
@@ -274,13 +301,23 @@ def part(review, i):
     """Rule "part": a part or property of a product ("the lid", "its screen", "the fit") with a
     definite determiner or at the start of its sentence ("Battery life is great"), and not
     the modifier or the part of a word for people or shipping ("the cable company", "the lid
-    of the delivery box")."""
+    of the delivery box"). `rule_clusters` first leaves out the parts of `said_about`."""
     after = _after(review, i, 4)
     if singular(review.words[i][0]) not in PARTS or set(after[:1]) & NOT_ABOUT_PRODUCTS:
         return False
     if after[:1] in (["of"], ["on"], ["in"], ["from"]) and {singular(w) for w in after[1:]} & NOT_ABOUT_PRODUCTS:
         return False  # the part of something else: "the lid of the box", "the screen on my car"
     return _definite(review, i) or len(_before(review, i, 2)) < 2
+
+
+def said_about(review, i):
+    """Rule "said about": a part or property that is what a word for people, reviews, the listing
+    or shipping is about ("the other reviews about the colors", "a refund for the handle", "the
+    photo of the size"): the sentence talks about those, and the part alone is no mention of the
+    product. Fig. 2 of the paper marks "I have read some of the other reviews about the colors" 0."""
+    before = _before(review, i, 4)  # nearest first: "the", "about", "reviews", ...
+    k = next((k for k, word in enumerate(before) if word not in DETERMINERS), len(before))
+    return k + 1 < len(before) and before[k] in TOPIC_PREPOSITIONS and singular(before[k + 1]) in NOT_ABOUT_PRODUCTS
 
 
 def demonstrative(review, i):
@@ -349,7 +386,7 @@ def antecedent(review, i, number, found):
         if number == "sg" and word in LOGISTICS:
             return "other", j
         if j in found and (found[j].number in (None, number) or number == "pl" and word in COLLECTIVE):
-            return ("other" if found[j].rule == "another product" else "product"), j
+            return ("other" if found[j].rule in OTHER_RULES else "product"), j
     return None, None
 
 
@@ -357,9 +394,10 @@ def rule_clusters(review, info):
     """Algorithm 1, line 4 with the built-in rules: (clusters, left_out), lists of Mentions.
 
     Mentions: nouns that stand for the product (`product_nouns`, `kind_noun`, `part`,
-    `demonstrative`, `elided_subject`; a single one is enough) and the third-person pronouns.
-    A pronoun is left out when it cannot be the product (`pleonastic_it`, `said_by_people`,
-    an `antecedent` that is a person or `other_product`). Clusters: the product cluster holds
+    `demonstrative`, `elided_subject`; a single one is enough; not a noun `used_as_verb`, nor one
+    of `other_product` or `in_general`) and the third-person pronouns. A pronoun is left out when it cannot be the product (`pleonastic_it`, `said_by_people`,
+    an `antecedent` that is a person or `other_product`), and so is a part `said_about` by
+    others ("reviews about the colors"). Clusters: the product cluster holds
     the noun mentions and the pronouns whose antecedent is one of them or whose number is the
     product's (as the review uses it: "these shoes" -> plural; else as the name has it); the
     other pronouns are grouped by number, as a last resort for lines 14-16."""
@@ -370,21 +408,30 @@ def rule_clusters(review, info):
         stem = base(word)
         noun = singular(stem)
         if stem in PRONOUNS:
-            pronouns.append(i)
+            if _after(review, i, 1) != ["own"]:  # "its own" is bound in its clause, as "itself" is
+                pronouns.append(i)
             continue
         if noun not in nouns and stem not in ("this", "these", "mine") and i not in starts:
             continue  # no rule can fire: the common case, kept fast
-        if (noun in info.nouns or noun == topic or noun in CANDIDATES) and other_product(review, i):
-            found[i] = _mention(review, i, "another product", "pl" if is_plural(stem) else "sg")
+        if used_as_verb(review, i):
             continue
-        rule = (product_nouns(review, i, info, topic) or ("kind noun" if kind_noun(review, i) else None)
+        if noun in info.nouns or noun == topic or noun in CANDIDATES:
+            other = "another product" if other_product(review, i) else "products in general" if in_general(review, i) else None
+            if other:
+                found[i] = _mention(review, i, other, "pl" if is_plural(stem) else "sg")
+                continue
+        rule = product_nouns(review, i, info, topic)
+        if not rule and noun in PARTS and said_about(review, i):  # a part or property others talk about
+            left_out.append(_mention(review, i, "said about"))
+            continue
+        rule = (rule or ("kind noun" if kind_noun(review, i) else None)
                 or ("part" if part(review, i) else None) or ("demonstrative" if demonstrative(review, i) else None)
                 or ("elided subject" if elided_subject(review, i) else None))
         if rule:
             number = (None if noun in COLLECTIVE or rule == "elided subject" or stem == "mine"
                       else "pl" if stem in ("these", "ones") or is_plural(stem) and stem != "this" else "sg")
             found[i] = _mention(review, i, rule, number)
-    product = [m for m in found.values() if m.rule != "another product"]
+    product = [m for m in found.values() if m.rule not in OTHER_RULES]
     numbers = {m.number for m in product if m.rule != "part"} - {None} | info.number
     numbers |= {"sg", "pl"} if any(singular(base(m.text.lower())) in COLLECTIVE for m in product) else set()
     others = {"sg": [], "pl": []}
