@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data import CATEGORIES, SPLITS, DataError
+from plumbing.tables import CATEGORIES, DataError  # not from data.py, which imports torch
 
 BUILD_VERSION = 1
 SAFE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # an asin; ids name folders (images/{id}/), so nothing else
