@@ -25,14 +25,9 @@ import numpy as np
 import torch
 
 from plumbing.tables import DataError, read_ids, read_table, read_texts  # plumbing: the JSON files, checked
+from plumbing.tables import CATEGORIES, SPLITS  # CLI name -> file prefix; ("train", "dev", "test"): torch-free there
 
-CATEGORIES = {  # CLI name -> the release's folder and file prefix
-    "home_kitchen": "Home_and_Kitchen",
-    "electronics": "Electronics",
-    "clothing": "Clothing_Shoes_and_Jewelry",
-}
 NAMES = {prefix: name for name, prefix in CATEGORIES.items()}  # "Home_and_Kitchen" -> "home_kitchen"
-SPLITS = ("train", "dev", "test")
 DEFAULT_DATA_DIR = Path("data")
 SAMPLE_DIR = DEFAULT_DATA_DIR / "sample"
 

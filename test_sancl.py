@@ -1826,7 +1826,7 @@ def hand_checked_dump(tmp_path):
                review_2018("P1", "1", who="A1"),  # the first line again: an exact duplicate
                review_2018("P2", "1", who="A1"), review_2018("P2", "2", who="A2"),  # top vote 2: not > 2
                review_2018("P3", "4", who="A1"), review_2018("P3", "4", who="A2"),  # no metadata
-               review_2018("P4", "5", who="A1"), review_2018("P4", "5", who="A2"),  # no title
+               review_2018("P4", "5", who="A1"), review_2018("P4", "5", who="A2"),  # title markup only: kept, name ""
                review_2018("P5", "10", who="A1"),  # one review only
                review_2018("P6", "3", who="A1"), review_2018("P6", "1", who="A2", text=LONG + " Really."),
                review_2018("P7", "9", who="A1"), review_2018("P7", "0", who="A2"), review_2018("P7", "2", who="A3")]
@@ -1853,13 +1853,13 @@ def test_build_data_rule_counts_checked_by_hand(tmp_path, capsys):
     # 18 lines; P1: one without a vote, one short, one duplicate; P7: one with "0"
     assert record["reviews"]["lines"] == 18 and record["reviews"]["format"] == 2018
     assert record["removed"]["reviews"] == {"no_votes": 2, "short": 1, "duplicates": 1}
-    assert list(record["removed"]["products"].values()) == [[2, 1], [2, 1], [1, 1], [2, 1]]  # P3, P4, P5, P2
-    assert sorted(record["splits"].values()) == [[1, 2], [1, 2], [1, 3]]  # P1 3 reviews, P6 and P7 2 each
+    assert list(record["removed"]["products"].values()) == [[2, 1], [1, 1], [2, 1]]  # P3, P5, P2
+    assert sorted(record["splits"].values()) == [[1, 2], [1, 3], [2, 4]]  # P1 3 reviews, P4, P6 and P7 2 each
     out = capsys.readouterr().out
     assert "exact duplicate (reviewer, product, text)" in out and "no review with 3 votes or more" in out
     tables = {kind: [row for split in data.SPLITS for row in json.loads(
         (tmp_path / "out" / f"Home_and_Kitchen.{kind}.{split}").read_text())] for kind in ("prd", "rvw", "rel")}
-    assert {r["product_id"] for r in tables["prd"]} == {"P1", "P6", "P7"}
+    assert {r["product_id"] for r in tables["prd"]} == {"P1", "P4", "P6", "P7"}
     names = {r["product_id"]: (r["name"], r["description"]) for r in tables["prd"]}
     assert names["P6"] == ("Pure & Fresh Ice Tray", 'Tray "A"') and names["P1"] == ("Steel Kettle", "Boils water.")
     assert {(r["review_id"], r["upvotes"]) for r in tables["rel"] if r["product_id"] == "P1"} == {
@@ -1869,7 +1869,7 @@ def test_build_data_rule_counts_checked_by_hand(tmp_path, capsys):
         "P1\t1\thttps://example.com/p1b.jpg\timages/P1/1.jpg",
         "P1-2\t0\thttps://example.com/r.jpg\timages/P1-2/0.jpg"]
     source = data.resolve_data(data_dir=tmp_path / "out")
-    assert sum(len(data.read_split(source, s)) for s in data.SPLITS) == 3
+    assert sum(len(data.read_split(source, s)) for s in data.SPLITS) == 4
 
 
 def test_build_data_same_input_same_bytes_and_nothing_overwritten(tmp_path, capsys):

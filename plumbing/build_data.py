@@ -6,8 +6,9 @@ metadata file of one category and writes exactly the layout data.py reads:
   1. read the two files, in any of the three public formats (2014, 2018, 2023), plain or gzip,
      in one streaming pass each: memory grows with the reviews kept, not with the file
   2. the authors' rules, in their order, each one counted: votes > 0, text of 64 characters or
-     more, (our addition: exact duplicates dropped), product in the metadata, a title, 20 reviews
-     or more, one review with more than 2 votes
+     more, (our addition: exact duplicates dropped), product in the metadata, 20 reviews or more,
+     one review with more than 2 votes. No title rule: like the authors, a product is kept whatever
+     its title (empty, absent or long), with every field from its first metadata line
   3. a 64/16/20 split by product, as sklearn's train_test_split(random_state=0) twice
   4. `{Category}.prd/.rvw/.rel.{train,dev,test}`, `images.tsv` (every image URL and the path to
      save it to, for features.py --extract) and `build.json` (inputs with sizes and hashes, rules,
@@ -35,11 +36,10 @@ from pathlib import Path
 
 import numpy as np
 
-from data import CATEGORIES, SPLITS, DataError
+from plumbing.tables import CATEGORIES, DataError  # not from data.py, which imports torch
 
 BUILD_VERSION = 1
 SAFE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # an asin; ids name folders (images/{id}/), so nothing else
-MAX_TITLE_CHARS = 1000  # a longer "title" is a page's HTML or script that the 2018 metadata holds, not a name
 
 
 # --- 1. reading a dump: plain or gzip, line by line, hashed as it is read --------------------------
@@ -275,8 +275,9 @@ def read_reviews(path, min_chars):
 
 def read_meta(path, kept, wanted, review_fmt):
     """Name, description and image URLs of the products in `wanted` (the rest stream by), and which
-    products of `kept` the metadata lists and which of those have a usable title."""
-    found, listed, titled, fmt, info = {}, set(), set(), None, {}
+    products of `kept` the metadata lists. A product on several lines takes every field from its
+    first line; the later ones change nothing."""
+    found, listed, fmt, info = {}, set(), None, {}
     for n, record in read_records(path, "meta", info):
         where = f"--meta {path}: line {n}"
         if fmt is None:
@@ -293,22 +294,19 @@ def read_meta(path, kept, wanted, review_fmt):
         product = record.get("parent_asin" if fmt == 2023 else "asin")
         if not isinstance(product, str) or not product:
             raise DataError(f"{where}: no product id; the line is damaged or from another format.")
-        if product not in kept:
+        if product not in kept or product in listed:
             continue
-        name = _text(record.get("title"))
         listed.add(product)
-        if 0 < len(name) <= MAX_TITLE_CHARS:
-            titled.add(product)
-        if product in wanted and product not in found:
-            found[product] = {"name": name, "description": _text(record.get("description")),
+        if product in wanted:  # a name as the dump gives it, HTML removed: empty or long, it is kept (the authors')
+            found[product] = {"name": _text(record.get("title")), "description": _text(record.get("description")),
                               "image": product_images(record),
                               "feature": [strip_html(f) for f in record.get("feature") or [] if isinstance(f, str)],
                               "brand": strip_html(str(record.get("brand") or ""))}
     info["format"] = 2014 if info["python_literals"] else fmt
-    return found, listed, titled, info
+    return found, listed, info
 
 
-def apply_rules(kept, listed, titled, min_reviews, min_top_votes):
+def apply_rules(kept, listed, min_reviews, min_top_votes):
     """Product-level rules in the authors' order; returns the products kept and a table of counts."""
     table, products = [], dict(kept)
 
@@ -319,8 +317,6 @@ def apply_rules(kept, listed, titled, min_reviews, min_top_votes):
         products = {p: reviews for p, reviews in products.items() if keep(p)}
 
     rule("product not in the metadata", lambda p: p in listed)
-    rule(f"no title (empty, or over {MAX_TITLE_CHARS:,} characters after removing HTML)",
-         lambda p: p in titled)
     rule(f"fewer than {min_reviews} reviews", lambda p: len(products[p]) >= min_reviews)
     rule(f"no review with {min_top_votes} votes or more", lambda p: max(r["upvotes"] for r in products[p])
          >= min_top_votes)
@@ -389,8 +385,8 @@ def build(args):
     # only the products that pass the review-count rules need their metadata kept
     wanted = {p for p, r in kept.items() if len(r) >= args.min_reviews and
               max(x["upvotes"] for x in r) >= args.min_top_votes}
-    meta_of, listed, titled, meta_info = read_meta(args.meta, kept, wanted, counts["format"])
-    products, product_rules = apply_rules(kept, listed, titled, args.min_reviews, args.min_top_votes)
+    meta_of, listed, meta_info = read_meta(args.meta, kept, wanted, counts["format"])
+    products, product_rules = apply_rules(kept, listed, args.min_reviews, args.min_top_votes)
     if not products:
         print(table(counts, product_rules, {}))
         raise DataError("no product passes the rules (the table above says which removed what); for a small "

@@ -2,9 +2,17 @@
 
 A table is a list of records, a dict of columns (as pandas writes them) or JSON lines; every way a
 downloaded or hand-made file goes wrong (UTF-16, a cut-off file, a missing column, an id that is not
-one, a number where text belongs) is a DataError naming the file, the record and the fix.
+one, a number where text belongs) is a DataError naming the file, the record and the fix. The names of the
+categories and splits live here too, so that plumbing/build_data.py reads the dumps without importing torch.
 """
 import json
+
+CATEGORIES = {  # CLI name -> the release's folder and file prefix
+    "home_kitchen": "Home_and_Kitchen",
+    "electronics": "Electronics",
+    "clothing": "Clothing_Shoes_and_Jewelry",
+}
+SPLITS = ("train", "dev", "test")
 
 
 class DataError(Exception):
