@@ -122,7 +122,10 @@ def evaluate_split(model, split, device, threshold=1, who=None, geometry=False):
 def add_geometry(sums, out, batch, config, new_products):
     """Add one batch's cosines to `sums` ({name: (total, count)}): pr_t / pr_v (a review and its product in
     the pr space, text and image) and ii (a review's text and image in the ii space), each for helpful and
-    for unhelpful reviews; ii_products for the products marked new (each product counted once)."""
+    for unhelpful reviews; ii_products for the products marked new (each product counted once). Every review
+    counts in the image spaces (pr image, ii), those without an image too: theirs is the learned "no image"
+    vector (one zero region through the image encoder), so where image-less reviews are more often unhelpful,
+    as on the sample, part of an image space's helpful / unhelpful gap says "has an image"."""
     helpful = (batch["labels"] >= config.helpful_threshold).cpu()  # (R,)
     spaces = {f"pr_{m}": (out[f"{m}_pr_review"], out[f"{m}_pr_product"][batch["review_product"]])
               for m in ("t", "v") if f"{m}_pr_review" in out}  # (R, D) each
