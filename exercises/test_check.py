@@ -19,7 +19,7 @@ code = Path("sancl.py").read_text()
 with open("calls.txt", "a") as calls:
     calls.write(f"{seed}\n")
 print("training seed", seed)
-if "FAIL" in code and seed == 1:
+if "FAIL" in code and seed == 1 and Path("failing").exists():
     sys.exit(3)
 shift = -5.0 if "WORSE" in code else 0.0
 test = {"MAP": 90.0 + seed + shift, "N@3": 80.0 + seed / 10 + shift, "N@5": 85.0 - seed / 10,
@@ -31,7 +31,7 @@ test = {"MAP": 90.0 + seed + shift, "N@3": 80.0 + seed / 10 + shift, "N@5": 85.0
 def run(argv, root):
     """check.check with the fake train.py; CheckError as in main."""
     check.check(argv, root=root, train=[sys.executable, str(root / "fake_train.py")],
-                prepare=[sys.executable, "-c", "pass"])
+                prepare=[sys.executable, "-c", "open('prepared.txt', 'a').write('once')"])
 
 
 @pytest.fixture
@@ -85,7 +85,7 @@ def test_baseline_then_check_with_a_fake_train(repo, capsys):
     record = json.loads((repo / "exercises" / "baseline.json").read_text())
     assert [s["MAP"] for s in record["seeds"]] == [90.0, 91.0, 92.0] and record["machine"]["cpus"] >= 1
     assert record["command"] == "python -m exercises.check --baseline" and record["date"]
-    assert sorted(calls(repo)) == ["0", "1", "2"]
+    assert sorted(calls(repo)) == ["0", "1", "2"] and (repo / "prepared.txt").read_text() == "once"
 
     run([], repo)  # unchanged code: nothing trained
     assert "this is the unchanged code" in capsys.readouterr().out and len(calls(repo)) == 3
@@ -104,11 +104,16 @@ def test_baseline_then_check_with_a_fake_train(repo, capsys):
 def test_failing_run_and_foreign_folder_are_one_line_errors(repo, capsys):
     run(["--baseline"], repo)
     (repo / "sancl.py").write_text("FAIL\n")
+    (repo / "failing").touch()
     with pytest.raises(check.CheckError, match=r"seed 1's training failed \(exit 3\) in runs/exercise/"
                                                r"home_kitchen-\w+-s1: its output is in .*-s1/train.log"):
         run([], repo)
     log = next((repo / "runs" / "exercise").glob("*-s1")) / "train.log"
     assert "training seed 1" in log.read_text()
+    (repo / "failing").unlink()
+    capsys.readouterr()
+    run([], repo)  # seed 1's unfinished folder is this command's: trained again, seeds 0 and 2 read back
+    assert len(calls(repo)) == 7 and "an unfinished run of this command, removed" in capsys.readouterr().out
     (repo / "sancl.py").write_text("WORSE\n")
     code = check.code_hash(repo, ["--data", "home_kitchen"])
     foreign = repo / "runs" / "exercise" / f"home_kitchen-{code}-s0"
