@@ -165,7 +165,7 @@ def train_seeds(args, root, train, prepare):
             if subprocess.run(prepare + ["--data", args.data] + data_flags, cwd=root, stdout=out,
                               stderr=subprocess.STDOUT).returncode:
                 raise CheckError(f"reading the data failed: its output is in {log}")
-    start, failed = time.time(), []
+    took, failed = [], []
     with concurrent.futures.ThreadPoolExecutor(min(args.jobs, len(todo))) as pool:
         runs = {pool.submit(train_one, train + ["--data", args.data, "--seed", str(seed), "--out",
                                                 str(folders[seed])] + args.train_args, folders[seed], root): seed
@@ -180,7 +180,8 @@ def train_seeds(args, root, train, prepare):
                 print(f"[{n}/{len(todo)}] seed {seed}: FAILED, see {folder / 'train.log'}", flush=True)
                 continue
             results[seed] = test
-            eta = (time.time() - start) / n * (len(todo) - n)
+            took.append(seconds)  # ETA: the runs left, --jobs at a time, each as long as the mean so far
+            eta = statistics.mean(took) * -(-(len(todo) - n) // args.jobs)
             print(f"[{n}/{len(todo)}] seed {seed}: " + "  ".join(f"{m} {test[m]:.2f}" for m in METRICS)
                   + f"  ({seconds / 60:.1f} min; ETA {eta / 60:.1f} min)", flush=True)
     if failed:
