@@ -18,6 +18,7 @@ import argparse
 import concurrent.futures
 import datetime
 import hashlib
+import importlib.metadata
 import json
 import os
 import platform
@@ -189,6 +190,14 @@ def train_seeds(args, root, train, prepare):
     return [results[seed] for seed in range(args.seeds)]
 
 
+def torch_version():
+    """torch's version without importing it (the float kernels, and so the last digits, depend on it)."""
+    try:
+        return importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def write_baseline(path, args, runs, root):
     """exercises/baseline.json: each seed's test results and where they come from."""
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
@@ -198,7 +207,7 @@ def write_baseline(path, args, runs, root):
               "data": args.data, "train_args": args.train_args, "commit": head,
               "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
               "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                          "cpus": os.cpu_count(), "python": platform.python_version()},
+                          "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch_version()},
               "seeds": [{"seed": seed, **test} for seed, test in enumerate(runs)]}
     path.write_text(json.dumps(record, indent=2) + "\n")
 
