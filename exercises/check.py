@@ -176,8 +176,9 @@ def train_seeds(args, root, train, prepare):
             folder = folders[seed].relative_to(root)
             test = read_test(folders[seed]) if exit_code == 0 else None
             if test is None:
-                failed.append(f"seed {seed}'s training failed (exit {exit_code}{', no test.json' if exit_code == 0 else ''}) "
-                              f"in {folder}: its output is in {folder / 'train.log'}")
+                why = f"exit {exit_code}" + (", no test.json" if exit_code == 0 else "")
+                failed.append(f"seed {seed}'s training failed ({why}) in {folder}: its output is in "
+                              f"{folder / 'train.log'}")
                 print(f"[{n}/{len(todo)}] seed {seed}: FAILED, see {folder / 'train.log'}", flush=True)
                 continue
             results[seed] = test
@@ -216,7 +217,8 @@ def read_baseline(path):
     """The baseline record, or CheckError saying how to make it."""
     try:
         record = json.loads(path.read_text())
-        if not all(isinstance(s[m], (int, float)) for s in record["seeds"] for m in METRICS) or len(record["seeds"]) < 2:
+        seeds = record["seeds"]
+        if len(seeds) < 2 or not all(isinstance(s[m], (int, float)) for s in seeds for m in METRICS):
             raise TypeError
     except FileNotFoundError:
         raise CheckError(f"{path} is missing: run `python -m exercises.check --baseline` on unchanged code "
