@@ -109,7 +109,7 @@ def sancl_changed(root):
     return {0: False, 1: True}.get(done.returncode)
 
 
-def read_test(folder):
+def read_test(folder, root):
     """The run's test results from its test.json, or None when it has none; CheckError when it is unreadable."""
     path = folder / "test.json"
     if not path.exists():
@@ -119,18 +119,20 @@ def read_test(folder):
         if not all(isinstance(test[m], (int, float)) for m in METRICS):
             raise TypeError
     except (OSError, ValueError, KeyError, TypeError):
-        raise CheckError(f"{path} is not what train.py writes: remove {folder} and run again") from None
+        raise CheckError(f"{path.relative_to(root)} is not what train.py writes: remove "
+                         f"{folder.relative_to(root)} and run again") from None
     return {**{m: test[m] for m in METRICS}, "geometry": test.get("geometry", {})}
 
 
-def claim(folder):
+def claim(folder, root):
     """Make the run folder (marked as this command's), or say why it cannot be used: it holds a run that
     this command did not make. An unfinished run of this command is removed, to be trained again."""
     if folder.exists():
         if not (folder / MARKER).exists():
-            raise CheckError(f"{folder} was not made by this command: move it away and run again")
+            raise CheckError(f"{folder.relative_to(root)} was not made by this command: move it away and run again")
         shutil.rmtree(folder)
-        print(f"{folder}: an unfinished run of this command, removed to be trained again", flush=True)
+        print(f"{folder.relative_to(root)}: an unfinished run of this command, removed to be trained again",
+              flush=True)
     folder.mkdir(parents=True)
     (folder / MARKER).write_text("made by python -m exercises.check; it may remove this folder's unfinished run\n")
 
@@ -147,7 +149,7 @@ def train_seeds(args, root, train, prepare):
     """Each seed's test results: finished runs read back, the others trained --jobs at a time."""
     code = code_hash(root, ["--data", args.data] + args.train_args)
     folders = [root / "runs" / "exercise" / f"{args.data}-{code}-s{seed}" for seed in range(args.seeds)]
-    results = {seed: read_test(folder) for seed, folder in enumerate(folders)}
+    results = {seed: read_test(folder, root) for seed, folder in enumerate(folders)}
     todo = [seed for seed, test in results.items() if test is None]
     print(f"{args.seeds} seeds of python train.py --data {args.data} {' '.join(args.train_args)}".rstrip()
           + f" in runs/exercise/{args.data}-{code}-s*: " + (f"{len(todo)} to train, {min(args.jobs, len(todo))} "
@@ -158,14 +160,14 @@ def train_seeds(args, root, train, prepare):
     if not todo:
         return [results[seed] for seed in range(args.seeds)]
     for seed in todo:
-        claim(folders[seed])
+        claim(folders[seed], root)
     data_flags = [a for a in args.train_args if a.split("=")[0] in ("--data-dir", "--glove", "--features")]
     if len(todo) > 1 and args.jobs > 1:  # two runs that both write the built-in sample would collide
         log = folders[todo[0]] / "prepare.log"
         with open(log, "w") as out:
             if subprocess.run(prepare + ["--data", args.data] + data_flags, cwd=root, stdout=out,
                               stderr=subprocess.STDOUT).returncode:
-                raise CheckError(f"reading the data failed: its output is in {log}")
+                raise CheckError(f"reading the data failed: its output is in {log.relative_to(root)}")
     took, failed = [], []
     with concurrent.futures.ThreadPoolExecutor(min(args.jobs, len(todo))) as pool:
         runs = {pool.submit(train_one, train + ["--data", args.data, "--seed", str(seed), "--out",
@@ -174,7 +176,7 @@ def train_seeds(args, root, train, prepare):
         for n, run in enumerate(concurrent.futures.as_completed(runs), 1):
             seed, (exit_code, seconds) = runs[run], run.result()
             folder = folders[seed].relative_to(root)
-            test = read_test(folders[seed]) if exit_code == 0 else None
+            test = read_test(folders[seed], root) if exit_code == 0 else None
             if test is None:
                 why = f"exit {exit_code}" + (", no test.json" if exit_code == 0 else "")
                 failed.append(f"seed {seed}'s training failed ({why}) in {folder}: its output is in "
