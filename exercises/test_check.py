@@ -123,6 +123,9 @@ def test_failing_run_and_foreign_folder_are_one_line_errors(repo, capsys):
     with pytest.raises(check.CheckError, match="was not made by this command"):
         run([], repo)
     assert (foreign / "notes.txt").exists()
+    (foreign / "test.json").write_text('{"test": {"MAP": "high"}}')
+    with pytest.raises(check.CheckError, match=r"-s0/test.json is not what train.py writes"):
+        run([], repo)
 
 
 def test_bad_flags_are_one_line(capsys):
