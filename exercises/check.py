@@ -121,7 +121,8 @@ def read_test(folder, root):
     except (OSError, ValueError, KeyError, TypeError):
         raise CheckError(f"{path.relative_to(root)} is not what train.py writes: remove "
                          f"{folder.relative_to(root)} and run again") from None
-    return {**{m: test[m] for m in METRICS}, "geometry": test.get("geometry", {})}
+    finished = datetime.datetime.fromtimestamp(path.stat().st_mtime).astimezone().isoformat(timespec="seconds")
+    return {**{m: test[m] for m in METRICS}, "geometry": test.get("geometry", {}), "finished": finished}
 
 
 def claim(folder, root):
@@ -202,13 +203,15 @@ def torch_version():
 
 
 def write_baseline(path, args, runs, root):
-    """exercises/baseline.json: each seed's test results and where they come from."""
+    """exercises/baseline.json: each seed's test results and where they come from (the date is the last
+    run's: a --baseline that reads finished runs back writes the same numbers and date)."""
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
     record = {"command": "python -m exercises.check --baseline" + (f" --seeds {args.seeds}" if args.seeds != 3 else "")
               + (f" --data {args.data}" if args.data != "home_kitchen" else "")
               + (" -- " + " ".join(args.train_args) if args.train_args else ""),
               "data": args.data, "train_args": args.train_args, "commit": head,
-              "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+              "runs": f"runs/exercise/{args.data}-{code_hash(root, ['--data', args.data] + args.train_args)}-s*",
+              "date": max(test["finished"] for test in runs),  # of the last run, also when read back
               "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                           "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch_version()},
               "seeds": [{"seed": seed, **test} for seed, test in enumerate(runs)]}
