@@ -169,7 +169,7 @@ def train_seeds(args, root, train, prepare):
             if subprocess.run(prepare + ["--data", args.data] + data_flags, cwd=root, stdout=out,
                               stderr=subprocess.STDOUT).returncode:
                 raise CheckError(f"reading the data failed: its output is in {log.relative_to(root)}")
-    took, failed = [], []
+    took, failed, start = [], [], time.time()
     with concurrent.futures.ThreadPoolExecutor(min(args.jobs, len(todo))) as pool:
         runs = {pool.submit(train_one, train + ["--data", args.data, "--seed", str(seed), "--out",
                                                 str(folders[seed])] + args.train_args, folders[seed], root): seed
@@ -191,6 +191,9 @@ def train_seeds(args, root, train, prepare):
                   + f"  ({seconds / 60:.1f} min; ETA {eta / 60:.1f} min)", flush=True)
     if failed:
         raise CheckError(failed[0] + (f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""))
+    cpu = resource.getrusage(resource.RUSAGE_CHILDREN)  # the runs', waited for
+    print(f"{len(todo)} runs in {(time.time() - start) / 60:.1f} min wall, {(cpu.ru_utime + cpu.ru_stime) / 60:.1f} "
+          "min CPU", flush=True)
     return [results[seed] for seed in range(args.seeds)]
 
 
@@ -298,7 +301,6 @@ def check(argv, root=ROOT, train=TRAIN, prepare=PREPARE):
 
 
 def main(argv=None):
-    start = time.time()
     try:
         check(sys.argv[1:] if argv is None else argv)
     except CheckError as error:
@@ -308,8 +310,6 @@ def main(argv=None):
         print("\ninterrupted: the same command continues (finished runs are read back, unfinished ones "
               "trained again)", file=sys.stderr)
         sys.exit(130)
-    cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
-    print(f"({(time.time() - start) / 60:.1f} min wall, {(cpu.ru_utime + cpu.ru_stime) / 60:.1f} min CPU in training)")
 
 
 if __name__ == "__main__":

@@ -95,7 +95,7 @@ def test_baseline_then_check_with_a_fake_train(repo, capsys):
     (repo / "sancl.py").write_text("WORSE\n")
     run(["--jobs", "1"], repo)
     out = capsys.readouterr().out
-    assert len(calls(repo)) == 6 and "[3/3] seed 2" in out and "ETA" in out
+    assert len(calls(repo)) == 6 and "[3/3] seed 2" in out and "ETA" in out and "3 runs in " in out
     assert "MAP: beyond seed noise (-5.00" in out and "N@5: within seed noise (+0.00" in out
     assert any(line.startswith("  ii helpful") and "+0.10" in line for line in out.splitlines())
 
