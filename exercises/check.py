@@ -12,7 +12,9 @@ so read "within" as "not shown", not as "no effect".
 Each run is `python train.py --data DATA --seed S --out runs/exercise/DATA-CODE-sS`, its output in the
 folder's train.log; CODE is a hash of the five paper files and the flags after --, so the same code run
 again reads its finished runs back, and changed code gets new folders. A folder this command made whose
-run did not finish is trained again from scratch; a folder it did not make is never touched.
+run did not finish is trained again from scratch; a folder it did not make is never touched. Where the
+data is not there yet (`python data.py --stats` fails: on a fresh clone the first run writes the built-in
+sample), the first seed trains alone, then the others.
 """
 import argparse
 import concurrent.futures
@@ -42,7 +44,7 @@ RULE = f"beyond seed noise when |gap| > {NOISE} x the larger sd (sd over seeds, 
 MARKER = "made-by-exercises-check"  # in every run folder this command made
 OWNED = ("--data", "--seed", "--seeds", "--out", "--resume", "--ablations", "--jobs")  # flags it sets itself
 TRAIN = [sys.executable, "train.py"]
-PREPARE = [sys.executable, "data.py", "--stats"]  # writes the built-in sample once, before runs in parallel
+READY = [sys.executable, "data.py", "--stats"]  # fails where the data is not there yet (the sample: unwritten)
 
 
 class CheckError(Exception):
@@ -146,7 +148,7 @@ def train_one(command, folder, root):
     return code, time.time() - start
 
 
-def train_seeds(args, root, train, prepare):
+def train_seeds(args, root, train, ready):
     """Each seed's test results: finished runs read back, the others trained --jobs at a time."""
     code = code_hash(root, ["--data", args.data] + args.train_args)
     folders = [root / "runs" / "exercise" / f"{args.data}-{code}-s{seed}" for seed in range(args.seeds)]
@@ -162,33 +164,40 @@ def train_seeds(args, root, train, prepare):
         return [results[seed] for seed in range(args.seeds)]
     for seed in todo:
         claim(folders[seed], root)
-    data_flags = [a for a in args.train_args if a.split("=")[0] in ("--data-dir", "--glove", "--features")]
-    if len(todo) > 1 and args.jobs > 1:  # two runs that both write the built-in sample would collide
-        log = folders[todo[0]] / "prepare.log"
+    batches = [todo]
+    if len(todo) > 1 and args.jobs > 1:  # two first runs that both write the built-in sample would collide
+        data_flags = [a for a in args.train_args if a.split("=")[0] in ("--data-dir", "--glove", "--features")]
+        log = folders[todo[0]] / "ready.log"
         with open(log, "w") as out:
-            if subprocess.run(prepare + ["--data", args.data] + data_flags, cwd=root, stdout=out,
+            if subprocess.run(ready + ["--data", args.data] + data_flags, cwd=root, stdout=out,
                               stderr=subprocess.STDOUT).returncode:
-                raise CheckError(f"reading the data failed: its output is in {log.relative_to(root)}")
-    took, failed, start = [], [], time.time()
+                batches = [todo[:1], todo[1:]]
+                print(f"the data is not ready (python data.py --stats, in {log.relative_to(root)}): seed {todo[0]} "
+                      "first, alone, as the first run writes the built-in sample", flush=True)
+    took, failed, start, n = [], [], time.time(), 0
     with concurrent.futures.ThreadPoolExecutor(min(args.jobs, len(todo))) as pool:
-        runs = {pool.submit(train_one, train + ["--data", args.data, "--seed", str(seed), "--out",
-                                                str(folders[seed])] + args.train_args, folders[seed], root): seed
-                for seed in todo}
-        for n, run in enumerate(concurrent.futures.as_completed(runs), 1):
-            seed, (exit_code, seconds) = runs[run], run.result()
-            folder = folders[seed].relative_to(root)
-            test = read_test(folders[seed], root) if exit_code == 0 else None
-            if test is None:
-                why = f"exit {exit_code}" + (", no test.json" if exit_code == 0 else "")
-                failed.append(f"seed {seed}'s training failed ({why}) in {folder}: its output is in "
-                              f"{folder / 'train.log'}")
-                print(f"[{n}/{len(todo)}] seed {seed}: FAILED, see {folder / 'train.log'}", flush=True)
-                continue
-            results[seed] = test
-            took.append(seconds)  # ETA: the runs left, --jobs at a time, each as long as the mean so far
-            eta = statistics.mean(took) * -(-(len(todo) - n) // args.jobs)
-            print(f"[{n}/{len(todo)}] seed {seed}: " + "  ".join(f"{m} {test[m]:.2f}" for m in METRICS)
-                  + f"  ({seconds / 60:.1f} min; ETA {eta / 60:.1f} min)", flush=True)
+        for batch in batches:
+            if failed:
+                break
+            runs = {pool.submit(train_one, train + ["--data", args.data, "--seed", str(seed), "--out",
+                                                    str(folders[seed])] + args.train_args, folders[seed], root): seed
+                    for seed in batch}
+            for run in concurrent.futures.as_completed(runs):
+                n += 1
+                seed, (exit_code, seconds) = runs[run], run.result()
+                folder = folders[seed].relative_to(root)
+                test = read_test(folders[seed], root) if exit_code == 0 else None
+                if test is None:
+                    why = f"exit {exit_code}" + (", no test.json" if exit_code == 0 else "")
+                    failed.append(f"seed {seed}'s training failed ({why}) in {folder}: its output is in "
+                                  f"{folder / 'train.log'}")
+                    print(f"[{n}/{len(todo)}] seed {seed}: FAILED, see {folder / 'train.log'}", flush=True)
+                    continue
+                results[seed] = test
+                took.append(seconds)  # ETA: the runs left, --jobs at a time, each as long as the mean so far
+                eta = statistics.mean(took) * -(-(len(todo) - n) // args.jobs)
+                print(f"[{n}/{len(todo)}] seed {seed}: " + "  ".join(f"{m} {test[m]:.2f}" for m in METRICS)
+                      + f"  ({seconds / 60:.1f} min; ETA {eta / 60:.1f} min)", flush=True)
     if failed:
         raise CheckError(failed[0] + (f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""))
     cpu = resource.getrusage(resource.RUSAGE_CHILDREN)  # the runs', waited for
@@ -267,8 +276,8 @@ def parse_args(argv):
     return args
 
 
-def check(argv, root=ROOT, train=TRAIN, prepare=PREPARE):
-    """The command; `train` and `prepare` are the commands it runs (a test gives fakes)."""
+def check(argv, root=ROOT, train=TRAIN, ready=READY):
+    """The command; `train` and `ready` are the commands it runs (a test gives fakes)."""
     args = parse_args(argv)
     path, changed = root / "exercises" / "baseline.json", sancl_changed(root)
     if args.baseline:
@@ -277,7 +286,7 @@ def check(argv, root=ROOT, train=TRAIN, prepare=PREPARE):
         if changed:
             raise CheckError("sancl.py differs from git's HEAD: --baseline is for unchanged code "
                              "(git stash, then run it, then git stash pop)")
-        runs = train_seeds(args, root, train, prepare)
+        runs = train_seeds(args, root, train, ready)
         write_baseline(path, args, runs, root)
         print(f"wrote {path.relative_to(root)}: " + ", ".join(
             "{} {:.2f} ± {:.2f}".format(m, *mean_sd([r[m] for r in runs])) for m in METRICS))
@@ -291,7 +300,7 @@ def check(argv, root=ROOT, train=TRAIN, prepare=PREPARE):
               "marked `README exercise N` in sancl.py, then run this again. baseline.json's numbers: " + ", ".join(
                   "{} {:.2f} ± {:.2f}".format(m, *mean_sd([s[m] for s in record["seeds"]])) for m in METRICS))
         return
-    runs = train_seeds(args, root, train, prepare)
+    runs = train_seeds(args, root, train, ready)
     print(f"\nunchanged code: {record['command']} ({len(record['seeds'])} seeds, {record['date'][:10]}, "
           f"{record['machine']['platform']}, {record['machine']['cpus']} cpus)")
     if record.get("train_args", []) != args.train_args:

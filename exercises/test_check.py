@@ -11,7 +11,7 @@ from exercises import check
 FULL_MAP = [91.30, 91.90, 90.49]
 
 FAKE_TRAIN = r'''
-import json, sys
+import json, sys, time
 from pathlib import Path
 argv = sys.argv[1:]
 seed, out = int(argv[argv.index("--seed") + 1]), Path(argv[argv.index("--out") + 1])
@@ -19,6 +19,11 @@ code = Path("sancl.py").read_text()
 with open("calls.txt", "a") as calls:
     calls.write(f"{seed}\n")
 print("training seed", seed)
+if not Path("data_ready").exists():  # as train.py: the first run writes the built-in sample
+    if seed == 0:
+        time.sleep(0.3)
+    elif not list(out.parent.glob(out.name[:-1] + "0/test.json")):
+        sys.exit(4)  # a second run that found the sample half written
 if "FAIL" in code and seed == 1 and Path("failing").exists():
     sys.exit(3)
 shift = -5.0 if "WORSE" in code else 0.0
@@ -31,7 +36,8 @@ test = {"MAP": 90.0 + seed + shift, "N@3": 80.0 + seed / 10 + shift, "N@5": 85.0
 def run(argv, root):
     """check.check with the fake train.py; CheckError as in main."""
     check.check(argv, root=root, train=[sys.executable, str(root / "fake_train.py")],
-                prepare=[sys.executable, "-c", "open('prepared.txt', 'a').write('once')"])
+                ready=[sys.executable, "-c", "import pathlib, sys; open('ready_calls.txt', 'a').write('x'); "
+                                             "sys.exit(not pathlib.Path('data_ready').exists())"])
 
 
 @pytest.fixture
@@ -81,13 +87,14 @@ def test_baseline_refused_when_sancl_differs_from_head(repo):
 def test_baseline_then_check_with_a_fake_train(repo, capsys):
     with pytest.raises(check.CheckError, match="baseline.json is missing"):
         run([], repo)
-    run(["--baseline"], repo)
+    run(["--baseline"], repo)  # no data yet: seed 0 alone, then 1 and 2
+    assert "the data is not ready" in capsys.readouterr().out and calls(repo)[0] == "0"
     record = json.loads((repo / "exercises" / "baseline.json").read_text())
     assert [s["MAP"] for s in record["seeds"]] == [90.0, 91.0, 92.0]
     assert record["machine"]["cpus"] >= 1 and "torch" in record["machine"]
     assert record["command"] == "python -m exercises.check --baseline" and record["date"]
     assert record["runs"].startswith("runs/exercise/home_kitchen-")
-    assert sorted(calls(repo)) == ["0", "1", "2"] and (repo / "prepared.txt").read_text() == "once"
+    assert sorted(calls(repo)) == ["0", "1", "2"] and (repo / "ready_calls.txt").read_text() == "x"
 
     run([], repo)  # unchanged code: nothing trained
     assert "this is the unchanged code" in capsys.readouterr().out and len(calls(repo)) == 3
@@ -104,7 +111,9 @@ def test_baseline_then_check_with_a_fake_train(repo, capsys):
 
 
 def test_failing_run_and_foreign_folder_are_one_line_errors(repo, capsys):
+    (repo / "data_ready").touch()
     run(["--baseline"], repo)
+    assert "the data is not ready" not in capsys.readouterr().out
     (repo / "sancl.py").write_text("FAIL\n")
     (repo / "failing").touch()
     with pytest.raises(check.CheckError, match=r"seed 1's training failed \(exit 3\) in runs/exercise/"
