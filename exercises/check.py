@@ -13,7 +13,7 @@ Each run is `python train.py --data DATA --seed S --out runs/exercise/DATA-CODE-
 folder's train.log; CODE is a hash of the five paper files and the flags after --, so the same code run
 again reads its finished runs back, and changed code gets new folders. A folder this command made whose
 run did not finish is trained again from scratch; a folder it did not make is never touched. Where the
-data is not there yet (`python data.py --stats` fails: on a fresh clone the first run writes the built-in
+data is not there yet (`python -m plumbing.stats` fails: on a fresh clone the first run writes the built-in
 sample), the first seed trains alone, then the others.
 """
 import argparse
@@ -44,7 +44,7 @@ RULE = f"beyond seed noise when |gap| > {NOISE} x the larger sd (sd over seeds, 
 MARKER = "made-by-exercises-check"  # in every run folder this command made
 OWNED = ("--data", "--seed", "--seeds", "--out", "--resume", "--ablations", "--jobs")  # flags it sets itself
 TRAIN = [sys.executable, "train.py"]
-READY = [sys.executable, "data.py", "--stats"]  # fails where the data is not there yet (the sample: unwritten)
+READY = [sys.executable, "-m", "plumbing.stats"]  # fails where the data is not there yet (the sample: unwritten)
 
 
 class CheckError(Exception):
@@ -172,7 +172,7 @@ def train_seeds(args, root, train, ready):
             if subprocess.run(ready + ["--data", args.data] + data_flags, cwd=root, stdout=out,
                               stderr=subprocess.STDOUT).returncode:
                 batches = [todo[:1], todo[1:]]
-                print(f"the data is not ready (python data.py --stats, in {log.relative_to(root)}): seed {todo[0]} "
+                print(f"the data is not ready (python -m plumbing.stats, in {log.relative_to(root)}): seed {todo[0]} "
                       "first, alone, as the first run writes the built-in sample", flush=True)
     took, failed, start, n = [], [], time.time(), 0
     with concurrent.futures.ThreadPoolExecutor(min(args.jobs, len(todo))) as pool:
