@@ -72,11 +72,34 @@ def collect_garbage_when_memory_grew():
         _COLLECTED["mb"] = resident_mb()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Every test on one CPU thread, as train.py (--threads 1) and benchmark.py --release run by default: on a
+    busy machine torch's idle OpenMP threads spin waiting for work (the release benchmark took 17 s of CPU on 2
+    threads against 4 s on 1, at a load of 8 on 2 cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory):
     """A tiny built-in sample in the release layout (probe masks get cached in it on first use)."""
     root = tmp_path_factory.mktemp("tiny") / "Home_and_Kitchen"
     sample.write_sample(root, "home_kitchen", split_products=TINY)
+    return root
+
+
+SMALL = {"train": 6, "dev": 3, "test": 3}
+
+
+@pytest.fixture(scope="session")
+def small_root(tmp_path_factory):
+    """Half the tiny sample, for the tests that train to check what a run does (files, resume, seeds, switches,
+    errors) rather than its numbers: a run on it costs half the CPU of one on tiny_root."""
+    root = tmp_path_factory.mktemp("small") / "Home_and_Kitchen"
+    sample.write_sample(root, "home_kitchen", split_products=SMALL)
     return root
 
 
@@ -1253,8 +1276,8 @@ def run_train(tiny_root, out, *flags):
                                          "--batch-size", BATCH, *flags]))
 
 
-def test_ablation_table_trains_every_setting_and_reuses_finished_runs(tiny_root, tmp_path, capsys):
-    argv = ["--data-dir", str(tiny_root), "--ablations", "--seeds", "1", "--jobs", "2", "--epochs", "1",
+def test_ablation_table_trains_every_setting_and_reuses_finished_runs(small_root, tmp_path, capsys):
+    argv = ["--data-dir", str(small_root), "--ablations", "--seeds", "1", "--jobs", "2", "--epochs", "1",
             "--batch-size", BATCH, "--out", str(tmp_path)]
     assert train.main(argv) == 0
     out = capsys.readouterr().out
@@ -1274,7 +1297,7 @@ def test_ablation_table_trains_every_setting_and_reuses_finished_runs(tiny_root,
     assert csv_rows[0].startswith("setting,runs,MAP,MAP_std") and len(csv_rows) == 1 + 7 + 2
     assert csv_rows[0].endswith(",cos_pr_t_helpful,cos_pr_t_unhelpful,cos_pr_v_helpful,cos_pr_v_unhelpful,"
                                 "cos_ii_helpful,cos_ii_unhelpful")
-    again = ["--data-dir", str(tiny_root), "--ablations", "--seeds=1", "--jobs=1", "--epochs", "1", "--batch-size",
+    again = ["--data-dir", str(small_root), "--ablations", "--seeds=1", "--jobs=1", "--epochs", "1", "--batch-size",
              BATCH, f"--out={tmp_path}"]
     assert train.main(again) == 0  # the same table again: every run is read back, none trained
     assert capsys.readouterr().out.count("finished before") == 7
@@ -1340,8 +1363,8 @@ def test_train_adam_is_fused_and_makes_the_for_loop_update():
 
 @pytest.mark.parametrize("switch", [[], ["--text-only"], ["--fixed-beta"], ["--no-probe-mask"],
                                     ["--no-cpc-ii"], ["--no-cpc-pr"], ["--no-cpc-ii", "--no-cpc-pr"]])
-def test_one_epoch_smoke_run_of_every_switch(tiny_root, tmp_path, switch, capsys):
-    test = run_train(tiny_root, tmp_path, *switch)
+def test_one_epoch_smoke_run_of_every_switch(small_root, tmp_path, switch, capsys):
+    test = run_train(small_root, tmp_path, *switch)
     geometry = test.pop("geometry")
     assert set(test) == {"MAP", "N@3", "N@5"} and all(0 <= v <= 100 for v in test.values())
     spaces = ("pr_t",) if "--text-only" in switch else ("pr_t", "pr_v", "ii")  # text only: no image space
@@ -1383,9 +1406,9 @@ def test_product_batches_cover_every_group_once_and_encode_each_review_once(tiny
 
 
 @pytest.mark.parametrize("flags", [[], ["--batching", "products"]])
-def test_resume_continues_exactly(tiny_root, tmp_path, flags):
-    straight = run_train(tiny_root, tmp_path / "a", "--epochs", "2", "--patience", "9", *flags)
-    run_train(tiny_root, tmp_path / "b", "--epochs", "1", *flags)
+def test_resume_continues_exactly(small_root, tmp_path, flags):
+    straight = run_train(small_root, tmp_path / "a", "--epochs", "2", "--patience", "9", *flags)
+    run_train(small_root, tmp_path / "b", "--epochs", "1", *flags)
     resumed = train.train(train.parse_args(["--resume", str(tmp_path / "b"), "--epochs", "2"]))
     assert straight == resumed
     a, b = (runs.load_checkpoint(tmp_path / run / "last.pt") for run in "ab")
@@ -1400,18 +1423,18 @@ def test_missing_run_or_checkpoint_is_a_clear_error(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags", [[], ["--batching", "products"]])
-def test_same_seed_same_numbers(tiny_root, tmp_path, flags):
-    assert run_train(tiny_root, tmp_path / "a", *flags) == run_train(tiny_root, tmp_path / "b", *flags)
+def test_same_seed_same_numbers(small_root, tmp_path, flags):
+    assert run_train(small_root, tmp_path / "a", *flags) == run_train(small_root, tmp_path / "b", *flags)
     a, b = (runs.load_checkpoint(tmp_path / run / "last.pt") for run in "ab")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])  # to the last bit
     assert without_seconds(a["state"]["history"]) == without_seconds(b["state"]["history"])
 
 
-def test_amp_trains_on_cpu_or_is_refused_in_one_line(tiny_root, tmp_path, monkeypatch, capsys):
+def test_amp_trains_on_cpu_or_is_refused_in_one_line(small_root, tmp_path, monkeypatch, capsys):
     if torch.amp.is_autocast_available("cpu"):
         # run_train's run in a process of its own: the bfloat16 kernels cache about 500 MB (one set per batch
         # shape) that the process keeps to its end, and this one would carry them through every later test
-        (code, out, err), = run_children([["train.py", "--data-dir", str(tiny_root), "--out", str(tmp_path / "amp"),
+        (code, out, err), = run_children([["train.py", "--data-dir", str(small_root), "--out", str(tmp_path / "amp"),
                                            "--epochs", "1", "--batch-size", BATCH, "--amp"]])
         assert code == 0, err[-2000:]
         test = json.loads((tmp_path / "amp" / "test.json").read_text())["test"]  # what train.train returned
@@ -1419,13 +1442,13 @@ def test_amp_trains_on_cpu_or_is_refused_in_one_line(tiny_root, tmp_path, monkey
         assert "bfloat16 autocast" in out
         assert runs.load_checkpoint(tmp_path / "amp" / "last.pt")["args"]["amp"] is True
     monkeypatch.setattr(torch.amp, "is_autocast_available", lambda device_type: False)
-    assert train.main(["--data-dir", str(tiny_root), "--out", str(tmp_path / "no"), "--amp"]) == 2
+    assert train.main(["--data-dir", str(small_root), "--out", str(tmp_path / "no"), "--amp"]) == 2
     assert capsys.readouterr().err == "error: --amp: this torch cannot run bfloat16 autocast on cpu; train without --amp\n"
     assert not (tmp_path / "no").exists()
 
 
-def test_evaluate_checkpoint_predict_and_baselines(tiny_root, tmp_path, capsys):
-    test = run_train(tiny_root, tmp_path / "run")
+def test_evaluate_checkpoint_predict_and_baselines(small_root, tmp_path, capsys):
+    test = run_train(small_root, tmp_path / "run")
     capsys.readouterr()
     assert evaluate.main(["--checkpoint", str(tmp_path / "run" / "best.pt")]) == 0
     assert capsys.readouterr().out.strip() == (evaluate.format_metrics("test", test) + "\n"
@@ -1443,16 +1466,16 @@ def test_evaluate_checkpoint_predict_and_baselines(tiny_root, tmp_path, capsys):
     assert len(out) == 4 and sorted(line.split()[0] for line in out[1:]) == ["1", "2", "3"]
     (tmp_path / "bad.json").write_text("{}")
     assert evaluate.main(["--checkpoint", str(tmp_path / "run" / "best.pt"), "--predict", str(tmp_path / "bad.json")]) == 2
-    assert evaluate.main(["--data-dir", str(tiny_root), "--baselines"]) == 0
+    assert evaluate.main(["--data-dir", str(small_root), "--baselines"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines] == ["random", "length"]
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tiny_root, tmp_path_factory):
-    """One 2-epoch run on the tiny sample, shared by the history and --explain tests."""
+def tiny_run(small_root, tmp_path_factory):
+    """One 2-epoch run on the small sample, shared by the history and --explain tests."""
     out = tmp_path_factory.mktemp("run")
-    run_train(tiny_root, out, "--epochs", "2", "--patience", "9")
+    run_train(small_root, out, "--epochs", "2", "--patience", "9")
     return out
 
 
@@ -1603,7 +1626,7 @@ def test_nonsense_flags_are_refused_by_the_parser(flag, value, monkeypatch, caps
             evaluate.main(["--data", "home_kitchen", "--baselines", flag, value])
 
 
-def test_each_run_has_its_own_folder_and_none_is_overwritten(tiny_root, tmp_path, monkeypatch, capsys):
+def test_each_run_has_its_own_folder_and_none_is_overwritten(small_root, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # runs/ of the working copy may hold runs
 
     def folder(*flags):
@@ -1612,10 +1635,10 @@ def test_each_run_has_its_own_folder_and_none_is_overwritten(tiny_root, tmp_path
     assert folder() == Path("runs/home_kitchen-s0")
     assert folder("--text-only", "--seed", "3") == Path("runs/home_kitchen-text_only-s3")
     assert folder("--no-cpc-ii", "--no-cpc-pr") == Path("runs/home_kitchen-no_cpc_ii-no_cpc_pr-s0")
-    run_train(tiny_root, tmp_path / "run")
+    run_train(small_root, tmp_path / "run")
     with pytest.raises(data.DataError, match="holds a finished run already and is not overwritten: continue it "
                                              "with `python train.py --resume"):
-        run_train(tiny_root, tmp_path / "run", "--patience", "1")
+        run_train(small_root, tmp_path / "run", "--patience", "1")
     capsys.readouterr()
     again = train.train(train.parse_args(["--resume", str(tmp_path / "run")]))
     out = capsys.readouterr().out
@@ -1725,7 +1748,7 @@ def test_bad_files_are_one_sentence_not_a_traceback(tmp_path):
             runs.load_checkpoint(run / "last.pt")
 
 
-def test_ctrl_c_says_how_to_resume(tiny_root, tmp_path, monkeypatch, capsys):
+def test_ctrl_c_says_how_to_resume(small_root, tmp_path, monkeypatch, capsys):
     calls = []
 
     def interrupt_in_epoch_2(*args, **kwargs):
@@ -1736,7 +1759,7 @@ def test_ctrl_c_says_how_to_resume(tiny_root, tmp_path, monkeypatch, capsys):
 
     real = train.evaluate_split
     monkeypatch.setattr(train, "evaluate_split", interrupt_in_epoch_2)
-    flags = ["--data-dir", str(tiny_root), "--out", str(tmp_path / "run"), "--epochs", "2", "--batch-size", BATCH]
+    flags = ["--data-dir", str(small_root), "--out", str(tmp_path / "run"), "--epochs", "2", "--batch-size", BATCH]
     assert train.main(flags) == 130
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err == f"interrupted in epoch 2: python train.py --resume {tmp_path / 'run'} continues exactly"
@@ -2233,11 +2256,11 @@ def scripted_run(tiny_root, tmp_path, monkeypatch, dev_maps, *flags):
     return last, best, scored
 
 
-def test_scripted_dev_maps_fix_best_epoch_test_checkpoint_plateau_and_stop(tiny_root, tmp_path, monkeypatch):
+def test_scripted_dev_maps_fix_best_epoch_test_checkpoint_plateau_and_stop(small_root, tmp_path, monkeypatch):
     """Dev MAP 50, 50, 40, 40, 40 with --patience 2 --lr-patience 1 and room for 5 epochs: a tie is not
     better, so epoch 1 stays best; the learning rate is halved after epoch 3 (2 epochs without a better
     MAP, more than 1); the run stops after epoch 3 (2 bad epochs); and test is scored with best.pt (epoch 1)."""
-    last, best, scored = scripted_run(tiny_root, tmp_path, monkeypatch, [50.0, 50.0, 40.0, 40.0, 40.0],
+    last, best, scored = scripted_run(small_root, tmp_path, monkeypatch, [50.0, 50.0, 40.0, 40.0, 40.0],
                                       "--epochs", "5", "--patience", "2", "--lr-patience", "1")
     assert [entry["epoch"] for entry in last["state"]["history"]] == [1, 2, 3]  # stopped after epoch 3
     assert last["state"]["best_epoch"] == 1 and best["state"]["epoch"] == 1
@@ -2248,10 +2271,10 @@ def test_scripted_dev_maps_fix_best_epoch_test_checkpoint_plateau_and_stop(tiny_
     assert not all(torch.equal(scored[k], last["model"][k]) for k in last["model"])  # ...not last.pt
 
 
-def test_one_notion_of_better_for_the_schedule_early_stopping_and_best_pt(tiny_root, tmp_path, monkeypatch):
+def test_one_notion_of_better_for_the_schedule_early_stopping_and_best_pt(small_root, tmp_path, monkeypatch):
     """Each epoch better by less than ReduceLROnPlateau's default relative 1e-4: better for early stopping
     and best.pt (strict >), so better for the learning-rate schedule too (threshold 0): no halving."""
-    last, best, _ = scripted_run(tiny_root, tmp_path, monkeypatch, [50.0, 50.001, 50.002],
+    last, best, _ = scripted_run(small_root, tmp_path, monkeypatch, [50.0, 50.001, 50.002],
                                  "--epochs", "3", "--patience", "2", "--lr-patience", "1")
     assert last["state"]["best_epoch"] == 3 and last["state"]["bad_epochs"] == 0 and best["state"]["epoch"] == 3
     assert last["optimizer"]["param_groups"][0]["lr"] == 1e-3
@@ -2689,19 +2712,19 @@ def sleeper():
     return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1800)"])
 
 
-def test_a_run_folder_is_locked_and_a_dead_runs_lock_is_taken_over(tiny_root, tmp_path, capsys):
+def test_a_run_folder_is_locked_and_a_dead_runs_lock_is_taken_over(small_root, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     other = sleeper()
     try:
         (out / runs.LOCK).write_text(f"{other.pid}\n")  # a second command while the first one trains
         with pytest.raises(data.DataError, match=rf"{out} is in use: process {other.pid} is writing a train.py run"):
-            run_train(tiny_root, out)
+            run_train(small_root, out)
         assert sorted(p.name for p in out.iterdir()) == [runs.LOCK]  # nothing written, the lock left alone
     finally:
         other.kill()
         other.wait()
-    run_train(tiny_root, out)  # the holder was killed: its lock is stale
+    run_train(small_root, out)  # the holder was killed: its lock is stale
     assert f"taking over the lock of process {other.pid}, which is no longer running" in capsys.readouterr().err
     assert (out / "test.json").exists() and not (out / runs.LOCK).exists()  # released at the end
     with runs.folder_lock(out):  # the lock is taken by an exclusive create, and names its holder
@@ -2811,10 +2834,10 @@ def test_nan_weights_are_refused_naming_the_checkpoint(tiny_run, tmp_path, monke
                          rf"of {split} as NaN or infinite, so nothing can be ranked", err)
 
 
-def test_a_forged_or_broken_test_json_is_recomputed_from_best_pt(tiny_root, tmp_path):
+def test_a_forged_or_broken_test_json_is_recomputed_from_best_pt(small_root, tmp_path):
     out = tmp_path / "full-s0"
-    test = run_train(tiny_root, out)
-    job = (["--data-dir", str(tiny_root), "--epochs", "1", "--batch-size", BATCH, "--out", str(out)], out)
+    test = run_train(small_root, out)
+    job = (["--data-dir", str(small_root), "--epochs", "1", "--batch-size", BATCH, "--out", str(out)], out)
     assert train.table_run(job) == (test, None, None)  # read back: it matches its best.pt
     record = json.loads((out / "test.json").read_text())
     for forged, why in [({**record, "test": {**test, "MAP": 99.99}}, "it does not match the run's best.pt"),
@@ -2829,20 +2852,20 @@ def test_a_forged_or_broken_test_json_is_recomputed_from_best_pt(tiny_root, tmp_
     assert evaluate.finished_test(out) == (None, "it does not match the run's best.pt")
 
 
-def test_best_pt_without_last_pt_resumes_and_the_table_finishes(tiny_root, tmp_path, capsys):
+def test_best_pt_without_last_pt_resumes_and_the_table_finishes(small_root, tmp_path, capsys):
     out = tmp_path / "full-s0"
-    run_train(tiny_root, out, "--epochs", "2", "--patience", "9")
+    run_train(small_root, out, "--epochs", "2", "--patience", "9")
     (out / "last.pt").unlink()  # killed while writing it
     (out / "test.json").unlink()
     with pytest.raises(data.DataError, match="an unfinished run already .* `python train.py --resume"):
-        run_train(tiny_root, out)
+        run_train(small_root, out)
     capsys.readouterr()
     test = train.train(train.parse_args(["--resume", str(out)]))  # the advice works
     err = capsys.readouterr().err
     assert "no last.pt (lost when the run was stopped while writing it): continuing from best.pt" in err
     assert json.loads((out / "test.json").read_text())["test"] == test
     (out / "test.json").unlink()
-    job = (["--data-dir", str(tiny_root), "--epochs", "2", "--batch-size", BATCH, "--out", str(out)], out)
+    job = (["--data-dir", str(small_root), "--epochs", "2", "--batch-size", BATCH, "--out", str(out)], out)
     assert train.table_run(job)[0] == test  # --ablations resumes it instead of failing on "last.pt not found"
 
 
@@ -2896,10 +2919,10 @@ def test_a_table_never_starts_more_workers_than_runs(tiny_root, tmp_path, monkey
     assert pools == [7] and "7 runs, 7 at a time" in capsys.readouterr().out
 
 
-def test_bad_paths_are_one_line(tiny_root, tiny_run, tmp_path, monkeypatch, capsys):
+def test_bad_paths_are_one_line(small_root, tiny_run, tmp_path, monkeypatch, capsys):
     import errno
     (tmp_path / "file").write_text("")
-    base = ["--data-dir", str(tiny_root), "--epochs", "1", "--batch-size", BATCH]
+    base = ["--data-dir", str(small_root), "--epochs", "1", "--batch-size", BATCH]
     assert train.main([*base, "--glove", str(tmp_path)]) == 2
     assert train.main([*base, "--out", str(tmp_path / "file")]) == 2
     assert train.main([*base, "--ablations", "--seeds", "1", "--out", str(tmp_path / "file")]) == 2
@@ -3221,8 +3244,8 @@ def test_geometry_is_the_mean_cosine_of_helpful_and_unhelpful_reviews_per_space(
                     "ii +0.00 / +0.00, ii products +1.00")
 
 
-def test_a_run_reports_the_geometry_of_its_test_split(tiny_root, tmp_path, capsys):
-    test = run_train(tiny_root, tmp_path / "run")
+def test_a_run_reports_the_geometry_of_its_test_split(small_root, tmp_path, capsys):
+    test = run_train(small_root, tmp_path / "run")
     printed = capsys.readouterr().out
     geometry = json.loads((tmp_path / "run" / "test.json").read_text())["test"]["geometry"]
     assert geometry == test["geometry"] and evaluate.format_geometry(geometry) in printed
@@ -3434,7 +3457,8 @@ def test_the_device_benchmark_needs_neither_spacy_nor_transformers():
     what it needs in one line."""
     blocked = "import sys; sys.modules['spacy'] = sys.modules['transformers'] = None; sys.argv = ['benchmark.py'] + "
     (code, out, err), (bert_code, _, bert_err) = run_children(  # both at once; killed only on a hang
-        [["-c", blocked + "['--device', 'cpu', '--steps', '1', '--vocab', '500']; import benchmark; benchmark.main()"],
+        [["-c", blocked + "['--device', 'cpu', '--steps', '1', '--vocab', '500', '--threads', '1']; import benchmark; "
+          "benchmark.main()"],
          ["-c", blocked + "['--device', 'cpu', '--bert-base']; import benchmark; benchmark.main()"]])
     assert code == 0 and out.count(" s/step, epoch ") == 2, err[-2000:]
     assert bert_code == 1 and bert_err.strip().splitlines()[-1].startswith(
@@ -3564,10 +3588,10 @@ def test_bert_trains_only_its_last_four_layers_and_our_modules(tiny_root, tiny_b
                                                                  if n in ours)
 
 
-def test_bert_every_switch_trains_and_evaluate_reads_its_checkpoint(tiny_root, tiny_bert, tmp_path, capsys):
+def test_bert_every_switch_trains_and_evaluate_reads_its_checkpoint(small_root, tiny_bert, tmp_path, capsys):
     for flags in ([], ["--text-only"], ["--fixed-beta"], ["--no-probe-mask"], ["--no-cpc-ii"], ["--no-cpc-pr"]):
         out = tmp_path / ("run" + "".join(flags))
-        test = run_train(tiny_root, out, "--bert", str(tiny_bert), *flags)
+        test = run_train(small_root, out, "--bert", str(tiny_bert), *flags)
         assert all(math.isfinite(test[k]) for k in ("MAP", "N@3", "N@5")), flags
         printed = capsys.readouterr().out
         assert "BERT " in printed and "4 of 5 layers trained" in printed and "lr 2e-05" in printed, printed
