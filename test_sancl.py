@@ -3265,6 +3265,15 @@ def gradient_steps(root, out=None, processes=False, bert_folder=None):
     uneven shares, 2 + 1 groups); then 1 group, so that the second process encodes a stand-in.
     bert_folder: SANCL+BERT with the BERT in that folder."""
     device = distributed.start_processes(torch.device("cpu"))
+    found = steps_of(root, device, bert_folder)
+    if out and distributed.WORLD["rank"] == 0:
+        torch.save(found, out)
+    distributed.end_processes()
+    return found
+
+
+def steps_of(root, device, bert_folder=None):
+    """gradient_steps' steps in processes already started."""
     pieces, encoder = bert.load(bert_folder) if bert_folder else (None, None)
     splits, vocab, embeddings, _ = distributed.rank0_first(plumbing.load_data, data.resolve_data(data_dir=root),
                                                            None, True, True, False, data.SPLITS, True, pieces)
@@ -3288,9 +3297,6 @@ def gradient_steps(root, out=None, processes=False, bert_folder=None):
             losses[term].backward()
             found.append(({k: v.item() for k, v in losses.items()},
                           {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-    if out and distributed.WORLD["rank"] == 0:
-        torch.save(found, out)
-    distributed.end_processes()
     return found
 
 
@@ -3362,11 +3368,27 @@ def two_processes(argv, env=None):
     return run_children([[a.replace("{rank}", str(rank)) for a in argv] for rank in range(2)], envs)
 
 
-def test_two_processes_give_the_one_process_losses_and_gradients(tiny_root, tmp_path):
-    ranks = two_processes(["-c", "import sys, test_sancl; test_sancl.gradient_steps(*sys.argv[1:], True)",
-                          str(tiny_root), str(tmp_path / "two.pt")])
+TWO_PROCESS_STEPS = """import sys, torch, distributed, test_sancl
+device = distributed.start_processes(torch.device("cpu"))
+found = [test_sancl.steps_of(sys.argv[1], device, bert) for bert in (None, sys.argv[3])]
+if distributed.WORLD["rank"] == 0:
+    torch.save(found, sys.argv[2])
+distributed.end_processes()"""
+
+
+@pytest.fixture(scope="module")
+def two_process_steps(tiny_root, tiny_bert, tmp_path_factory):
+    """gradient_steps under torchrun's variables, with GloVe then with the tiny BERT, in one start of two processes
+    for the two tests below (each start costs ~4 s of CPU a process): (ranks, [GloVe steps, BERT steps])."""
+    out = tmp_path_factory.mktemp("two") / "two.pt"
+    ranks = two_processes(["-c", TWO_PROCESS_STEPS, str(tiny_root), str(out), str(tiny_bert)])
+    return ranks, torch.load(out) if out.exists() else None
+
+
+def test_two_processes_give_the_one_process_losses_and_gradients(tiny_root, two_process_steps):
+    ranks, found = two_process_steps
     assert all(rc == 0 for rc, _, _ in ranks), ranks
-    two, one = torch.load(tmp_path / "two.pt"), gradient_steps(tiny_root)
+    two, one = found[0], gradient_steps(tiny_root)
     assert len(one) == len(two) == 6  # 2 steps x 3 loss terms
     for (losses_1, grads_1), (losses_2, grads_2) in zip(one, two):
         assert losses_2 == pytest.approx(losses_1, rel=1e-5, abs=1e-6)
@@ -3376,13 +3398,12 @@ def test_two_processes_give_the_one_process_losses_and_gradients(tiny_root, tmp_
         assert largest <= 1e-5 * scale and set(grads_1) <= set(grads_2), (largest, scale)  # float rounding only
 
 
-def test_two_processes_give_the_one_process_gradients_with_bert_too(tiny_root, tiny_bert, tmp_path):
+def test_two_processes_give_the_one_process_gradients_with_bert_too(tiny_root, tiny_bert, two_process_steps):
     """SANCL+BERT under torchrun: DDP leaves the frozen layers alone and averages the trained ones to the
     one-process gradient."""
-    ranks = two_processes(["-c", "import sys, test_sancl; test_sancl.gradient_steps(sys.argv[1], sys.argv[2], True, "
-                          "sys.argv[3])", str(tiny_root), str(tmp_path / "two.pt"), str(tiny_bert)])
+    ranks, found = two_process_steps
     assert all(rc == 0 for rc, _, _ in ranks), ranks
-    two, one = torch.load(tmp_path / "two.pt"), gradient_steps(tiny_root, bert_folder=tiny_bert)
+    two, one = found[1], gradient_steps(tiny_root, bert_folder=tiny_bert)
     for (losses_1, grads_1), (losses_2, grads_2) in zip(one, two):
         assert losses_2 == pytest.approx(losses_1, rel=1e-5, abs=1e-6)
         assert any(n.startswith("bert.bert.encoder.layer.4.") for n in grads_1) and set(grads_1) <= set(grads_2)
