@@ -6,6 +6,7 @@ evaluate.py end to end on a tiny built-in sample), hostile input, and the import
 """
 import contextlib
 import copy
+import gc
 import gzip
 import hashlib
 import importlib.util
@@ -50,11 +51,63 @@ import train
 TINY = {"train": 12, "dev": 4, "test": 4}
 
 
+def resident_mb():
+    """This process's resident memory in MB now (Linux /proc); None where it cannot be read."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 2 ** 20
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+_COLLECTED = {"mb": 0}
+
+
+@pytest.fixture(autouse=True)
+def collect_garbage_when_memory_grew():
+    """A full garbage collection after each test that left this process 150 MB larger than the last collection
+    did. A training run leaves its model, optimiser and batches in reference cycles (about 50 MB a run), and a
+    pytest.raises around a loaded checkpoint keeps it in one (the exception's traceback holds the test's frame),
+    which Python's collector, counting objects rather than bytes, would free only much later: without this the
+    suite holds over 2 GB at its end. One collection costs about 0.2 s, so not after every test. glibc's
+    malloc_trim then hands the freed pages back (it keeps them for the process otherwise)."""
+    yield
+    now = resident_mb()
+    if now is not None and now - _COLLECTED["mb"] > 150:
+        gc.collect()
+        with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
+            import ctypes
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        _COLLECTED["mb"] = resident_mb()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Every test on one CPU thread, as train.py (--threads 1) and benchmark.py --release run by default: on a
+    busy machine torch's idle OpenMP threads spin waiting for work (the release benchmark took 17 s of CPU on 2
+    threads against 4 s on 1, at a load of 8 on 2 cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory):
     """A tiny built-in sample in the release layout (probe masks get cached in it on first use)."""
     root = tmp_path_factory.mktemp("tiny") / "Home_and_Kitchen"
     sample.write_sample(root, "home_kitchen", split_products=TINY)
+    return root
+
+
+SMALL = {"train": 6, "dev": 3, "test": 3}
+
+
+@pytest.fixture(scope="session")
+def small_root(tmp_path_factory):
+    """Half the tiny sample, for the tests that train to check what a run does (files, resume, seeds, switches,
+    errors) rather than its numbers: a run on it costs half the CPU of one on tiny_root."""
+    root = tmp_path_factory.mktemp("small") / "Home_and_Kitchen"
+    sample.write_sample(root, "home_kitchen", split_products=SMALL)
     return root
 
 
@@ -1221,14 +1274,20 @@ def test_ranking_metrics_ties_are_stable_and_empty_products_count():
 
 
 # --- training and evaluation end to end (train.py, evaluate.py) on the tiny sample ----------
+# Review rows per step in the tests' runs: Table 5's 32 (4 groups), a quarter of the steps that 8 took, for a
+# suite that fits a busy 2-core machine; nothing below depends on the size of a step, except the literal numbers
+# of test_glove_runs_print_the_numbers_they_printed_before_bert, measured with 8 and run with 8.
+BATCH = "32"
+
+
 def run_train(tiny_root, out, *flags):
     return train.train(train.parse_args(["--data-dir", str(tiny_root), "--out", str(out), "--epochs", "1",
-                                         "--batch-size", "8", *flags]))
+                                         "--batch-size", BATCH, *flags]))
 
 
-def test_ablation_table_trains_every_setting_and_reuses_finished_runs(tiny_root, tmp_path, capsys):
-    argv = ["--data-dir", str(tiny_root), "--ablations", "--seeds", "1", "--jobs", "2", "--epochs", "1",
-            "--batch-size", "8", "--out", str(tmp_path)]
+def test_ablation_table_trains_every_setting_and_reuses_finished_runs(small_root, tmp_path, capsys):
+    argv = ["--data-dir", str(small_root), "--ablations", "--seeds", "1", "--jobs", "2", "--epochs", "1",
+            "--batch-size", BATCH, "--out", str(tmp_path)]
     assert train.main(argv) == 0
     out = capsys.readouterr().out
     assert "7 settings x 1 seeds = 7 runs, 2 at a time" in out and "[7/7] no_cpc_ii_no_cpc_pr-s0: test  MAP" in out
@@ -1247,8 +1306,8 @@ def test_ablation_table_trains_every_setting_and_reuses_finished_runs(tiny_root,
     assert csv_rows[0].startswith("setting,runs,MAP,MAP_std") and len(csv_rows) == 1 + 7 + 2
     assert csv_rows[0].endswith(",cos_pr_t_helpful,cos_pr_t_unhelpful,cos_pr_v_helpful,cos_pr_v_unhelpful,"
                                 "cos_ii_helpful,cos_ii_unhelpful")
-    again = ["--data-dir", str(tiny_root), "--ablations", "--seeds=1", "--jobs=1", "--epochs", "1", "--batch-size",
-             "8", f"--out={tmp_path}"]
+    again = ["--data-dir", str(small_root), "--ablations", "--seeds=1", "--jobs=1", "--epochs", "1", "--batch-size",
+             BATCH, f"--out={tmp_path}"]
     assert train.main(again) == 0  # the same table again: every run is read back, none trained
     assert capsys.readouterr().out.count("finished before") == 7
     assert (tmp_path / "table2.md").read_text().splitlines()[4:] == table[4:]
@@ -1313,8 +1372,8 @@ def test_train_adam_is_fused_and_makes_the_for_loop_update():
 
 @pytest.mark.parametrize("switch", [[], ["--text-only"], ["--fixed-beta"], ["--no-probe-mask"],
                                     ["--no-cpc-ii"], ["--no-cpc-pr"], ["--no-cpc-ii", "--no-cpc-pr"]])
-def test_one_epoch_smoke_run_of_every_switch(tiny_root, tmp_path, switch, capsys):
-    test = run_train(tiny_root, tmp_path, *switch)
+def test_one_epoch_smoke_run_of_every_switch(small_root, tmp_path, switch, capsys):
+    test = run_train(small_root, tmp_path, *switch)
     geometry = test.pop("geometry")
     assert set(test) == {"MAP", "N@3", "N@5"} and all(0 <= v <= 100 for v in test.values())
     spaces = ("pr_t",) if "--text-only" in switch else ("pr_t", "pr_v", "ii")  # text only: no image space
@@ -1356,9 +1415,9 @@ def test_product_batches_cover_every_group_once_and_encode_each_review_once(tiny
 
 
 @pytest.mark.parametrize("flags", [[], ["--batching", "products"]])
-def test_resume_continues_exactly(tiny_root, tmp_path, flags):
-    straight = run_train(tiny_root, tmp_path / "a", "--epochs", "2", "--patience", "9", *flags)
-    run_train(tiny_root, tmp_path / "b", "--epochs", "1", *flags)
+def test_resume_continues_exactly(small_root, tmp_path, flags):
+    straight = run_train(small_root, tmp_path / "a", "--epochs", "2", "--patience", "9", *flags)
+    run_train(small_root, tmp_path / "b", "--epochs", "1", *flags)
     resumed = train.train(train.parse_args(["--resume", str(tmp_path / "b"), "--epochs", "2"]))
     assert straight == resumed
     a, b = (runs.load_checkpoint(tmp_path / run / "last.pt") for run in "ab")
@@ -1373,27 +1432,32 @@ def test_missing_run_or_checkpoint_is_a_clear_error(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags", [[], ["--batching", "products"]])
-def test_same_seed_same_numbers(tiny_root, tmp_path, flags):
-    assert run_train(tiny_root, tmp_path / "a", *flags) == run_train(tiny_root, tmp_path / "b", *flags)
+def test_same_seed_same_numbers(small_root, tmp_path, flags):
+    assert run_train(small_root, tmp_path / "a", *flags) == run_train(small_root, tmp_path / "b", *flags)
     a, b = (runs.load_checkpoint(tmp_path / run / "last.pt") for run in "ab")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])  # to the last bit
     assert without_seconds(a["state"]["history"]) == without_seconds(b["state"]["history"])
 
 
-def test_amp_trains_on_cpu_or_is_refused_in_one_line(tiny_root, tmp_path, monkeypatch, capsys):
+def test_amp_trains_on_cpu_or_is_refused_in_one_line(small_root, tmp_path, monkeypatch, capsys):
     if torch.amp.is_autocast_available("cpu"):
-        test = run_train(tiny_root, tmp_path / "amp", "--amp")
+        # run_train's run in a process of its own: the bfloat16 kernels cache about 500 MB (one set per batch
+        # shape) that the process keeps to its end, and this one would carry them through every later test
+        (code, out, err), = run_children([["train.py", "--data-dir", str(small_root), "--out", str(tmp_path / "amp"),
+                                           "--epochs", "1", "--batch-size", BATCH, "--amp"]])
+        assert code == 0, err[-2000:]
+        test = json.loads((tmp_path / "amp" / "test.json").read_text())["test"]  # what train.train returned
         assert all(math.isfinite(test[k]) for k in ("MAP", "N@3", "N@5"))
-        assert "bfloat16 autocast" in capsys.readouterr().out
+        assert "bfloat16 autocast" in out
         assert runs.load_checkpoint(tmp_path / "amp" / "last.pt")["args"]["amp"] is True
     monkeypatch.setattr(torch.amp, "is_autocast_available", lambda device_type: False)
-    assert train.main(["--data-dir", str(tiny_root), "--out", str(tmp_path / "no"), "--amp"]) == 2
+    assert train.main(["--data-dir", str(small_root), "--out", str(tmp_path / "no"), "--amp"]) == 2
     assert capsys.readouterr().err == "error: --amp: this torch cannot run bfloat16 autocast on cpu; train without --amp\n"
     assert not (tmp_path / "no").exists()
 
 
-def test_evaluate_checkpoint_predict_and_baselines(tiny_root, tmp_path, capsys):
-    test = run_train(tiny_root, tmp_path / "run")
+def test_evaluate_checkpoint_predict_and_baselines(small_root, tmp_path, capsys):
+    test = run_train(small_root, tmp_path / "run")
     capsys.readouterr()
     assert evaluate.main(["--checkpoint", str(tmp_path / "run" / "best.pt")]) == 0
     assert capsys.readouterr().out.strip() == (evaluate.format_metrics("test", test) + "\n"
@@ -1411,16 +1475,16 @@ def test_evaluate_checkpoint_predict_and_baselines(tiny_root, tmp_path, capsys):
     assert len(out) == 4 and sorted(line.split()[0] for line in out[1:]) == ["1", "2", "3"]
     (tmp_path / "bad.json").write_text("{}")
     assert evaluate.main(["--checkpoint", str(tmp_path / "run" / "best.pt"), "--predict", str(tmp_path / "bad.json")]) == 2
-    assert evaluate.main(["--data-dir", str(tiny_root), "--baselines"]) == 0
+    assert evaluate.main(["--data-dir", str(small_root), "--baselines"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines] == ["random", "length"]
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tiny_root, tmp_path_factory):
-    """One 2-epoch run on the tiny sample, shared by the history and --explain tests."""
+def tiny_run(small_root, tmp_path_factory):
+    """One 2-epoch run on the small sample, shared by the history and --explain tests."""
     out = tmp_path_factory.mktemp("run")
-    run_train(tiny_root, out, "--epochs", "2", "--patience", "9")
+    run_train(small_root, out, "--epochs", "2", "--patience", "9")
     return out
 
 
@@ -1571,7 +1635,7 @@ def test_nonsense_flags_are_refused_by_the_parser(flag, value, monkeypatch, caps
             evaluate.main(["--data", "home_kitchen", "--baselines", flag, value])
 
 
-def test_each_run_has_its_own_folder_and_none_is_overwritten(tiny_root, tmp_path, monkeypatch, capsys):
+def test_each_run_has_its_own_folder_and_none_is_overwritten(small_root, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # runs/ of the working copy may hold runs
 
     def folder(*flags):
@@ -1580,10 +1644,10 @@ def test_each_run_has_its_own_folder_and_none_is_overwritten(tiny_root, tmp_path
     assert folder() == Path("runs/home_kitchen-s0")
     assert folder("--text-only", "--seed", "3") == Path("runs/home_kitchen-text_only-s3")
     assert folder("--no-cpc-ii", "--no-cpc-pr") == Path("runs/home_kitchen-no_cpc_ii-no_cpc_pr-s0")
-    run_train(tiny_root, tmp_path / "run")
+    run_train(small_root, tmp_path / "run")
     with pytest.raises(data.DataError, match="holds a finished run already and is not overwritten: continue it "
                                              "with `python train.py --resume"):
-        run_train(tiny_root, tmp_path / "run", "--patience", "1")
+        run_train(small_root, tmp_path / "run", "--patience", "1")
     capsys.readouterr()
     again = train.train(train.parse_args(["--resume", str(tmp_path / "run")]))
     out = capsys.readouterr().out
@@ -1693,7 +1757,7 @@ def test_bad_files_are_one_sentence_not_a_traceback(tmp_path):
             runs.load_checkpoint(run / "last.pt")
 
 
-def test_ctrl_c_says_how_to_resume(tiny_root, tmp_path, monkeypatch, capsys):
+def test_ctrl_c_says_how_to_resume(small_root, tmp_path, monkeypatch, capsys):
     calls = []
 
     def interrupt_in_epoch_2(*args, **kwargs):
@@ -1704,7 +1768,7 @@ def test_ctrl_c_says_how_to_resume(tiny_root, tmp_path, monkeypatch, capsys):
 
     real = train.evaluate_split
     monkeypatch.setattr(train, "evaluate_split", interrupt_in_epoch_2)
-    flags = ["--data-dir", str(tiny_root), "--out", str(tmp_path / "run"), "--epochs", "2", "--batch-size", "8"]
+    flags = ["--data-dir", str(small_root), "--out", str(tmp_path / "run"), "--epochs", "2", "--batch-size", BATCH]
     assert train.main(flags) == 130
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err == f"interrupted in epoch 2: python train.py --resume {tmp_path / 'run'} continues exactly"
@@ -2000,7 +2064,7 @@ def test_build_data_reads_the_three_formats_alike_and_trains_text_only(tiny_root
     train_products = len(json.loads(built[2018]["prd"][0]))
     assert re.search(rf"^train\s+{train_products}\s", capsys.readouterr().out, re.M)
     assert train.main(["--data-dir", str(tmp_path / "out2023"), "--glove", glove, "--text-only", "--compute-masks",
-                       "--epochs", "1", "--batch-size", "8", "--out", str(tmp_path / "run")]) == 0
+                       "--epochs", "1", "--batch-size", BATCH, "--out", str(tmp_path / "run")]) == 0
     assert "test  MAP" in capsys.readouterr().out
 
 
@@ -2144,7 +2208,7 @@ def test_from_dumps_and_images_to_a_multimodal_run(tiny_root, resnet_weights, tm
     assert features.main(["--pack", "--features", str(out / "features")]) == 0
     glove = str(tiny_root / "glove.sample.300d.txt")
     assert train.main(["--data-dir", str(out), "--glove", glove, "--compute-masks", "--epochs", "1",
-                       "--batch-size", "8", "--out", str(tmp_path / "run")]) == 0
+                       "--batch-size", BATCH, "--out", str(tmp_path / "run")]) == 0
     printed = capsys.readouterr()
     assert "test  MAP" in printed.out and f"packed in {out / 'features' / 'packed'}" in printed.err
 
@@ -2220,11 +2284,11 @@ def scripted_run(tiny_root, tmp_path, monkeypatch, dev_maps, *flags):
     return last, best, scored
 
 
-def test_scripted_dev_maps_fix_best_epoch_test_checkpoint_plateau_and_stop(tiny_root, tmp_path, monkeypatch):
+def test_scripted_dev_maps_fix_best_epoch_test_checkpoint_plateau_and_stop(small_root, tmp_path, monkeypatch):
     """Dev MAP 50, 50, 40, 40, 40 with --patience 2 --lr-patience 1 and room for 5 epochs: a tie is not
     better, so epoch 1 stays best; the learning rate is halved after epoch 3 (2 epochs without a better
     MAP, more than 1); the run stops after epoch 3 (2 bad epochs); and test is scored with best.pt (epoch 1)."""
-    last, best, scored = scripted_run(tiny_root, tmp_path, monkeypatch, [50.0, 50.0, 40.0, 40.0, 40.0],
+    last, best, scored = scripted_run(small_root, tmp_path, monkeypatch, [50.0, 50.0, 40.0, 40.0, 40.0],
                                       "--epochs", "5", "--patience", "2", "--lr-patience", "1")
     assert [entry["epoch"] for entry in last["state"]["history"]] == [1, 2, 3]  # stopped after epoch 3
     assert last["state"]["best_epoch"] == 1 and best["state"]["epoch"] == 1
@@ -2235,10 +2299,10 @@ def test_scripted_dev_maps_fix_best_epoch_test_checkpoint_plateau_and_stop(tiny_
     assert not all(torch.equal(scored[k], last["model"][k]) for k in last["model"])  # ...not last.pt
 
 
-def test_one_notion_of_better_for_the_schedule_early_stopping_and_best_pt(tiny_root, tmp_path, monkeypatch):
+def test_one_notion_of_better_for_the_schedule_early_stopping_and_best_pt(small_root, tmp_path, monkeypatch):
     """Each epoch better by less than ReduceLROnPlateau's default relative 1e-4: better for early stopping
     and best.pt (strict >), so better for the learning-rate schedule too (threshold 0): no halving."""
-    last, best, _ = scripted_run(tiny_root, tmp_path, monkeypatch, [50.0, 50.001, 50.002],
+    last, best, _ = scripted_run(small_root, tmp_path, monkeypatch, [50.0, 50.001, 50.002],
                                  "--epochs", "3", "--patience", "2", "--lr-patience", "1")
     assert last["state"]["best_epoch"] == 3 and last["state"]["bad_epochs"] == 0 and best["state"]["epoch"] == 3
     assert last["optimizer"]["param_groups"][0]["lr"] == 1e-3
@@ -2670,24 +2734,25 @@ def test_extract_on_cuda_without_cuda_is_a_clear_error(tmp_path, capsys):
 
 # --- issue 21: run folders, checkpoints, flags, evaluate.py and --predict ---------------------
 def sleeper():
-    """A live process that is not this one: the holder of a lock in the tests below."""
+    """A live process that is not this one: the holder of a lock in the tests below, which kill it when done
+    (it lives 30 min at most: far longer than any test needs it, however busy the machine)."""
     import subprocess
-    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1800)"])
 
 
-def test_a_run_folder_is_locked_and_a_dead_runs_lock_is_taken_over(tiny_root, tmp_path, capsys):
+def test_a_run_folder_is_locked_and_a_dead_runs_lock_is_taken_over(small_root, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     other = sleeper()
     try:
         (out / runs.LOCK).write_text(f"{other.pid}\n")  # a second command while the first one trains
         with pytest.raises(data.DataError, match=rf"{out} is in use: process {other.pid} is writing a train.py run"):
-            run_train(tiny_root, out)
+            run_train(small_root, out)
         assert sorted(p.name for p in out.iterdir()) == [runs.LOCK]  # nothing written, the lock left alone
     finally:
         other.kill()
         other.wait()
-    run_train(tiny_root, out)  # the holder was killed: its lock is stale
+    run_train(small_root, out)  # the holder was killed: its lock is stale
     assert f"taking over the lock of process {other.pid}, which is no longer running" in capsys.readouterr().err
     assert (out / "test.json").exists() and not (out / runs.LOCK).exists()  # released at the end
     with runs.folder_lock(out):  # the lock is taken by an exclusive create, and names its holder
@@ -2732,22 +2797,25 @@ def test_a_pool_worker_ends_when_its_parent_is_killed(tmp_path):
     script = tmp_path / "parent.py"
     script.write_text(f"import multiprocessing, os, sys, time\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n"
                       "from plumbing import runs\n\ndef work(path):\n    open(path + '.tmp', 'w').write(str(os.getpid()))\n"
-                      "    os.replace(path + '.tmp', path)\n    time.sleep(120)\n\n"
+                      "    os.replace(path + '.tmp', path)\n    time.sleep(1800)\n\n"
                       "if __name__ == '__main__':\n    with multiprocessing.get_context('spawn').Pool(1, initializer="
                       f"runs.die_with_parent) as pool:\n        pool.apply(work, ({str(marker)!r},))\n")
     parent = subprocess.Popen([sys.executable, str(script)])
     worker = None
     try:
-        for _ in range(600):  # the worker starts (imports torch): up to a minute on a busy machine
-            if marker.exists():
-                break
+        # the worker starts (spawned, it imports runs, numpy, torch): about 3 s on an idle machine; the limit
+        # (CEILING_S, 30 min) only catches a start that hangs, and a parent that died fails at once
+        start = time.monotonic()
+        while not marker.exists() and parent.poll() is None and time.monotonic() - start < CEILING_S:
             time.sleep(0.1)
+        assert marker.exists(), f"the pool worker never started (parent exit status {parent.poll()})"
         worker = int(marker.read_text())
         parent.send_signal(signal.SIGKILL)
         parent.wait()
-        for _ in range(300):
-            if not runs.running(worker):
-                break
+        # die_with_parent's watch looks every 0.5 s: it ends within a second on an idle machine; 5 min catches
+        # a worker that keeps running, not a slow one
+        start = time.monotonic()
+        while runs.running(worker) and time.monotonic() - start < 300:
             time.sleep(0.1)
         assert not runs.running(worker), "the pool worker kept running after its parent was killed"
     finally:
@@ -2794,10 +2862,10 @@ def test_nan_weights_are_refused_naming_the_checkpoint(tiny_run, tmp_path, monke
                          rf"of {split} as NaN or infinite, so nothing can be ranked", err)
 
 
-def test_a_forged_or_broken_test_json_is_recomputed_from_best_pt(tiny_root, tmp_path):
+def test_a_forged_or_broken_test_json_is_recomputed_from_best_pt(small_root, tmp_path):
     out = tmp_path / "full-s0"
-    test = run_train(tiny_root, out)
-    job = (["--data-dir", str(tiny_root), "--epochs", "1", "--batch-size", "8", "--out", str(out)], out)
+    test = run_train(small_root, out)
+    job = (["--data-dir", str(small_root), "--epochs", "1", "--batch-size", BATCH, "--out", str(out)], out)
     assert train.table_run(job) == (test, None, None)  # read back: it matches its best.pt
     record = json.loads((out / "test.json").read_text())
     for forged, why in [({**record, "test": {**test, "MAP": 99.99}}, "it does not match the run's best.pt"),
@@ -2812,20 +2880,20 @@ def test_a_forged_or_broken_test_json_is_recomputed_from_best_pt(tiny_root, tmp_
     assert runs.finished_test(out) == (None, "it does not match the run's best.pt")
 
 
-def test_best_pt_without_last_pt_resumes_and_the_table_finishes(tiny_root, tmp_path, capsys):
+def test_best_pt_without_last_pt_resumes_and_the_table_finishes(small_root, tmp_path, capsys):
     out = tmp_path / "full-s0"
-    run_train(tiny_root, out, "--epochs", "2", "--patience", "9")
+    run_train(small_root, out, "--epochs", "2", "--patience", "9")
     (out / "last.pt").unlink()  # killed while writing it
     (out / "test.json").unlink()
     with pytest.raises(data.DataError, match="an unfinished run already .* `python train.py --resume"):
-        run_train(tiny_root, out)
+        run_train(small_root, out)
     capsys.readouterr()
     test = train.train(train.parse_args(["--resume", str(out)]))  # the advice works
     err = capsys.readouterr().err
     assert "no last.pt (lost when the run was stopped while writing it): continuing from best.pt" in err
     assert json.loads((out / "test.json").read_text())["test"] == test
     (out / "test.json").unlink()
-    job = (["--data-dir", str(tiny_root), "--epochs", "2", "--batch-size", "8", "--out", str(out)], out)
+    job = (["--data-dir", str(small_root), "--epochs", "2", "--batch-size", BATCH, "--out", str(out)], out)
     assert train.table_run(job)[0] == test  # --ablations resumes it instead of failing on "last.pt not found"
 
 
@@ -2879,10 +2947,10 @@ def test_a_table_never_starts_more_workers_than_runs(tiny_root, tmp_path, monkey
     assert pools == [7] and "7 runs, 7 at a time" in capsys.readouterr().out
 
 
-def test_bad_paths_are_one_line(tiny_root, tiny_run, tmp_path, monkeypatch, capsys):
+def test_bad_paths_are_one_line(small_root, tiny_run, tmp_path, monkeypatch, capsys):
     import errno
     (tmp_path / "file").write_text("")
-    base = ["--data-dir", str(tiny_root), "--epochs", "1", "--batch-size", "8"]
+    base = ["--data-dir", str(small_root), "--epochs", "1", "--batch-size", BATCH]
     assert train.main([*base, "--glove", str(tmp_path)]) == 2
     assert train.main([*base, "--out", str(tmp_path / "file")]) == 2
     assert train.main([*base, "--ablations", "--seeds", "1", "--out", str(tmp_path / "file")]) == 2
@@ -3207,8 +3275,8 @@ def test_geometry_is_the_mean_cosine_of_helpful_and_unhelpful_reviews_per_space(
                     "ii +0.00 / +0.00, ii products +1.00")
 
 
-def test_a_run_reports_the_geometry_of_its_test_split(tiny_root, tmp_path, capsys):
-    test = run_train(tiny_root, tmp_path / "run")
+def test_a_run_reports_the_geometry_of_its_test_split(small_root, tmp_path, capsys):
+    test = run_train(small_root, tmp_path / "run")
     printed = capsys.readouterr().out
     geometry = json.loads((tmp_path / "run" / "test.json").read_text())["test"]["geometry"]
     assert geometry == test["geometry"] and evaluate.format_geometry(geometry) in printed
@@ -3228,6 +3296,15 @@ def gradient_steps(root, out=None, processes=False, bert_folder=None):
     uneven shares, 2 + 1 groups); then 1 group, so that the second process encodes a stand-in.
     bert_folder: SANCL+BERT with the BERT in that folder."""
     device = distributed.start_processes(torch.device("cpu"))
+    found = steps_of(root, device, bert_folder)
+    if out and distributed.WORLD["rank"] == 0:
+        torch.save(found, out)
+    distributed.end_processes()
+    return found
+
+
+def steps_of(root, device, bert_folder=None):
+    """gradient_steps' steps in processes already started."""
     pieces, encoder = bert.load(bert_folder) if bert_folder else (None, None)
     splits, vocab, embeddings, _ = distributed.rank0_first(common.load_data, data.resolve_data(data_dir=root),
                                                            None, True, True, False, data.SPLITS, True, pieces)
@@ -3251,9 +3328,6 @@ def gradient_steps(root, out=None, processes=False, bert_folder=None):
             losses[term].backward()
             found.append(({k: v.item() for k, v in losses.items()},
                           {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-    if out and distributed.WORLD["rank"] == 0:
-        torch.save(found, out)
-    distributed.end_processes()
     return found
 
 
@@ -3264,30 +3338,88 @@ def free_port():
         return s.getsockname()[1]
 
 
-def two_processes(argv, timeout=60, env=None):
-    """`python argv...` twice, as torchrun starts them (RANK, WORLD_SIZE, a rendezvous on 127.0.0.1),
-    one thread each; [(returncode, stdout, stderr)] per rank. Killed and failed past `timeout` s."""
-    import subprocess
-    port, runs = free_port(), []
-    for rank in range(2):
-        own = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", **(env or {})}
-        runs.append(subprocess.Popen([sys.executable, *[a.replace("{rank}", str(rank)) for a in argv]], cwd=HERE,
-                                     env=own, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+def cpu_ticks(pid):
+    """The CPU time (clock ticks, user + system) process `pid` has used so far, from /proc/PID/stat; None where
+    it cannot be read (no /proc, or the process is gone)."""
     try:
-        outputs = [run.communicate(timeout=timeout) for run in runs]
-        return [(run.returncode, *output) for run, output in zip(runs, outputs)]
-    except subprocess.TimeoutExpired:
-        for run in runs:
-            run.kill()
-        pytest.fail(f"two processes still running after {timeout} s: a rank hangs")
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5): utime, stime
+    except (OSError, IndexError, ValueError):
+        return None
 
 
-def test_two_processes_give_the_one_process_losses_and_gradients(tiny_root, tmp_path):
-    ranks = two_processes(["-c", "import sys, test_sancl; test_sancl.gradient_steps(*sys.argv[1:], True)",
-                          str(tiny_root), str(tmp_path / "two.pt")])
+# Hang catchers for the child processes of the tests, never a limit on a slow but working run: a child is hung
+# when none of the children of the call used any CPU for STALL_S seconds (a rank blocked for ever on its peer,
+# a lock or a pipe: a working run on however busy a machine gets some CPU every few seconds), or spins when
+# they ran CEILING_S seconds (each child here takes under 20 s on an idle 2-core machine: 90x that).
+STALL_S, CEILING_S = 180, 1800
+
+
+def run_children(argvs, envs=None):
+    """`python argv...` for each argv at once, from this folder; [(returncode, stdout, stderr)] per child once all
+    have ended. Killed, and the test failed, only on a hang (STALL_S without CPU, or past CEILING_S)."""
+    import subprocess
+    import tempfile
+    children, streams = [], []
+    for argv, env in zip(argvs, envs or [None] * len(argvs)):
+        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")  # files: a pipe could fill and block
+        streams.append((out, err))
+        children.append(subprocess.Popen([sys.executable, *argv], cwd=HERE, env=env, stdout=out, stderr=err, text=True))
+    start = progress = time.monotonic()
+    seen = None
+    try:
+        while any(child.poll() is None for child in children):
+            now = time.monotonic()
+            ticks = [cpu_ticks(child.pid) for child in children if child.poll() is None]
+            if ticks != seen or None in ticks:  # some CPU used (or it cannot be told): not hung
+                seen, progress = ticks, now
+            if now - progress > STALL_S or now - start > CEILING_S:
+                pytest.fail(f"{len(ticks)} of {len(children)} child processes still running after {now - start:.0f} s, "
+                            f"{now - progress:.0f} s of them without using any CPU: hung")
+            time.sleep(0.2)
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+            child.wait()
+    results = []
+    for child, (out, err) in zip(children, streams):
+        out.seek(0), err.seek(0)
+        results.append((child.returncode, out.read(), err.read()))
+        out.close(), err.close()
+    return results
+
+
+def two_processes(argv, env=None):
+    """`python argv...` twice, as torchrun starts them (RANK, WORLD_SIZE, a rendezvous on 127.0.0.1),
+    one thread each; [(returncode, stdout, stderr)] per rank. Killed and failed only on a hang (run_children)."""
+    port = free_port()
+    envs = [{**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+             "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", **(env or {})} for rank in range(2)]
+    return run_children([[a.replace("{rank}", str(rank)) for a in argv] for rank in range(2)], envs)
+
+
+TWO_PROCESS_STEPS = """import sys, torch, distributed, test_sancl
+device = distributed.start_processes(torch.device("cpu"))
+found = [test_sancl.steps_of(sys.argv[1], device, bert) for bert in (None, sys.argv[3])]
+if distributed.WORLD["rank"] == 0:
+    torch.save(found, sys.argv[2])
+distributed.end_processes()"""
+
+
+@pytest.fixture(scope="module")
+def two_process_steps(tiny_root, tiny_bert, tmp_path_factory):
+    """gradient_steps under torchrun's variables, with GloVe then with the tiny BERT, in one start of two processes
+    for the two tests below (each start costs ~4 s of CPU a process): (ranks, [GloVe steps, BERT steps])."""
+    out = tmp_path_factory.mktemp("two") / "two.pt"
+    ranks = two_processes(["-c", TWO_PROCESS_STEPS, str(tiny_root), str(out), str(tiny_bert)])
+    return ranks, torch.load(out) if out.exists() else None
+
+
+def test_two_processes_give_the_one_process_losses_and_gradients(tiny_root, two_process_steps):
+    ranks, found = two_process_steps
     assert all(rc == 0 for rc, _, _ in ranks), ranks
-    two, one = torch.load(tmp_path / "two.pt"), gradient_steps(tiny_root)
+    two, one = found[0], gradient_steps(tiny_root)
     assert len(one) == len(two) == 6  # 2 steps x 3 loss terms
     for (losses_1, grads_1), (losses_2, grads_2) in zip(one, two):
         assert losses_2 == pytest.approx(losses_1, rel=1e-5, abs=1e-6)
@@ -3297,13 +3429,12 @@ def test_two_processes_give_the_one_process_losses_and_gradients(tiny_root, tmp_
         assert largest <= 1e-5 * scale and set(grads_1) <= set(grads_2), (largest, scale)  # float rounding only
 
 
-def test_two_processes_give_the_one_process_gradients_with_bert_too(tiny_root, tiny_bert, tmp_path):
+def test_two_processes_give_the_one_process_gradients_with_bert_too(tiny_root, tiny_bert, two_process_steps):
     """SANCL+BERT under torchrun: DDP leaves the frozen layers alone and averages the trained ones to the
     one-process gradient."""
-    ranks = two_processes(["-c", "import sys, test_sancl; test_sancl.gradient_steps(sys.argv[1], sys.argv[2], True, "
-                          "sys.argv[3])", str(tiny_root), str(tmp_path / "two.pt"), str(tiny_bert)])
+    ranks, found = two_process_steps
     assert all(rc == 0 for rc, _, _ in ranks), ranks
-    two, one = torch.load(tmp_path / "two.pt"), gradient_steps(tiny_root, bert_folder=tiny_bert)
+    two, one = found[1], gradient_steps(tiny_root, bert_folder=tiny_bert)
     for (losses_1, grads_1), (losses_2, grads_2) in zip(one, two):
         assert losses_2 == pytest.approx(losses_1, rel=1e-5, abs=1e-6)
         assert any(n.startswith("bert.bert.encoder.layer.4.") for n in grads_1) and set(grads_1) <= set(grads_2)
@@ -3376,15 +3507,14 @@ def test_benchmark_times_a_step_on_a_device_or_says_it_has_none(monkeypatch, cap
 def test_the_device_benchmark_needs_neither_spacy_nor_transformers():
     """The GPU machine has torch, numpy and matplotlib only: the GloVe step runs there, and --bert-base says
     what it needs in one line."""
-    import subprocess
     blocked = "import sys; sys.modules['spacy'] = sys.modules['transformers'] = None; sys.argv = ['benchmark.py'] + "
-    run = subprocess.run([sys.executable, "-c", blocked + "['--device', 'cpu', '--steps', '1', '--vocab', '500']; "
-                          "from plumbing import benchmark; benchmark.main()"], cwd=HERE, capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0 and run.stdout.count(" s/step, epoch ") == 2, run.stderr[-2000:]
-    run = subprocess.run([sys.executable, "-c", blocked + "['--device', 'cpu', '--bert-base']; from plumbing import benchmark; "
-                          "benchmark.main()"], cwd=HERE, capture_output=True, text=True, timeout=120)
-    assert run.returncode == 1 and run.stderr.strip().splitlines()[-1].startswith(
-        "error: --bert needs the transformers package: pip install transformers=="), run.stderr[-2000:]
+    (code, out, err), (bert_code, _, bert_err) = run_children(  # both at once; killed only on a hang
+        [["-c", blocked + "['--device', 'cpu', '--steps', '1', '--vocab', '500', '--threads', '1']; from plumbing import benchmark; "
+          "benchmark.main()"],
+         ["-c", blocked + "['--device', 'cpu', '--bert-base']; from plumbing import benchmark; benchmark.main()"]])
+    assert code == 0 and out.count(" s/step, epoch ") == 2, err[-2000:]
+    assert bert_code == 1 and bert_err.strip().splitlines()[-1].startswith(
+        "error: --bert needs the transformers package: pip install transformers=="), bert_err[-2000:]
 
 
 # --- issue 20: --ablations over several GPUs ------------------------------------------------------------
@@ -3512,10 +3642,10 @@ def test_bert_trains_only_its_last_four_layers_and_our_modules(tiny_root, tiny_b
                                                                  if n in ours)
 
 
-def test_bert_every_switch_trains_and_evaluate_reads_its_checkpoint(tiny_root, tiny_bert, tmp_path, capsys):
+def test_bert_every_switch_trains_and_evaluate_reads_its_checkpoint(small_root, tiny_bert, tmp_path, capsys):
     for flags in ([], ["--text-only"], ["--fixed-beta"], ["--no-probe-mask"], ["--no-cpc-ii"], ["--no-cpc-pr"]):
         out = tmp_path / ("run" + "".join(flags))
-        test = run_train(tiny_root, out, "--bert", str(tiny_bert), *flags)
+        test = run_train(small_root, out, "--bert", str(tiny_bert), *flags)
         assert all(math.isfinite(test[k]) for k in ("MAP", "N@3", "N@5")), flags
         printed = capsys.readouterr().out
         assert "BERT " in printed and "4 of 5 layers trained" in printed and "lr 2e-05" in printed, printed
