@@ -1,35 +1,21 @@
 """SANCL+BERT's E_t, row by row (issue 29): `python -m pytest -q plumbing/test_bert.py`."""
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("transformers", reason="SANCL+BERT: pip install -r requirements-bert.txt")
 
 import torch  # noqa: E402
-
 from plumbing import bert  # noqa: E402
 
-BERT_SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-
-
-def write_tiny_bert(folder, pieces, layers=2, seed=0):
-    """A random BERT in the Hugging Face layout (config.json, vocab.txt, model.safetensors): 32 wide, `layers`
-    layers, the given word pieces. Nothing is downloaded."""
-    transformers = bert.transformers()
-    vocab = BERT_SPECIAL + list(pieces)
-    torch.manual_seed(seed)
-    config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=layers,
-                                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=160)
-    transformers.BertModel(config).save_pretrained(folder)
-    (Path(folder) / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    return Path(folder)
+from test_sancl import write_tiny_bert  # noqa: E402  (the tiny random BERT of test_sancl.py's SANCL+BERT tests)
 
 
 def test_e_t_is_berts_state_of_each_piece_read_in_cls_pieces_sep(tmp_path):
     """E_t row i is BERT's last-layer state of piece i, in the text read alone as [CLS] pieces [SEP] with every
     position attended: not the [CLS] state shifted in (rows 0..L-1 of BERT's output), and not a text whose
     [SEP] is masked out. Texts of different lengths in one batch, so padding follows the shorter one."""
-    folder = write_tiny_bert(tmp_path / "b", ["my", "kettle", "boil", "##s", "fast", ".", "i", "love", "it", "!"])
+    folder = write_tiny_bert(tmp_path / "b", ["my", "kettle", "boil", "##s", "fast", ".", "i", "love", "it", "!"],
+                             layers=2)
     pieces, encoder = bert.load(folder)
     encoder.eval()  # no dropout: the rows must match exactly
     ids, lengths, _ = pieces.encode(["My kettle boils fast.", "I love it!", "kettle"], 16)

@@ -1,10 +1,16 @@
-"""build_data's rules at their edges (issue 29): `python -m pytest -q plumbing/test_build_data.py`."""
+"""build_data's rules at their edges, the formats read alike, no title rule (as the authors), every field of a
+product from its first metadata line, and no torch to read the dumps:
+`python -m pytest -q plumbing/test_build_data.py`."""
 import gzip
 import json
+import subprocess
+import sys
 from datetime import date, timedelta
+from pathlib import Path
 
 import data
 from plumbing import build_data, sample
+from test_sancl import review_2018  # a 2018 reviews record, as test_sancl.py's build_data tests write them
 
 TINY = {"train": 12, "dev": 4, "test": 4}
 
@@ -67,3 +73,73 @@ def test_every_format_gives_the_same_reviews_and_2023_times_are_milliseconds(tmp
         days = stamps[product, row["content"]] // (1000 * 86400)  # milliseconds -> whole days since 1970-01-01
         assert row["time"] == (date(1970, 1, 1) + timedelta(days=days)).isoformat(), row
     assert "2018-01-01" in {row["time"] for row in rvw[2023]}  # the sample's first stamp, 1514764800000
+
+
+# --- no title rule, one metadata line a product, no torch --------------------------------------------------
+def build_small(reviews, meta, out):
+    """build with the product rules at their least: every product with a voted review is kept."""
+    return build(reviews, meta, out, "--min-reviews", "1", "--min-top-votes", "1")
+
+
+def products(out):
+    """{product id: its .prd record} over the three splits."""
+    return {r["product_id"]: r for split in ("train", "dev", "test")
+            for r in json.loads((out / f"Home_and_Kitchen.prd.{split}").read_text())}
+
+
+# --- no torch to read the dumps -----------------------------------------------------------------------
+def test_build_data_imports_no_torch():
+    """Reading the dumps needs json and numpy; torch (over 200 MB and seconds to import) stays out."""
+    code = "import sys; import plumbing.build_data; assert 'torch' not in sys.modules, 'torch imported'"
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+# --- item 4: no title rule; every field of a product from its first metadata line ---------------------------
+MARKUP = "var page = {widget: 'carousel'}; " * 50  # 1,650 characters: a "title" that is a page's script
+
+
+def test_products_with_an_empty_or_long_title_are_kept_as_the_authors_keep_them(tmp_path, capsys):
+    """The authors' rules have no title rule (docs/differences.md) and data.py reads a product without a name: a product
+    whose title is empty, markup only, absent or over 1,000 characters is kept, its name as the dump gives it
+    (HTML removed), and the rule table has no title row."""
+    reviews = dump_lines(tmp_path / "r.json", [review_2018(p, "3", who=p) for p in ("P1", "P2", "P3", "P4", "P5")])
+    meta = dump_lines(tmp_path / "m.json", [
+        {"asin": "P1", "title": "", "description": ["Empty title."]},
+        {"asin": "P2", "title": "<span> </span>", "description": ["Markup only."]},
+        {"asin": "P3", "description": ["No title field."]},
+        {"asin": "P4", "title": MARKUP, "description": ["Long title."]},
+        {"asin": "P5", "title": "Steel Kettle", "description": ["Boils water."]}])
+    assert build_small(reviews, meta, tmp_path / "out") == 0
+    kept = products(tmp_path / "out")
+    assert {p: (r["name"], r["description"]) for p, r in kept.items()} == {
+        "P1": ("", "Empty title."), "P2": ("", "Markup only."), "P3": ("", "No title field."),
+        "P4": (MARKUP.strip(), "Long title."), "P5": ("Steel Kettle", "Boils water.")}
+    record = json.loads((tmp_path / "out" / "build.json").read_text())
+    assert list(record["removed"]["products"]) == [
+        "product not in the metadata", "fewer than 1 reviews", "no review with 1 votes or more"]
+    assert "title" not in capsys.readouterr().out
+
+
+def test_a_product_on_several_metadata_lines_takes_every_field_from_its_first_line(tmp_path):
+    """Before, the name came from the first line but the (since dropped) title rule passed on any line: P1
+    was kept on line 3's title with line 1's empty name, P3 dropped for line 1's long title and line 4's
+    empty one. Now the first line gives name, description, images, feature and brand, and later lines
+    change nothing."""
+    reviews = dump_lines(tmp_path / "r.json", [review_2018(p, "3", who=p) for p in ("P1", "P2", "P3")])
+    meta = dump_lines(tmp_path / "m.json", [
+        {"asin": "P1", "title": "", "description": ["first"], "imageURLHighRes": ["https://example.com/1a.jpg"],
+         "feature": ["f1"], "brand": "B1"},
+        {"asin": "P2", "title": "Mug", "description": ["one"]},
+        {"asin": "P1", "title": "Kettle", "description": ["second"], "imageURLHighRes": ["https://example.com/1b.jpg"],
+         "feature": ["f2"], "brand": "B2"},
+        {"asin": "P3", "title": MARKUP, "description": ["long first"]},
+        {"asin": "P2", "title": "", "description": ["two"], "imageURLHighRes": ["https://example.com/2b.jpg"]},
+        {"asin": "P3", "title": "", "description": ["empty second"]}])
+    assert build_small(reviews, meta, tmp_path / "out") == 0
+    kept = products(tmp_path / "out")
+    assert {p: (r["name"], r["description"], r["image"], r["feature"], r["brand"]) for p, r in kept.items()} == {
+        "P1": ("", "first", ["https://example.com/1a.jpg"], ["f1"], "B1"),
+        "P2": ("Mug", "one", [], [], ""),
+        "P3": (MARKUP.strip(), "long first", [], [], "")}
