@@ -3399,7 +3399,8 @@ def two_processes(argv, env=None):
     return run_children([[a.replace("{rank}", str(rank)) for a in argv] for rank in range(2)], envs)
 
 
-TWO_PROCESS_STEPS = """import sys, torch, distributed, test_sancl
+TWO_PROCESS_STEPS = """import sys, torch, test_sancl
+from plumbing import distributed
 device = distributed.start_processes(torch.device("cpu"))
 found = [test_sancl.steps_of(sys.argv[1], device, bert) for bert in (None, sys.argv[3])]
 if distributed.WORLD["rank"] == 0:
@@ -3555,7 +3556,7 @@ def test_extract_without_pillow_says_how_to_get_it(tmp_path, monkeypatch):
 
 
 # --- issue 23: SANCL+BERT (train.py --bert PATH, bert.py), on a tiny random BERT -----------------------------
-from plumbing import bert  # noqa: E402  (needs transformers, pinned in requirements.txt)
+from plumbing import bert  # noqa: E402  (its tests need transformers, pinned in requirements-bert.txt)
 
 BERT_SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
