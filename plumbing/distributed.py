@@ -9,6 +9,7 @@ no-op then). docs/processes.md says how to use it.
 
 Imports go one way: this file uses data only; plumbing/common.py and train.py use it.
 """
+import contextlib
 import os
 import sys
 import traceback
@@ -59,7 +60,15 @@ def start_processes(device):
 
 
 def end_processes():
+    """Leave the process group together: every process waits at a barrier for the others' last messages (process
+    0's broadcast of the test metrics) before tearing its connections down; without it, a process that tore
+    down first could abort its peer at exit ("terminate called without an active exception")."""
     if torch.distributed.is_initialized():
+        with contextlib.suppress(RuntimeError):  # a process that is gone already: nothing left to wait for
+            if torch.distributed.get_backend() == "gloo":
+                torch.distributed.monitored_barrier(timeout=timedelta(minutes=5))
+            else:
+                torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
