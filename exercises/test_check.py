@@ -7,7 +7,7 @@ import pytest
 
 from exercises import check
 
-# README Table 2, SANCL (full), seeds 0-2: MAP 91.23 ± 0.71
+# literal MAPs of three seeds: mean ± sd 91.23 ± 0.71 (ddof=1)
 FULL_MAP = [91.30, 91.90, 90.49]
 
 FAKE_TRAIN = r'''
