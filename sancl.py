@@ -277,16 +277,10 @@ class SANCL(nn.Module):
         embedder = self.bert if self.config.bert else self.embedding
         return n - sum(p.numel() for p in embedder.parameters()) if non_embedding else n
 
-    def embed(self, batch):
-        """Sec. 3.3: E_t, the token representations Eq. (1)'s GRUs read, of the product and the review texts:
-        (P, Lp, E), (R, Lr, E). GloVe rows, looked up once for both (so that a step builds one gradient of
-        the word table, not two: the same gradient, faster), or with SANCL+BERT the shared BERT's last-layer
-        states of the word pieces (plumbing/bert.py)."""
-        product, review = batch["product_tokens"], batch["review_tokens"]  # (P, Lp), (R, Lr) ids
-        if self.config.bert:
-            return self.bert(product, batch["product_lengths"]), self.bert(review, batch["review_lengths"])
-        rows = self.embedding(torch.cat([product.flatten(), review.flatten()]))  # (P Lp + R Lr, E)
-        return rows[:product.numel()].view(*product.shape, -1), rows[product.numel():].view(*review.shape, -1)
+    def embed(self, tokens, lengths):
+        """Sec. 3.3: E_t, the token representations Eq. (1)'s GRU reads. (T, L) ids -> (T, L, E):
+        GloVe rows, or with SANCL+BERT the shared BERT's last-layer states of the word pieces (plumbing/bert.py)."""
+        return self.bert(tokens, lengths) if self.config.bert else self.embedding(tokens)
 
     def forward(self, batch):
         """Eq. (14): F = concat(S^ii_t,r, S^pr_t,r, S^ii_v,r, S^pr_v,r), the review's four projections;
@@ -300,9 +294,10 @@ class SANCL(nn.Module):
         review_mask = lengths_to_mask(batch["review_lengths"], review_tokens.size(1))  # (R, Lr)
 
         # Eq. (1), each product encoded once, then indexed per review with rp
-        e_p, e_r = self.embed(batch)  # (P, Lp, E), (R, Lr, E)
-        h_p, _ = self.product_text_encoder(e_p, batch["product_lengths"])  # (P, Lp, H)
-        h_r, h_seq = self.review_text_encoder(e_r, batch["review_lengths"])  # (R, Lr, H)
+        h_p, _ = self.product_text_encoder(self.embed(product_tokens, batch["product_lengths"]),
+                                           batch["product_lengths"])  # (P, Lp, H)
+        h_r, h_seq = self.review_text_encoder(self.embed(review_tokens, batch["review_lengths"]),
+                                              batch["review_lengths"])  # (R, Lr, H)
 
         # review text: M' (Eq. 2, 6) -> selective self-attention H' (Eq. 3-7)
         # -> cross-field attention H'' -> weighted pooling with M' (Eq. 8)
