@@ -28,9 +28,11 @@ masks are computed once and cached next to the data by plumbing/masks.py.
 import argparse
 import bisect
 import itertools
+import json
 import re
 import sys
 from collections import namedtuple
+from pathlib import Path
 
 import data
 from plumbing import coref_rules as coref
@@ -231,6 +233,35 @@ def spans_to_mask(spans, length):
     return mask
 
 
+# --- how well the masks find the product's sentences (`--evaluate`) ------------------------------
+def evaluate_masks(path, mask_of):
+    """Sentence-level precision and recall of the masks, and the share of reviews marked exactly
+    right, on a JSON-lines file of {"category", "product", "sentences": [{"label", "text"}]}
+    (examples/probe_mask_eval.jsonl). mask_of(product, review text) -> probe mask. A sentence
+    counts as marked when at least half of its tokens are 1; the review is its sentences
+    joined by spaces. Labels: 1 when the sentence refers to the product (by name, kind, part,
+    property or pronoun, or as the understood subject), 0 when it is only about the seller,
+    shipping, price, people, weather, other products or the reviewer."""
+    true_positive = marked = labelled = exact = reviews = 0
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        record, reviews = json.loads(line), reviews + 1
+        labels = [sentence["label"] for sentence in record["sentences"]]
+        text = " ".join(sentence["text"] for sentence in record["sentences"])
+        mask = mask_of(record["product"], text)
+        flags, start = [], 0
+        for sentence in record["sentences"]:
+            end = start + len(sentence["text"])
+            inside = [flag for flag, (_, s, _) in zip(mask, data.token_spans(text)) if start <= s < end]
+            flags.append(int(2 * sum(inside) >= len(inside) > 0))
+            start = end + 1
+        true_positive += sum(f and l for f, l in zip(flags, labels))
+        marked, labelled, exact = marked + sum(flags), labelled + sum(labels), exact + (flags == labels)
+    return {"reviews": reviews, "precision": true_positive / max(marked, 1),
+            "recall": true_positive / max(labelled, 1), "exact": exact / max(reviews, 1)}
+
+
 # plumbing: command line ----------------------------------------------------------------
 def _print_explanation(nlp, args):
     result = explain(nlp, args.product, args.review, args.backend, args.root_sentences)
@@ -264,7 +295,7 @@ def main(argv=None):
         if args.evaluate is not None:
             nlp = load_spacy(args.backend)
             try:
-                r = coref.evaluate(args.evaluate, lambda name, text: probe_mask(nlp, name, text, args.backend,
+                r = evaluate_masks(args.evaluate, lambda name, text: probe_mask(nlp, name, text, args.backend,
                                                                                  args.root_sentences))
             except (OSError, ValueError, KeyError, TypeError, RecursionError) as error:  # RecursionError: nested
                 raise ProbeMaskError(f"{args.evaluate}: not a file of labelled reviews ({type(error).__name__}: "

@@ -648,7 +648,7 @@ def test_pronouns_follow_the_products_number(nlp):
 
 def test_rules_meet_the_targets_on_the_labelled_reviews(nlp):
     from pathlib import Path
-    scores = coref.evaluate(Path(__file__).parent / "examples" / "probe_mask_eval.jsonl",
+    scores = pm.evaluate_masks(Path(__file__).parent / "examples" / "probe_mask_eval.jsonl",
                             lambda name, text: pm.probe_mask(nlp, name, text))
     assert scores["reviews"] >= 120 and scores["precision"] >= 0.90 and scores["recall"] >= 0.85
 
@@ -3807,7 +3807,7 @@ def test_its_own_is_bound_in_its_clause_as_itself_is(nlp):
     ("probe_mask_eval.jsonl", 127, 0.948, 0.935),
     ("probe_mask_eval_real.jsonl", 26, 0.939, 0.793)])  # real Amazon reviews, labelled by hand
 def test_precision_and_recall_do_not_fall_on_the_labelled_reviews(nlp, name, reviews, precision, recall):
-    scores = coref.evaluate(EXAMPLES / name, lambda product, text: pm.probe_mask(nlp, product, text))
+    scores = pm.evaluate_masks(EXAMPLES / name, lambda product, text: pm.probe_mask(nlp, product, text))
     assert scores["reviews"] == reviews and scores["precision"] >= precision and scores["recall"] >= recall
 
 

@@ -18,9 +18,7 @@ POS-tags the few sentences two rules need, which keeps a release-size split fast
 """
 import bisect
 import functools
-import json
 from collections import namedtuple
-from pathlib import Path
 
 import data
 
@@ -456,34 +454,6 @@ def rule_clusters(review, info):
 
 
 # --- measuring the rules on hand-labelled reviews --------------------------------------------
-def evaluate(path, mask_of):
-    """Sentence-level precision and recall of the masks, and the share of reviews marked exactly
-    right, on a JSON-lines file of {"category", "product", "sentences": [{"label", "text"}]}
-    (examples/probe_mask_eval.jsonl). mask_of(product, review text) -> probe mask. A sentence
-    counts as marked when at least half of its tokens are 1; the review is its sentences
-    joined by spaces. Labels: 1 when the sentence refers to the product (by name, kind, part,
-    property or pronoun, or as the understood subject), 0 when it is only about the seller,
-    shipping, price, people, weather, other products or the reviewer."""
-    true_positive = marked = labelled = exact = reviews = 0
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        record, reviews = json.loads(line), reviews + 1
-        labels = [sentence["label"] for sentence in record["sentences"]]
-        text = " ".join(sentence["text"] for sentence in record["sentences"])
-        mask = mask_of(record["product"], text)
-        flags, start = [], 0
-        for sentence in record["sentences"]:
-            end = start + len(sentence["text"])
-            inside = [flag for flag, (_, s, _) in zip(mask, data.token_spans(text)) if start <= s < end]
-            flags.append(int(2 * sum(inside) >= len(inside) > 0))
-            start = end + 1
-        true_positive += sum(f and l for f, l in zip(flags, labels))
-        marked, labelled, exact = marked + sum(flags), labelled + sum(labels), exact + (flags == labels)
-    return {"reviews": reviews, "precision": true_positive / max(marked, 1),
-            "recall": true_positive / max(labelled, 1), "exact": exact / max(reviews, 1)}
-
-
 # --- adapter for a coreference system (neuralcoref, or any callable) -------------------------
 def provider_clusters(doc, provider):
     """Adapter for a coreference system: `provider(doc)` returns clusters, each either a
