@@ -25,6 +25,7 @@ import torch
 
 from plumbing import grid_features
 from data import CATEGORIES, DataError, resolve_data
+from plumbing.tables import said
 
 MAX_REGIONS_PER_IMAGE = 32  # docs/release.md (reference limits)
 MAX_REGIONS_PER_ITEM = 128
@@ -140,8 +141,9 @@ def read_regions(folder):
             with torch.serialization.safe_globals(_NUMPY_ALLOWED):
                 packed = torch.load(path, weights_only=True)
         except Exception as error:
-            raise DataError(f"{path}: cannot be read as a list of {{'x': array}} without running pickled "
-                            f"code ({str(error).splitlines()[0]}); use the per-image .npz files instead.") from None
+            raise DataError(f"{path}: cannot be read as a list of {{'x': array}} ({type(error).__name__}: "
+                            f"{said(error, path)[:100]}; pickled code is never run); use the per-image .npz files "
+                            f"instead.") from None
         if not isinstance(packed, list) or not all(isinstance(image, dict) and "x" in image for image in packed):
             raise DataError(f"{path}: holds a {type(packed).__name__}, expected a list of {{'x': array of shape "
                             f"(n_boxes, {REGION_DIM})}} dicts, one per image; use the per-image .npz files instead.")

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from data import DataError
+from plumbing.tables import said
 
 IMAGE_SIZE = 448  # every image is resized to IMAGE_SIZE x IMAGE_SIZE: a 14 x 14 map at stride 32
 GRID = 5  # ... averaged into GRID x GRID = 25 cells: the most square grid within the reference's 32 a image
@@ -104,7 +105,7 @@ def load_weights(path):
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickled code, a cut file, not a torch file at all
         raise DataError(f"--weights {path}: not a plain state dict of tensors ({type(error).__name__}: "
-                        f"{str(error).splitlines()[0][:120]}). It must be {WEIGHTS_HELP}.") from None
+                        f"{said(error, path)[:120]}). It must be {WEIGHTS_HELP}.") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]  # a training checkpoint that wraps the weights
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -32,6 +32,7 @@ import data
 import sancl
 from plumbing.common import find_data, load_data, report_data
 from plumbing.distributed import WORLD
+from plumbing.tables import said
 
 
 # --- 1. checkpoints --------------------------------------------------------------------------
@@ -89,9 +90,8 @@ def load_checkpoint(path):
         raise data.DataError(f"{path}: refused: it holds more than tensors and plain data ({what}), and loading it "
                              f"could run code. Use checkpoints written by this train.py only.") from None
     except Exception as error:  # not a torch file, or cut short
-        said = (str(error).splitlines() or ["0 bytes" if path.stat().st_size == 0 else "no message"])[0]
         raise data.DataError(f"{path}: not a readable checkpoint ({type(error).__name__}: "
-                             f"{said[:100]}); {damaged}.") from None
+                             f"{said(error, path)[:100]}); {damaged}.") from None
     if not isinstance(checkpoint, dict) or not all(key in checkpoint for key in CHECKPOINT_KEYS):
         has = sorted(checkpoint)[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise data.DataError(f"{path}: not a train.py checkpoint (it has {has}, expected {list(CHECKPOINT_KEYS)}); "

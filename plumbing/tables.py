@@ -6,6 +6,7 @@ one, a number where text belongs) is a DataError naming the file, the record and
 categories and splits live here too, so that plumbing/build_data.py reads the dumps without importing torch.
 """
 import json
+from pathlib import Path
 
 CATEGORIES = {  # CLI name -> the release's folder and file prefix
     "home_kitchen": "Home_and_Kitchen",
@@ -17,6 +18,12 @@ SPLITS = ("train", "dev", "test")
 
 class DataError(Exception):
     """A problem with the user's data: the message names the file, the record and the fix."""
+
+
+def said(error, path):
+    """The first line of what `error` says about reading `path`, for a one-line message: many errors of a
+    damaged file say nothing at all (a 0-byte torch file is an EOFError with an empty message)."""
+    return (str(error).splitlines() or ["0 bytes" if Path(path).stat().st_size == 0 else "no message"])[0]
 
 
 def read_table(path, columns):

@@ -181,3 +181,18 @@ def test_large_jpeg_with_and_without_draft_decoding(large_jpeg):
         full = normalise(image.convert("RGB").resize((448, 448), Image.Resampling.BILINEAR))
     difference = (pixels - full).abs()
     assert difference.mean().item() < 0.07, difference.mean().item()
+
+
+def test_an_empty_weights_or_region_file_is_one_line_naming_it(tmp_path):
+    """A 0-byte file makes torch.load raise with an empty message: the loaders' own error handlers must still
+    say one line (they took the message's first line, and an empty message has none: IndexError)."""
+    from data import DataError
+    from plumbing import features
+
+    (tmp_path / "w.pth").write_bytes(b"")
+    with pytest.raises(DataError, match=r"w\.pth: not a plain state dict of tensors \(EOFError: 0 bytes\)"):
+        grid_features.load_weights(tmp_path / "w.pth")
+    (tmp_path / "item").mkdir()
+    (tmp_path / "item" / "0.pth").write_bytes(b"")
+    with pytest.raises(DataError, match=r"0\.pth: cannot be read as a list of \{'x': array\} \(EOFError: 0 bytes;"):
+        features.read_regions(tmp_path / "item")
