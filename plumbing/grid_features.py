@@ -256,6 +256,13 @@ def extract(images, weights, out, size=IMAGE_SIZE, batch_size=4, device="cpu"):
           f"into {out}/; {len(skipped)} skipped" + (":" if skipped else ""), file=sys.stderr)
     for line in skipped:
         print(f"  skipped {line}", file=sys.stderr)
+    if todo and not written and not any(out.glob("*/*.npz")):  # nothing to train on: no success
+        overflow = sum("not finite in float16" in line for line in skipped)
+        raise DataError(f"--extract: none of the {len(todo)} images was extracted (each skipped above)" + (
+            f"; {overflow} gave features that overflow float16, so --weights {weights} is not the ImageNet "
+            f"resnet101 (random or other weights do this): pass {WEIGHTS_HELP}" if overflow else "") + (
+            f"; {len(todo) - overflow} could not be read as images: fetch them again (docs/real-data.md)"
+            if len(todo) > overflow else "") + ".")
     return skipped
 
 

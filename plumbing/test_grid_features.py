@@ -196,3 +196,40 @@ def test_an_empty_weights_or_region_file_is_one_line_naming_it(tmp_path):
     (tmp_path / "item" / "0.pth").write_bytes(b"")
     with pytest.raises(DataError, match=r"0\.pth: cannot be read as a list of \{'x': array\} \(EOFError: 0 bytes;"):
         features.read_regions(tmp_path / "item")
+
+
+def test_extract_that_makes_nothing_is_an_error_that_says_why(tmp_path, monkeypatch, capsys):
+    """--extract where every image fails exits 2 with what to do (issue 28, item 4): weights whose features
+    overflow float16 (random stand-in weights do), or files that are no images; a resumed run whose folder
+    already holds features is still a success."""
+    from data import DataError
+    from plumbing import features
+
+    images = tmp_path / "images"
+    (images / "P1").mkdir(parents=True)
+    Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(images / "P1" / "0.png")
+    Image.fromarray(np.full((32, 32, 3), 50, np.uint8)).save(images / "P1" / "1.png")
+
+    class Overflowing(nn.Module):  # weights that are not ImageNet's: features beyond float16
+        def forward(self, batch):
+            return torch.full((batch.shape[0], 2048, 1, 1), 1e6)
+
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"not read")
+    monkeypatch.setattr(grid_features, "load_weights", lambda path: Overflowing())
+    argv = ["--extract", str(images), "--weights", str(weights), "--out", str(tmp_path / "f"), "--image-size", "32"]
+    assert features.main(argv) == 2
+    assert "none of the 2 images was extracted" in capsys.readouterr().err
+    with pytest.raises(DataError, match=r"; 2 gave features that overflow float16, so --weights .*w\.pth is not the "
+                                        r"ImageNet resnet101 .*downloaded by you\.$"):
+        grid_features.extract(images, weights, tmp_path / "f", size=32)
+
+    (images / "P2").mkdir()
+    (images / "P2" / "0.jpg").write_bytes(b"not an image")
+    with pytest.raises(DataError, match=r"none of the 3 images was extracted .*; 2 gave features that overflow "
+                                        r"float16.*; 1 could not be read as images: fetch them again"):
+        grid_features.extract(images, weights, tmp_path / "g", size=32)
+    # a resumed folder that holds features already: the run that adds nothing is no failure
+    (tmp_path / "g" / "P9").mkdir()
+    np.savez(tmp_path / "g" / "P9" / "0.npz", x=np.ones((25, 2048), np.float16))
+    assert len(grid_features.extract(images, weights, tmp_path / "g", size=32)) == 3
