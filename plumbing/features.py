@@ -15,6 +15,7 @@ import argparse
 import bisect
 import hashlib
 import os
+import pickle
 import stat
 import sys
 import time
@@ -141,9 +142,10 @@ def read_regions(folder):
             with torch.serialization.safe_globals(_NUMPY_ALLOWED):
                 packed = torch.load(path, weights_only=True)
         except Exception as error:
-            raise DataError(f"{path}: cannot be read as a list of {{'x': array}} ({type(error).__name__}: "
-                            f"{said(error, path)[:100]}; pickled code is never run); use the per-image .npz files "
-                            f"instead.") from None
+            refused = isinstance(error, pickle.UnpicklingError)  # what the file holds is not tensors and data
+            raise DataError(f"{path}: cannot be read as a list of {{'x': array}} " + (
+                "without running pickled code" if refused else f"({type(error).__name__}: {said(error, path)[:100]})")
+                + "; use the per-image .npz files instead.") from None
         if not isinstance(packed, list) or not all(isinstance(image, dict) and "x" in image for image in packed):
             raise DataError(f"{path}: holds a {type(packed).__name__}, expected a list of {{'x': array of shape "
                             f"(n_boxes, {REGION_DIM})}} dicts, one per image; use the per-image .npz files instead.")

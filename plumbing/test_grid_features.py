@@ -194,7 +194,7 @@ def test_an_empty_weights_or_region_file_is_one_line_naming_it(tmp_path):
         grid_features.load_weights(tmp_path / "w.pth")
     (tmp_path / "item").mkdir()
     (tmp_path / "item" / "0.pth").write_bytes(b"")
-    with pytest.raises(DataError, match=r"0\.pth: cannot be read as a list of \{'x': array\} \(EOFError: 0 bytes;"):
+    with pytest.raises(DataError, match=r"0\.pth: cannot be read as a list of \{'x': array\} \(EOFError: 0 bytes\);"):
         features.read_regions(tmp_path / "item")
 
 
