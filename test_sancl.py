@@ -2400,7 +2400,7 @@ def test_parameters_per_component_against_the_reference_counts():
     assert {name: children.get(name, 0) for name in REFERENCE_PARAMS} == {n: ours for n, (_, ours) in REFERENCE_PARAMS.items()}
     assert sum(reference for reference, _ in REFERENCE_PARAMS.values()) == 1_410_690  # the paper's 1.41M
     assert model.num_params() == 1_303_682  # README differences, "parameters (no embeddings)"
-    # `python sancl.py` prints the same reference column
+    # `python -m plumbing.benchmark --params` prints the same reference column
     assert [reference for _, reference, _ in benchmark.COMPONENTS.values()] == [r for r, _ in REFERENCE_PARAMS.values()]
     assert benchmark.PAPER_PARAMS == 1_410_690
 

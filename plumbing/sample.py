@@ -42,7 +42,7 @@ SENTENCES_PER_REVIEW = (3, 8)
 TEXT_WEIGHT, IMAGE_WEIGHT, NOISE = 3.0, 2.0, 0.9
 P_INFORMATIVE = 0.4  # chance that a sentence about the product is informative
 # --size release: Table 4's products/reviews per split (docs/release.md), reviews of ~100 tokens (as the release's),
-# for benchmark.py; region features only for the first RELEASE_FEATURED train products and their reviews
+# for plumbing/benchmark.py; region features only for the first RELEASE_FEATURED train products and their reviews
 # (the whole release's features would take ~270 GB), with 10-100 boxes per image, float32, as extracted.
 RELEASE_SIZES = {
     "clothing": {"train": (12074, 277308), "dev": (3019, 122148), "test": (3966, 87492)},
@@ -294,8 +294,8 @@ def main(argv=None):
     parser.add_argument("--out", required=True, metavar="DIR", help="folder to write it to")
     parser.add_argument("--size", choices=("sample", "release"), default="sample",
                         help="sample (default: 120/60/100 products, what train.py uses) or release: Table 4's "
-                        "sizes with ~100-token reviews, for benchmark.py (about 10 minutes and 2 GB; region "
-                        f"features for the first {RELEASE_FEATURED} train products only)")
+                        "sizes with ~100-token reviews, for python -m plumbing.benchmark --release (about 10 minutes and "
+                        f"2 GB; region features for the first {RELEASE_FEATURED} train products only)")
     parser.add_argument("--dump", type=int, choices=(2014, 2018, 2023), help="also write it as the public Amazon "
                         "dumps of that year's format (reviews and metadata, gzip) into {out}/dump/, to try "
                         "build_data.py on")
