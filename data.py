@@ -248,15 +248,21 @@ def read_glove(path, words):
     return found
 
 
+def check_glove(source):
+    """The GloVe file is there (checked before anything slow, so a user meets one error at a time)."""
+    if not source.glove.exists():
+        raise DataError(f"GloVe file {source.glove} not found. Download glove.840B.300d.zip from the "
+                        f"Stanford NLP site, unzip it to {source.glove}, or pass --glove PATH "
+                        f"(docs/real-data.md: smaller stand-ins).")
+
+
 def glove_matrix(source, vocab, seed=0):
     """(V, 300) embedding matrix for `vocab` (index 0 = padding: zeros) and the OOV count.
 
     A token is looked up as is (840B is cased), then lower-cased. Words not in GloVe get a random
     vector N(0, 0.3^2) from a fixed seed, so that different unknown words stay distinguishable from the
     start (training then moves them). Cached next to the data, keyed by the GloVe file and the vocabulary."""
-    if not source.glove.exists():
-        raise DataError(f"GloVe file {source.glove} not found. Download glove.840B.300d.zip from the "
-                        f"Stanford NLP site, unzip it to {source.glove}, or pass --glove PATH.")
+    check_glove(source)
     stat = source.glove.stat()
     key = hashlib.sha1(json.dumps([str(source.glove.resolve()), stat.st_size, vocab]).encode()).hexdigest()[:12]
     cache = source.root / f"glove_cache.{key}.npz"

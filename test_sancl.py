@@ -1655,6 +1655,23 @@ def test_each_run_has_its_own_folder_and_none_is_overwritten(small_root, tmp_pat
     assert "epoch  1 " not in out and again == json.loads((tmp_path / "run" / "test.json").read_text())["test"]
 
 
+def test_a_missing_glove_is_named_before_the_probe_masks(tiny_root, tmp_path):
+    """A built data set without GloVe and without probe masks: the GloVe error first (a download), not the masks'
+    (minutes of spaCy) followed by the GloVe error after them."""
+    built = tmp_path / "Home_and_Kitchen"
+    built.mkdir()
+    for table in tiny_root.glob("Home_and_Kitchen.*.*"):
+        if ".probe." not in table.name:
+            shutil.copy(table, built)
+    source = data.resolve_data(data_dir=built, glove=tmp_path / "glove.840B.300d.txt")
+    assert not source.is_sample
+    with pytest.raises(data.DataError, match=r"GloVe file .*glove\.840B\.300d\.txt not found") as error:
+        common.load_data(source, with_images=False)
+    assert not isinstance(error.value, pm.ProbeMaskError)
+    with pytest.raises(pm.ProbeMaskError, match="probe masks for train not found"):  # with the GloVe file: the masks
+        common.load_data(data.resolve_data(data_dir=built, glove=tiny_root / "glove.sample.300d.txt"), with_images=False)
+
+
 def test_silent_degradation_is_refused_or_reported(tiny_copy, tmp_path, capsys):
     source = data.resolve_data(data_dir=tiny_copy)
     splits, vocab, _, info = common.load_data(source)

@@ -219,6 +219,8 @@ def load_data(source, vocab=None, with_images=True, with_masks=True, compute_mas
         vocab, with_embeddings = pieces.vocab, False
     new = vocab is None
     names = data.SPLITS if new else split_names
+    if new and with_embeddings:
+        data.check_glove(source)  # before the probe masks, whose error sends the user to minutes of work
     rule = data.release_label_rule(source)
     reports = {split: data.SplitReport() for split in names}
     raw = {split: data.read_split(source, split, reports[split], rule) for split in names}
