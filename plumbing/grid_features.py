@@ -134,7 +134,7 @@ def load_weights(path):
 # --- 3. one image ---------------------------------------------------------------------------------------
 def load_image(path, size=IMAGE_SIZE):
     """(3, size, size) float32, normalised, and the original (height, width); or a DataError saying
-    why the file is skipped. Whatever Pillow opens: JPEG (progressive, CMYK), PNG (alpha, palette),
+    why the file is skipped. Whatever Pillow opens: JPEG (progressive, CMYK), PNG (alpha, palette, 16 bits),
     GIF (the first frame), WebP. Transparent parts become white, as on a product page. The whole image
     is resized, not cropped, so nothing of the product is cut off (Amazon images are mostly near-square)."""
     from PIL import Image, ImageOps  # Pillow comes with matplotlib; only --extract needs it
@@ -146,8 +146,8 @@ def load_image(path, size=IMAGE_SIZE):
             with Image.open(path) as image:
                 original = image.size
                 image.draft("RGB", (size, size))  # JPEG: decode at a reduced scale, still >= size
-                image = ImageOps.exif_transpose(image)  # as a camera held sideways meant it
-                if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+                image = _eight_bits(ImageOps.exif_transpose(image), path)  # as a camera held sideways meant it
+                if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:  # P, L, RGB: one colour
                     rgba = image.convert("RGBA")
                     image = Image.new("RGB", rgba.size, "white")
                     image.paste(rgba, mask=rgba.getchannel("A"))
@@ -161,6 +161,27 @@ def load_image(path, size=IMAGE_SIZE):
     pixels = torch.from_numpy(np.asarray(image, np.float32) / 255).permute(2, 0, 1)  # (3, size, size)
     pixels = (pixels - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
     return pixels, (original[1], original[0])
+
+
+def _eight_bits(image, path):
+    """16-bit grayscale (Pillow's modes I;16, I;16B, ... and I, which its PNG and PGM readers give) as
+    8-bit grayscale: the high byte, as Pillow itself reduces 16-bit colour PNGs; convert("RGB") would clip
+    every value above 255 to white. A transparent value stays transparent. Floating-point pixels (mode F)
+    and 32-bit values beyond 16 bits are refused: their white level is not known."""
+    from PIL import Image
+    if image.mode == "F":
+        raise DataError(f"{path}: floating-point pixels (Pillow mode F), whose white level is not known; save it "
+                        f"as an 8- or 16-bit PNG or as a JPEG")
+    if not image.mode.startswith("I"):
+        return image
+    values = np.asarray(image)
+    if values.min() < 0 or values.max() > 65535:
+        raise DataError(f"{path}: 32-bit pixel values ({values.min()} to {values.max()}) beyond 16 bits, whose "
+                        f"white level is not known; save it as an 8- or 16-bit PNG or as a JPEG")
+    gray = Image.fromarray((values >> 8).astype(np.uint8))  # (h, w) -> mode L
+    if "transparency" in image.info:
+        gray.putalpha(Image.fromarray(np.where(values == image.info["transparency"], 0, 255).astype(np.uint8)))
+    return gray
 
 
 def cell_boxes(height, width, grid=GRID):

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from data import DataError
 from plumbing import grid_features
 
 Image = pytest.importorskip("PIL.Image")  # Pillow comes with matplotlib
@@ -233,3 +234,45 @@ def test_extract_that_makes_nothing_is_an_error_that_says_why(tmp_path, monkeypa
     (tmp_path / "g" / "P9").mkdir()
     np.savez(tmp_path / "g" / "P9" / "0.npz", x=np.ones((25, 2048), np.float16))
     assert len(grid_features.extract(images, weights, tmp_path / "g", size=32)) == 3
+
+
+def test_high_bit_depth_grayscale_is_scaled_not_clipped_to_white(tmp_path):
+    """A 16-bit grayscale PNG (Pillow's mode I;16) and a 32-bit TIFF of 16-bit values (mode I, as Pillow reads
+    16-bit PGM) give the pixels of the same gradient saved in 8 bits. convert("RGB") alone clipped every
+    value above 255 to white: 97% of this gradient."""
+    gradient = np.tile(np.linspace(0, 255, 64).astype(np.uint8), (64, 1))
+    Image.fromarray(gradient).save(tmp_path / "8.png")
+    Image.fromarray(gradient.astype(np.uint16) * 257).save(tmp_path / "16.png")  # 0 .. 65535, 255 * 257 = 65535
+    Image.fromarray(gradient.astype(np.int32) * 257).save(tmp_path / "32.tif")
+    assert [Image.open(tmp_path / name).mode for name in ("16.png", "32.tif")] == ["I;16", "I"]
+    expected, _ = grid_features.load_image(tmp_path / "8.png", size=32)
+    white = normalise(np.full((1, 1, 3), 255, np.uint8))[:, 0, 0]
+    for name in ("16.png", "32.tif"):
+        pixels, _ = grid_features.load_image(tmp_path / name, size=32)
+        assert (pixels[0] > white[0] - 0.01).float().mean() < 0.05, name  # not saturated
+        torch.testing.assert_close(pixels, expected, rtol=0, atol=1e-6)
+
+
+def test_transparent_colour_of_a_grayscale_or_rgb_png_becomes_white(tmp_path):
+    """A PNG without alpha may name one colour transparent (its tRNS chunk): those pixels are white, as
+    load_image promises for transparent parts, in 8-bit RGB and 16-bit grayscale alike (the value 0 here)."""
+    picture = np.full((32, 32), 100, np.uint8)
+    picture[:, :16] = 0  # left half: the transparent colour
+    Image.fromarray(np.stack([picture] * 3, -1)).save(tmp_path / "rgb.png", transparency=(0, 0, 0))
+    Image.fromarray(picture.astype(np.uint16) * 257).save(tmp_path / "16.png", transparency=0)
+    white, grey = (normalise(np.full((1, 1, 3), v, np.uint8))[:, 0, 0].view(3, 1, 1) for v in (255, 100))
+    for name in ("rgb.png", "16.png"):
+        pixels, _ = grid_features.load_image(tmp_path / name, size=32)
+        torch.testing.assert_close(pixels[:, :, :16], white.expand(3, 32, 16), rtol=0, atol=1e-5)
+        torch.testing.assert_close(pixels[:, :, 16:], grey.expand(3, 32, 16), rtol=0, atol=1e-5)
+
+
+def test_pixels_without_a_known_white_level_are_refused_by_name(tmp_path):
+    """Floating-point pixels (mode F: 0 .. 1 became black) and 32-bit values beyond 16 bits (clipped to white)
+    are refused, each naming the file and how to save it."""
+    gradient = np.tile(np.linspace(0, 1, 64, dtype=np.float32), (64, 1))
+    Image.fromarray(gradient).save(tmp_path / "float.tif")
+    Image.fromarray((gradient * 2 ** 30).astype(np.int32)).save(tmp_path / "int32.tif")
+    for name, what in (("float.tif", r"floating-point pixels \(Pillow mode F\)"), ("int32.tif", r"32-bit pixel values \(0 to 1073741824\) beyond 16 bits")):
+        with pytest.raises(DataError, match=rf"{name}: {what}.*; save it as an 8- or 16-bit PNG or as a JPEG$"):
+            grid_features.load_image(tmp_path / name, size=32)
