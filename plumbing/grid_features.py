@@ -14,6 +14,8 @@ its last stage, averaged into a grid of at most 32 cells, are the image's region
 
 torchvision itself is not used: its PyPI wheel needs the CUDA build of torch (docs/real-data.md).
 """
+import contextlib
+import errno
 import json
 import os
 import sys
@@ -215,7 +217,8 @@ def _settings(weights, size):
 def extract(images, weights, out, size=IMAGE_SIZE, batch_size=4, device="cpu"):
     """Write out/{id}/{k}.npz (`x` (25, 2048) float16, `bbox`, `image_h`, `image_w`) for every image
     images/{id}/{k}.{ext}. Resumable: an image whose .npz exists is skipped (each is written aside and
-    renamed). Bad images are skipped and listed at the end; none gets a zero feature."""
+    renamed). Bad images are skipped and listed at the end; none gets a zero feature. A write that fails
+    (read-only, disk full) stops the run, naming the file."""
     images, out = Path(images), Path(out)
     if not images.is_dir():
         raise DataError(f"--extract {images}: no such folder. It must hold one folder per product/review id with "
@@ -227,12 +230,12 @@ def extract(images, weights, out, size=IMAGE_SIZE, batch_size=4, device="cpu"):
                         "requirements.txt (matplotlib brings it) or pip install pillow") from None
     model = load_weights(weights).to(device)  # a missing or wrong file stops here
     settings = _settings(weights, size)
-    out.mkdir(parents=True, exist_ok=True)
-    record = out / "extract.json"
-    if record.exists() and json.loads(record.read_text()) != settings:
-        raise DataError(f"--out {out} holds features made with other settings ({record.read_text().strip()}); "
-                        f"extract into a new folder, or delete it.")
-    record.write_text(json.dumps(settings) + "\n")
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out}: a file, not a folder; pass a folder (it is made when missing).")
+    if (out / "extract.json").exists():
+        _check_record(out / "extract.json", settings)
+    else:
+        _write_aside(out / "extract.json", lambda f: f.write(json.dumps(settings).encode() + b"\n"))
     todo = [(item, name, path) for item, name, path in list_images(images)
             if not (out / item / f"{name}.npz").exists()]
     names = {}
@@ -257,13 +260,8 @@ def extract(images, weights, out, size=IMAGE_SIZE, batch_size=4, device="cpu"):
                     if not np.isfinite(x).all() or np.abs(x).max() > np.finfo(np.float16).max:
                         skipped.append(f"{path}: features not finite in float16 (check the weights file)")
                         continue
-                    folder = out / item
-                    folder.mkdir(exist_ok=True)
-                    tmp = folder / f".{name}.npz.partial"  # not *.npz: a killed run's leftover is never read
-                    with open(tmp, "wb") as f:
-                        np.savez(f, x=x.astype(np.float16), bbox=cell_boxes(height, width), image_h=height,
-                                 image_w=width)
-                    os.replace(tmp, folder / f"{name}.npz")
+                    _write_aside(out / item / f"{name}.npz", lambda f: np.savez(
+                        f, x=x.astype(np.float16), bbox=cell_boxes(height, width), image_h=height, image_w=width))
                     written += 1
             done += len(chunk)
             rate = done / max(time.time() - t0, 1e-9)
@@ -285,6 +283,47 @@ def extract(images, weights, out, size=IMAGE_SIZE, batch_size=4, device="cpu"):
             f"; {len(todo) - overflow} could not be read as images: fetch them again (docs/real-data.md)"
             if len(todo) > overflow else "") + ".")
     return skipped
+
+
+def _check_record(record, settings):
+    """The extract.json of a folder being resumed: the same settings, or one line that says it is damaged
+    or what it holds instead, and the fix."""
+    try:
+        saved = json.loads(record.read_bytes())
+        missing = sorted(settings.keys() - saved.keys()) if isinstance(saved, dict) else None
+        damage = f"a JSON {type(saved).__name__}" if missing is None else f"without {missing}" if missing else None
+    except (OSError, ValueError, RecursionError) as error:  # cut short, not UTF-8, not JSON, a folder
+        damage = f"{type(error).__name__}: {said(error, record)}"
+    if damage:
+        raise DataError(f"{record}: damaged, or not written by --extract ({damage}); if the features in "
+                        f"{record.parent}/ were made with these --weights and --image-size, delete it and run the "
+                        f"same command again, else extract into a new folder.")
+    if saved != settings:
+        raise DataError(f"--out {record.parent} holds features made with other settings ({json.dumps(saved)}); "
+                        f"extract into a new folder, or delete it.")
+
+
+FREE_SPACE = "free space, then run the same command again (it goes on from the images written)"
+NOT_A_FOLDER = "a file stands where a folder must be: pass another --out"
+WRITE_FIXES = {errno.ENOSPC: f"the disk is full: {FREE_SPACE}", errno.EDQUOT: f"your disk quota is full: {FREE_SPACE}",
+               errno.ENOTDIR: NOT_A_FOLDER, errno.EEXIST: NOT_A_FOLDER}
+
+
+def _write_aside(path, write):
+    """`write(file)` into a hidden file beside `path`, then renamed to it (a killed run leaves no half file
+    under its name; its leftover is never read). A write that fails (read-only, disk full) stops the run in
+    one line naming the file and the fix; the hidden file is removed."""
+    tmp = path.parent / f".{path.name}.partial"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        fix = WRITE_FIXES.get(error.errno, f"make {path.parent} writable, or pass another --out")
+        raise DataError(f"{path}: cannot be written ({error.strerror or type(error).__name__}): {fix}.") from None
 
 
 def _try_load(path, size):

@@ -1,8 +1,13 @@
 """Image features pinned by value (issue 29, item 2): colour order and scale, (height, width) and the
-cells' boxes, the cells' order, the network's output, and JPEG draft decoding. Each test here failed on a
-one- or two-line bug in plumbing/grid_features.py that passed every test before.
+cells' boxes, the cells' order, the network's output, JPEG draft decoding and 16-bit images; then what
+--extract says when its input or its --out folder goes wrong. Each test here failed on a bug in
+plumbing/grid_features.py that passed every test before.
 Run from the repository root: python -m pytest -q plumbing/test_grid_features.py"""
+import errno
 import math
+import os
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,12 +15,37 @@ import torch
 from torch import nn
 
 from data import DataError
-from plumbing import grid_features
+from plumbing import features, grid_features
 
 Image = pytest.importorskip("PIL.Image")  # Pillow comes with matplotlib
 
 # ImageNet's mean and std written out here, not read from grid_features, so that a changed constant shows
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class Cheap(nn.Module):
+    """Stands in for the ResNet-101 where what is pinned is not the network: an image's mean in 2048 channels."""
+
+    def forward(self, batch):
+        return nn.functional.avg_pool2d(batch, 32).mean(1, keepdim=True).expand(-1, 2048, -1, -1)
+
+
+def extract_argv(tmp_path, monkeypatch, out):
+    """Two 32 x 32 images in tmp_path/images/P1, Cheap in place of the weight file: --extract's argv."""
+    (tmp_path / "images" / "P1").mkdir(parents=True, exist_ok=True)
+    for k in range(2):
+        Image.new("RGB", (32, 32), (100 * k, 100, 200)).save(tmp_path / "images" / "P1" / f"{k}.png")
+    (tmp_path / "w.pth").write_bytes(b"not read")
+    monkeypatch.setattr(grid_features, "load_weights", lambda path: Cheap())
+    return ["--extract", str(tmp_path / "images"), "--weights", str(tmp_path / "w.pth"), "--out", str(out),
+            "--image-size", "32"]
+
+
+def error_line(capsys):
+    """The last line on stderr, which must be the error."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("error: "), err
+    return err[-1]
 
 
 def normalise(rgb_uint8):
@@ -60,10 +90,6 @@ def test_non_square_image_keeps_height_width_and_cell_boxes(tmp_path, monkeypatc
     np.testing.assert_allclose(boxes[1], [12.8, 0.0, 25.6, 6.4], rtol=1e-6)  # row 0, column 1
     np.testing.assert_allclose(boxes[5], [0.0, 6.4, 12.8, 12.8], rtol=1e-6)  # row 1, column 0
     np.testing.assert_allclose(boxes[24], [51.2, 25.6, 64.0, 32.0], rtol=1e-6)
-
-    class Cheap(nn.Module):  # stands in for the ResNet-101: what is pinned here is only sizes and boxes
-        def forward(self, batch):
-            return nn.functional.avg_pool2d(batch, 32).mean(1, keepdim=True).expand(-1, 2048, -1, -1)
 
     weights = tmp_path / "w.pth"
     weights.write_bytes(b"not read")
@@ -187,9 +213,6 @@ def test_large_jpeg_with_and_without_draft_decoding(large_jpeg):
 def test_an_empty_weights_or_region_file_is_one_line_naming_it(tmp_path):
     """A 0-byte file makes torch.load raise with an empty message: the loaders' own error handlers must still
     say one line (they took the message's first line, and an empty message has none: IndexError)."""
-    from data import DataError
-    from plumbing import features
-
     (tmp_path / "w.pth").write_bytes(b"")
     with pytest.raises(DataError, match=r"w\.pth: not a plain state dict of tensors \(EOFError: 0 bytes\)"):
         grid_features.load_weights(tmp_path / "w.pth")
@@ -203,9 +226,6 @@ def test_extract_that_makes_nothing_is_an_error_that_says_why(tmp_path, monkeypa
     """--extract where every image fails exits 2 with what to do (issue 28, item 4): weights whose features
     overflow float16 (random stand-in weights do), or files that are no images; a resumed run whose folder
     already holds features is still a success."""
-    from data import DataError
-    from plumbing import features
-
     images = tmp_path / "images"
     (images / "P1").mkdir(parents=True)
     Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(images / "P1" / "0.png")
@@ -276,3 +296,77 @@ def test_pixels_without_a_known_white_level_are_refused_by_name(tmp_path):
     for name, what in (("float.tif", r"floating-point pixels \(Pillow mode F\)"), ("int32.tif", r"32-bit pixel values \(0 to 1073741824\) beyond 16 bits")):
         with pytest.raises(DataError, match=rf"{name}: {what}.*; save it as an 8- or 16-bit PNG or as a JPEG$"):
             grid_features.load_image(tmp_path / name, size=32)
+
+
+@pytest.mark.parametrize("content, damage", [
+    (b'{"extractor": "grid', "JSONDecodeError: Unterminated string"),  # cut short
+    (b"", "JSONDecodeError: Expecting value"),
+    (b"[1, 2]", "a JSON list"),
+    (b'{"extractor": "grid features, ResNet-101 layer4"}', r"without \['grid', 'image_size', 'weights', 'weights_bytes'\]"),
+])
+def test_a_damaged_extract_json_is_one_line_naming_it(tmp_path, monkeypatch, capsys, content, damage):
+    """A folder being resumed whose extract.json is cut short, empty, of another type or without the settings:
+    exit 2, one line naming the file and the fix (a JSONDecodeError, or "made with other settings" for what
+    was never a record of settings), and nothing written."""
+    out = tmp_path / "f"
+    out.mkdir()
+    (out / "extract.json").write_bytes(content)
+    assert features.main(extract_argv(tmp_path, monkeypatch, out)) == 2
+    assert re.fullmatch(rf"error: {re.escape(str(out))}/extract\.json: damaged, or not written by --extract \({damage}"
+                        rf".*\); if the features in .* delete it and run the same command again, else extract into a "
+                        rf"new folder\.", error_line(capsys))
+    assert [p.name for p in out.iterdir()] == ["extract.json"]
+
+
+def test_out_that_is_a_file_or_under_one_is_one_line_naming_it(tmp_path, monkeypatch, capsys):
+    """--out that is a file, or a path through a file: exit 2 and the fix (FileExistsError or NotADirectoryError)."""
+    (tmp_path / "file").write_text("x")
+    assert features.main(extract_argv(tmp_path, monkeypatch, tmp_path / "file")) == 2
+    assert error_line(capsys) == f"error: --out {tmp_path / 'file'}: a file, not a folder; pass a folder (it is made when missing)."
+    assert features.main(extract_argv(tmp_path, monkeypatch, tmp_path / "file" / "f")) == 2
+    assert error_line(capsys) == (f"error: {tmp_path / 'file' / 'f' / 'extract.json'}: cannot be written (Not a directory): "
+                                  f"a file stands where a folder must be: pass another --out.")
+
+
+def test_out_that_is_read_only_is_one_line_naming_it(tmp_path, monkeypatch, capsys):
+    """A read-only --out: exit 2, one line naming the file and the fix (a PermissionError traceback). Root
+    writes into a read-only folder anyway: there, every write under it is refused as the folder would."""
+    out = tmp_path / "f"
+    out.mkdir()
+    out.chmod(0o555)
+    if os.access(out, os.W_OK):
+        real_open = open
+
+        def read_only(file, mode="r", *args, **kwargs):
+            if set(mode) & set("wax+") and Path(file).is_relative_to(out):
+                raise PermissionError(errno.EACCES, "Permission denied", str(file))
+            return real_open(file, mode, *args, **kwargs)
+        monkeypatch.setattr("builtins.open", read_only)
+    try:
+        assert features.main(extract_argv(tmp_path, monkeypatch, out)) == 2
+    finally:
+        out.chmod(0o755)
+    assert error_line(capsys) == (f"error: {out / 'extract.json'}: cannot be written (Permission denied): make {out} "
+                                  f"writable, or pass another --out.")
+
+
+def test_a_full_disk_stops_extract_in_one_line_and_keeps_what_was_written(tmp_path, monkeypatch, capsys):
+    """The disk fills while the second image is written: exit 2, one line naming that file and the fix (an
+    OSError traceback), no half-written file left, the first image kept; the same command then goes on."""
+    argv = extract_argv(tmp_path, monkeypatch, tmp_path / "f")
+    savez, writes = np.savez, []
+
+    def fills_the_disk(file, **arrays):
+        writes.append(file)
+        if len(writes) == 2:
+            file.write(b"PK\x03\x04 half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        savez(file, **arrays)
+    monkeypatch.setattr(np, "savez", fills_the_disk)
+    assert features.main(argv) == 2
+    assert error_line(capsys) == (f"error: {tmp_path / 'f' / 'P1' / '1.npz'}: cannot be written (No space left on "
+                                  f"device): the disk is full: free space, then run the same command again (it goes "
+                                  f"on from the images written).")
+    assert sorted(p.name for p in (tmp_path / "f" / "P1").iterdir()) == ["0.npz"]
+    monkeypatch.setattr(np, "savez", savez)
+    assert features.main(argv) == 0 and "extracting grid features of 1 images" in capsys.readouterr().err
