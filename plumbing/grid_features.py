@@ -220,14 +220,23 @@ def extract(images, weights, out, size=IMAGE_SIZE, batch_size=4, device="cpu"):
     renamed). Bad images are skipped and listed at the end; none gets a zero feature. A write that fails
     (read-only, disk full) stops the run, naming the file."""
     images, out = Path(images), Path(out)
+    layout = ("one folder per product/review id with its images, {id}/{k}.jpg, as images.tsv of build_data.py "
+              "lays them out")
     if not images.is_dir():
-        raise DataError(f"--extract {images}: no such folder. It must hold one folder per product/review id with "
-                        f"its images, {{id}}/{{k}}.jpg, as images.tsv of build_data.py lays them out.")
+        raise DataError(f"--extract {images}: no such folder. It must hold {layout}.")
     try:
         import PIL  # noqa: F401  (load_image decodes with it)
     except ImportError:
         raise DataError("--extract decodes images with Pillow, which is not installed: pip install -r "
                         "requirements.txt (matplotlib brings it) or pip install pillow") from None
+    try:
+        listed = list_images(images)
+    except OSError as error:  # a folder that cannot be listed
+        raise DataError(f"--extract {images}: cannot read {error.filename} ({error.strerror}); make it "
+                        f"readable.") from None
+    if not listed:
+        raise DataError(f"--extract {images}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in its sub-folders. It "
+                        f"must hold {layout}.")
     model = load_weights(weights).to(device)  # a missing or wrong file stops here
     settings = _settings(weights, size)
     if out.exists() and not out.is_dir():
@@ -236,13 +245,13 @@ def extract(images, weights, out, size=IMAGE_SIZE, batch_size=4, device="cpu"):
         _check_record(out / "extract.json", settings)
     else:
         _write_aside(out / "extract.json", lambda f: f.write(json.dumps(settings).encode() + b"\n"))
-    todo = [(item, name, path) for item, name, path in list_images(images)
-            if not (out / item / f"{name}.npz").exists()]
+    todo = [(item, name, path) for item, name, path in listed if not (out / item / f"{name}.npz").exists()]
     names = {}
     for item, name, path in todo:
         names.setdefault((item, name), []).append(path)
-    skipped = [f"{paths[0].parent}/{name}.*: {len(paths)} files for one image ({', '.join(p.name for p in paths)})"
+    doubled = [f"{paths[0].parent}/{name}.*: {len(paths)} files for one image ({', '.join(p.name for p in paths)})"
                for (item, name), paths in names.items() if len(paths) > 1]
+    skipped = list(doubled)
     todo = [(item, name, path) for item, name, path in todo if len(names[(item, name)]) == 1]
     print(f"extracting grid features of {len(todo)} images from {images}/ into {out}/ on {device} "
           f"({size}x{size}, {GRID}x{GRID} cells)", file=sys.stderr)
@@ -275,9 +284,10 @@ def extract(images, weights, out, size=IMAGE_SIZE, batch_size=4, device="cpu"):
           f"into {out}/; {len(skipped)} skipped" + (":" if skipped else ""), file=sys.stderr)
     for line in skipped:
         print(f"  skipped {line}", file=sys.stderr)
-    if todo and not written and not any(out.glob("*/*.npz")):  # nothing to train on: no success
+    if (todo or doubled) and not written and not any(out.glob("*/*.npz")):  # nothing to train on: no success
         overflow = sum("not finite in float16" in line for line in skipped)
-        raise DataError(f"--extract: none of the {len(todo)} images was extracted (each skipped above)" + (
+        raise DataError(f"--extract: none of the {len(todo) + len(doubled)} images was extracted (each skipped "
+                        f"above)" + (f"; {len(doubled)} with several files each: keep one" if doubled else "") + (
             f"; {overflow} gave features that overflow float16, so --weights {weights} is not the ImageNet "
             f"resnet101 (random or other weights do this): pass {WEIGHTS_HELP}" if overflow else "") + (
             f"; {len(todo) - overflow} could not be read as images: fetch them again (docs/real-data.md)"

@@ -293,7 +293,8 @@ def test_pixels_without_a_known_white_level_are_refused_by_name(tmp_path):
     gradient = np.tile(np.linspace(0, 1, 64, dtype=np.float32), (64, 1))
     Image.fromarray(gradient).save(tmp_path / "float.tif")
     Image.fromarray((gradient * 2 ** 30).astype(np.int32)).save(tmp_path / "int32.tif")
-    for name, what in (("float.tif", r"floating-point pixels \(Pillow mode F\)"), ("int32.tif", r"32-bit pixel values \(0 to 1073741824\) beyond 16 bits")):
+    for name, what in (("float.tif", r"floating-point pixels \(Pillow mode F\)"),
+                       ("int32.tif", r"32-bit pixel values \(0 to 1073741824\) beyond 16 bits")):
         with pytest.raises(DataError, match=rf"{name}: {what}.*; save it as an 8- or 16-bit PNG or as a JPEG$"):
             grid_features.load_image(tmp_path / name, size=32)
 
@@ -302,7 +303,8 @@ def test_pixels_without_a_known_white_level_are_refused_by_name(tmp_path):
     (b'{"extractor": "grid', "JSONDecodeError: Unterminated string"),  # cut short
     (b"", "JSONDecodeError: Expecting value"),
     (b"[1, 2]", "a JSON list"),
-    (b'{"extractor": "grid features, ResNet-101 layer4"}', r"without \['grid', 'image_size', 'weights', 'weights_bytes'\]"),
+    (b'{"extractor": "grid features, ResNet-101 layer4"}',
+     r"without \['grid', 'image_size', 'weights', 'weights_bytes'\]"),
 ])
 def test_a_damaged_extract_json_is_one_line_naming_it(tmp_path, monkeypatch, capsys, content, damage):
     """A folder being resumed whose extract.json is cut short, empty, of another type or without the settings:
@@ -322,10 +324,11 @@ def test_out_that_is_a_file_or_under_one_is_one_line_naming_it(tmp_path, monkeyp
     """--out that is a file, or a path through a file: exit 2 and the fix (FileExistsError or NotADirectoryError)."""
     (tmp_path / "file").write_text("x")
     assert features.main(extract_argv(tmp_path, monkeypatch, tmp_path / "file")) == 2
-    assert error_line(capsys) == f"error: --out {tmp_path / 'file'}: a file, not a folder; pass a folder (it is made when missing)."
+    assert error_line(capsys) == (f"error: --out {tmp_path / 'file'}: a file, not a folder; pass a folder (it is made "
+                                  f"when missing).")
     assert features.main(extract_argv(tmp_path, monkeypatch, tmp_path / "file" / "f")) == 2
-    assert error_line(capsys) == (f"error: {tmp_path / 'file' / 'f' / 'extract.json'}: cannot be written (Not a directory): "
-                                  f"a file stands where a folder must be: pass another --out.")
+    assert error_line(capsys) == (f"error: {tmp_path / 'file' / 'f' / 'extract.json'}: cannot be written (Not a "
+                                  f"directory): a file stands where a folder must be: pass another --out.")
 
 
 def test_out_that_is_read_only_is_one_line_naming_it(tmp_path, monkeypatch, capsys):
@@ -370,3 +373,33 @@ def test_a_full_disk_stops_extract_in_one_line_and_keeps_what_was_written(tmp_pa
     assert sorted(p.name for p in (tmp_path / "f" / "P1").iterdir()) == ["0.npz"]
     monkeypatch.setattr(np, "savez", savez)
     assert features.main(argv) == 0 and "extracting grid features of 1 images" in capsys.readouterr().err
+
+
+def test_extract_that_finds_no_images_is_an_error_that_says_why(tmp_path, monkeypatch, capsys):
+    """--extract made nothing and exited 0: images that lie in the folder itself (not in {id}/ folders), an
+    image whose name has two files (P1/0.jpg and P1/0.png: both skipped); an item folder that cannot be
+    listed was a PermissionError traceback. Each is exit 2 and one line."""
+    argv = extract_argv(tmp_path, monkeypatch, tmp_path / "f")
+    images = tmp_path / "images"
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    Image.new("RGB", (32, 32)).save(flat / "0.jpg")
+    assert features.main(argv[:1] + [str(flat)] + argv[2:]) == 2
+    assert error_line(capsys) == (f"error: --extract {flat}: no image files (.jpg, .jpeg, .png, .gif, .webp, .bmp, "
+                                  f".tif, .tiff) in its sub-folders. It must hold one folder per product/review id "
+                                  f"with its images, {{id}}/{{k}}.jpg, as images.tsv of build_data.py lays them out.")
+    Image.new("RGB", (32, 32)).save(images / "P1" / "0.jpg")
+    Image.new("RGB", (32, 32)).save(images / "P1" / "1.jpg")
+    assert features.main(argv) == 2
+    assert error_line(capsys) == ("error: --extract: none of the 2 images was extracted (each skipped above); 2 with "
+                                  "several files each: keep one.")
+    scandir = os.scandir
+
+    def unreadable(path):
+        if Path(path).name == "P1":
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return scandir(path)
+    monkeypatch.setattr(os, "scandir", unreadable)
+    assert features.main(argv) == 2
+    assert error_line(capsys) == (f"error: --extract {images}: cannot read {images / 'P1'} (Permission denied); "
+                                  f"make it readable.")
