@@ -140,6 +140,8 @@ def load_image(path, size=IMAGE_SIZE):
     GIF (the first frame), WebP. Transparent parts become white, as on a product page. The whole image
     is resized, not cropped, so nothing of the product is cut off (Amazon images are mostly near-square)."""
     from PIL import Image, ImageOps  # Pillow comes with matplotlib; only --extract needs it
+    if not path.exists():
+        raise DataError(f"{path}: a link to {os.readlink(path)}, which does not exist")
     if path.stat().st_size == 0:
         raise DataError(f"{path}: empty file")
     try:
@@ -195,14 +197,16 @@ def cell_boxes(height, width, grid=GRID):
 
 # --- 4. a folder of images ---------------------------------------------------------------------------
 def list_images(images):
-    """(item id, image name, path) of every image file in `images`/{id}/, sorted; only regular files
-    (a FIFO or a device would hang a read) and only image extensions."""
+    """(item id, image name, path) of every image file in `images`/{id}/, sorted: only image extensions,
+    only regular files (a FIFO or a device would hang a read). Links are followed, as a data set manager's
+    cache (git-annex, DVC) makes every file one; a link to nothing is listed, to be reported as skipped."""
     found = []
     for item in sorted(os.scandir(images), key=lambda e: e.name):
-        if not item.is_dir(follow_symlinks=False):
+        if not item.is_dir():
             continue
         for entry in sorted(os.scandir(item.path), key=lambda e: e.name):
-            if entry.is_file(follow_symlinks=False) and entry.name.lower().endswith(IMAGE_EXTENSIONS):
+            if entry.name.lower().endswith(IMAGE_EXTENSIONS) and (
+                    entry.is_file() or not os.path.exists(entry.path)):  # a regular file, or a link to nothing
                 found.append((item.name, Path(entry.name).stem, Path(entry.path)))
     return found
 

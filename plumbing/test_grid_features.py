@@ -403,3 +403,22 @@ def test_extract_that_finds_no_images_is_an_error_that_says_why(tmp_path, monkey
     assert features.main(argv) == 2
     assert error_line(capsys) == (f"error: --extract {images}: cannot read {images / 'P1'} (Permission denied); "
                                   f"make it readable.")
+
+
+def test_linked_images_and_item_folders_are_read(tmp_path, monkeypatch, capsys):
+    """Images that are links (git-annex and DVC make every file one) and item folders that are links were left
+    out unsaid: --extract exited 0 having read none of them. A link to nothing is listed as skipped."""
+    argv = extract_argv(tmp_path, monkeypatch, tmp_path / "f")
+    elsewhere = tmp_path / "cache"
+    (elsewhere / "P2").mkdir(parents=True)
+    (tmp_path / "images" / "P1" / "0.png").rename(elsewhere / "a.png")
+    (tmp_path / "images" / "P1" / "0.png").symlink_to(elsewhere / "a.png")
+    (tmp_path / "images" / "P1" / "1.png").unlink()
+    (tmp_path / "images" / "P1" / "1.png").symlink_to(elsewhere / "gone.png")
+    Image.new("RGB", (32, 32)).save(elsewhere / "P2" / "0.png")
+    (tmp_path / "images" / "P2").symlink_to(elsewhere / "P2")
+    assert features.main(argv) == 0
+    written = sorted(str(p.relative_to(tmp_path / "f")) for p in (tmp_path / "f").glob("*/*.npz"))
+    assert written == ["P1/0.npz", "P2/0.npz"]
+    assert (f"skipped {tmp_path / 'images' / 'P1' / '1.png'}: a link to {elsewhere / 'gone.png'}, which does not "
+            f"exist") in capsys.readouterr().err
