@@ -220,8 +220,8 @@ def _settings(weights, size):
 
 def extract(images, weights, out, size=IMAGE_SIZE, batch_size=4, device="cpu"):
     """Write out/{id}/{k}.npz (`x` (25, 2048) float16, `bbox`, `image_h`, `image_w`) for every image
-    images/{id}/{k}.{ext}. Resumable: an image whose .npz exists is skipped (each is written aside and
-    renamed). Bad images are skipped and listed at the end; none gets a zero feature. A write that fails
+    images/{id}/{k}.{ext}. Resumable: an image whose .npz was written after it is skipped (each is written
+    aside and renamed). Bad images are skipped and listed at the end; none gets a zero feature. A write that fails
     (read-only, disk full) stops the run, naming the file."""
     images, out = Path(images), Path(out)
     layout = ("one folder per product/review id with its images, {id}/{k}.jpg, as images.tsv of build_data.py "
@@ -249,7 +249,7 @@ def extract(images, weights, out, size=IMAGE_SIZE, batch_size=4, device="cpu"):
         _check_record(out / "extract.json", settings)
     else:
         _write_aside(out / "extract.json", lambda f: f.write(json.dumps(settings).encode() + b"\n"))
-    todo = [(item, name, path) for item, name, path in listed if not (out / item / f"{name}.npz").exists()]
+    todo = [(item, name, path) for item, name, path in listed if not _extracted(out / item / f"{name}.npz", path)]
     names = {}
     for item, name, path in todo:
         names.setdefault((item, name), []).append(path)
@@ -297,6 +297,12 @@ def extract(images, weights, out, size=IMAGE_SIZE, batch_size=4, device="cpu"):
             f"; {len(todo) - overflow} could not be read as images: fetch them again (docs/real-data.md)"
             if len(todo) > overflow else "") + ".")
     return skipped
+
+
+def _extracted(npz, image):
+    """Whether `npz` holds the features of `image` as it is now: written after the image last changed (an
+    image fetched again, full-size for a thumbnail say, is extracted again; a link to nothing keeps them)."""
+    return npz.exists() and (not image.exists() or npz.stat().st_mtime_ns >= image.stat().st_mtime_ns)
 
 
 def _check_record(record, settings):

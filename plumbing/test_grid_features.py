@@ -422,3 +422,21 @@ def test_linked_images_and_item_folders_are_read(tmp_path, monkeypatch, capsys):
     assert written == ["P1/0.npz", "P2/0.npz"]
     assert (f"skipped {tmp_path / 'images' / 'P1' / '1.png'}: a link to {elsewhere / 'gone.png'}, which does not "
             f"exist") in capsys.readouterr().err
+
+
+def test_an_image_changed_after_its_features_is_extracted_again(tmp_path, monkeypatch, capsys):
+    """An image fetched again (the full-size image for a thumbnail) kept the features of the old one unsaid:
+    a resumed --extract skipped every image with a .npz. Now one changed after its .npz is extracted again."""
+    argv = extract_argv(tmp_path, monkeypatch, tmp_path / "f")
+    assert features.main(argv) == 0 and "extracting grid features of 2 images" in capsys.readouterr().err
+    image, npz = tmp_path / "images" / "P1" / "0.png", tmp_path / "f" / "P1" / "0.npz"
+    with np.load(npz) as saved:
+        before = saved["x"][0, 0]
+    Image.new("RGB", (64, 32), (255, 255, 255)).save(image)
+    written = npz.stat().st_mtime_ns - 100 * 10 ** 9  # the features written 100 s ago, the image fetched 99 s ago
+    os.utime(npz, ns=(written, written))
+    os.utime(image, ns=(written + 10 ** 9,) * 2)
+    assert features.main(argv) == 0 and "extracting grid features of 1 images" in capsys.readouterr().err
+    with np.load(npz) as saved:
+        assert saved["x"][0, 0] != before and (int(saved["image_h"]), int(saved["image_w"])) == (32, 64)
+    assert features.main(argv) == 0 and "extracting grid features of 0 images" in capsys.readouterr().err
