@@ -251,7 +251,7 @@ def extract(images, weights, out, size=IMAGE_SIZE, batch_size=4, device="cpu"):
         _write_aside(out / "extract.json", lambda f: f.write(json.dumps(settings).encode() + b"\n"))
     todo = [(item, name, path) for item, name, path in listed if not _extracted(out / item / f"{name}.npz", path)]
     names = {}
-    for item, name, path in todo:
+    for item, name, path in listed:
         names.setdefault((item, name), []).append(path)
     doubled = [f"{paths[0].parent}/{name}.*: {len(paths)} files for one image ({', '.join(p.name for p in paths)})"
                for (item, name), paths in names.items() if len(paths) > 1]

@@ -440,3 +440,19 @@ def test_an_image_changed_after_its_features_is_extracted_again(tmp_path, monkey
     with np.load(npz) as saved:
         assert saved["x"][0, 0] != before and (int(saved["image_h"]), int(saved["image_w"])) == (32, 64)
     assert features.main(argv) == 0 and "extracting grid features of 0 images" in capsys.readouterr().err
+
+
+def test_an_image_added_under_the_name_of_an_extracted_one_is_reported(tmp_path, monkeypatch, capsys):
+    """P1/0.jpg added beside P1/0.png, whose features P1/0.npz holds: one name, two images. It was left out
+    unsaid (its .npz existed); now it is listed as skipped on every run and 0.npz is left as it was."""
+    argv = extract_argv(tmp_path, monkeypatch, tmp_path / "f")
+    assert features.main(argv) == 0
+    npz = tmp_path / "f" / "P1" / "0.npz"
+    before = npz.read_bytes()
+    Image.new("RGB", (32, 32), (255, 255, 255)).save(tmp_path / "images" / "P1" / "0.jpg")
+    now, folder = npz.stat().st_mtime_ns, tmp_path / "images" / "P1"
+    for path, age in ((folder / "0.png", 100), (npz, 50), (folder / "0.jpg", 10)):  # fetched, extracted, added
+        os.utime(path, ns=(now - age * 10 ** 9,) * 2)
+    assert features.main(argv) == 0
+    assert f"skipped {tmp_path / 'images' / 'P1'}/0.*: 2 files for one image (0.jpg, 0.png)" in capsys.readouterr().err
+    assert npz.read_bytes() == before
