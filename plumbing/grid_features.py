@@ -221,8 +221,8 @@ def _settings(weights, size):
 def extract(images, weights, out, size=IMAGE_SIZE, batch_size=4, device="cpu"):
     """Write out/{id}/{k}.npz (`x` (25, 2048) float16, `bbox`, `image_h`, `image_w`) for every image
     images/{id}/{k}.{ext}. Resumable: an image whose .npz was written after it is skipped (each is written
-    aside and renamed). Bad images are skipped and listed at the end; none gets a zero feature. A write that fails
-    (read-only, disk full) stops the run, naming the file."""
+    aside and renamed). Bad images are skipped and listed at the end; none gets a zero feature. A write
+    that fails (read-only, disk full) stops the run, naming the file."""
     images, out = Path(images), Path(out)
     layout = ("one folder per product/review id with its images, {id}/{k}.jpg, as images.tsv of build_data.py "
               "lays them out")
