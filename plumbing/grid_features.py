@@ -14,6 +14,8 @@ its last stage, averaged into a grid of at most 32 cells, are the image's region
 
 torchvision itself is not used: its PyPI wheel needs the CUDA build of torch (docs/real-data.md).
 """
+import contextlib
+import errno
 import json
 import os
 import sys
@@ -134,10 +136,12 @@ def load_weights(path):
 # --- 3. one image ---------------------------------------------------------------------------------------
 def load_image(path, size=IMAGE_SIZE):
     """(3, size, size) float32, normalised, and the original (height, width); or a DataError saying
-    why the file is skipped. Whatever Pillow opens: JPEG (progressive, CMYK), PNG (alpha, palette),
+    why the file is skipped. Whatever Pillow opens: JPEG (progressive, CMYK), PNG (alpha, palette, 16 bits),
     GIF (the first frame), WebP. Transparent parts become white, as on a product page. The whole image
     is resized, not cropped, so nothing of the product is cut off (Amazon images are mostly near-square)."""
     from PIL import Image, ImageOps  # Pillow comes with matplotlib; only --extract needs it
+    if not path.exists():
+        raise DataError(f"{path}: a link to {os.readlink(path)}, which does not exist")
     if path.stat().st_size == 0:
         raise DataError(f"{path}: empty file")
     try:
@@ -146,8 +150,8 @@ def load_image(path, size=IMAGE_SIZE):
             with Image.open(path) as image:
                 original = image.size
                 image.draft("RGB", (size, size))  # JPEG: decode at a reduced scale, still >= size
-                image = ImageOps.exif_transpose(image)  # as a camera held sideways meant it
-                if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+                image = _eight_bits(ImageOps.exif_transpose(image), path)  # as a camera held sideways meant it
+                if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:  # P, L, RGB: one colour
                     rgba = image.convert("RGBA")
                     image = Image.new("RGB", rgba.size, "white")
                     image.paste(rgba, mask=rgba.getchannel("A"))
@@ -163,6 +167,27 @@ def load_image(path, size=IMAGE_SIZE):
     return pixels, (original[1], original[0])
 
 
+def _eight_bits(image, path):
+    """16-bit grayscale (Pillow's modes I;16, I;16B, ... and I, which its PNG and PGM readers give) as
+    8-bit grayscale: the high byte, as Pillow itself reduces 16-bit colour PNGs; convert("RGB") would clip
+    every value above 255 to white. A transparent value stays transparent. Floating-point pixels (mode F)
+    and 32-bit values beyond 16 bits are refused: their white level is not known."""
+    from PIL import Image
+    if image.mode == "F":
+        raise DataError(f"{path}: floating-point pixels (Pillow mode F), whose white level is not known; save it "
+                        f"as an 8- or 16-bit PNG or as a JPEG")
+    if not image.mode.startswith("I"):
+        return image
+    values = np.asarray(image)
+    if values.min() < 0 or values.max() > 65535:
+        raise DataError(f"{path}: 32-bit pixel values ({values.min()} to {values.max()}) beyond 16 bits, whose "
+                        f"white level is not known; save it as an 8- or 16-bit PNG or as a JPEG")
+    gray = Image.fromarray((values >> 8).astype(np.uint8))  # (h, w) -> mode L
+    if "transparency" in image.info:
+        gray.putalpha(Image.fromarray(np.where(values == image.info["transparency"], 0, 255).astype(np.uint8)))
+    return gray
+
+
 def cell_boxes(height, width, grid=GRID):
     """(grid * grid, 4) boxes x1, y1, x2, y2 of the cells in the original image's pixels, row by row
     (as the detector's `bbox`, so that a picture can show where a region is)."""
@@ -172,14 +197,16 @@ def cell_boxes(height, width, grid=GRID):
 
 # --- 4. a folder of images ---------------------------------------------------------------------------
 def list_images(images):
-    """(item id, image name, path) of every image file in `images`/{id}/, sorted; only regular files
-    (a FIFO or a device would hang a read) and only image extensions."""
+    """(item id, image name, path) of every image file in `images`/{id}/, sorted: only image extensions,
+    only regular files (a FIFO or a device would hang a read). Links are followed, as a data set manager's
+    cache (git-annex, DVC) makes every file one; a link to nothing is listed, to be reported as skipped."""
     found = []
     for item in sorted(os.scandir(images), key=lambda e: e.name):
-        if not item.is_dir(follow_symlinks=False):
+        if not item.is_dir():
             continue
         for entry in sorted(os.scandir(item.path), key=lambda e: e.name):
-            if entry.is_file(follow_symlinks=False) and entry.name.lower().endswith(IMAGE_EXTENSIONS):
+            if entry.name.lower().endswith(IMAGE_EXTENSIONS) and (
+                    entry.is_file() or not os.path.exists(entry.path)):  # a regular file, or a link to nothing
                 found.append((item.name, Path(entry.name).stem, Path(entry.path)))
     return found
 
@@ -193,32 +220,42 @@ def _settings(weights, size):
 
 def extract(images, weights, out, size=IMAGE_SIZE, batch_size=4, device="cpu"):
     """Write out/{id}/{k}.npz (`x` (25, 2048) float16, `bbox`, `image_h`, `image_w`) for every image
-    images/{id}/{k}.{ext}. Resumable: an image whose .npz exists is skipped (each is written aside and
-    renamed). Bad images are skipped and listed at the end; none gets a zero feature."""
+    images/{id}/{k}.{ext}. Resumable: an image whose .npz was written after it is skipped (each is written
+    aside and renamed). Bad images are skipped and listed at the end; none gets a zero feature. A write
+    that fails (read-only, disk full) stops the run, naming the file."""
     images, out = Path(images), Path(out)
+    layout = ("one folder per product/review id with its images, {id}/{k}.jpg, as images.tsv of build_data.py "
+              "lays them out")
     if not images.is_dir():
-        raise DataError(f"--extract {images}: no such folder. It must hold one folder per product/review id with "
-                        f"its images, {{id}}/{{k}}.jpg, as images.tsv of build_data.py lays them out.")
+        raise DataError(f"--extract {images}: no such folder. It must hold {layout}.")
     try:
         import PIL  # noqa: F401  (load_image decodes with it)
     except ImportError:
         raise DataError("--extract decodes images with Pillow, which is not installed: pip install -r "
                         "requirements.txt (matplotlib brings it) or pip install pillow") from None
+    try:
+        listed = list_images(images)
+    except OSError as error:  # a folder that cannot be listed
+        raise DataError(f"--extract {images}: cannot read {error.filename} ({error.strerror}); make it "
+                        f"readable.") from None
+    if not listed:
+        raise DataError(f"--extract {images}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in its sub-folders. It "
+                        f"must hold {layout}.")
     model = load_weights(weights).to(device)  # a missing or wrong file stops here
     settings = _settings(weights, size)
-    out.mkdir(parents=True, exist_ok=True)
-    record = out / "extract.json"
-    if record.exists() and json.loads(record.read_text()) != settings:
-        raise DataError(f"--out {out} holds features made with other settings ({record.read_text().strip()}); "
-                        f"extract into a new folder, or delete it.")
-    record.write_text(json.dumps(settings) + "\n")
-    todo = [(item, name, path) for item, name, path in list_images(images)
-            if not (out / item / f"{name}.npz").exists()]
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out}: a file, not a folder; pass a folder (it is made when missing).")
+    if (out / "extract.json").exists():
+        _check_record(out / "extract.json", settings)
+    else:
+        _write_aside(out / "extract.json", lambda f: f.write(json.dumps(settings).encode() + b"\n"))
+    todo = [(item, name, path) for item, name, path in listed if not _extracted(out / item / f"{name}.npz", path)]
     names = {}
-    for item, name, path in todo:
+    for item, name, path in listed:
         names.setdefault((item, name), []).append(path)
-    skipped = [f"{paths[0].parent}/{name}.*: {len(paths)} files for one image ({', '.join(p.name for p in paths)})"
+    doubled = [f"{paths[0].parent}/{name}.*: {len(paths)} files for one image ({', '.join(p.name for p in paths)})"
                for (item, name), paths in names.items() if len(paths) > 1]
+    skipped = list(doubled)
     todo = [(item, name, path) for item, name, path in todo if len(names[(item, name)]) == 1]
     print(f"extracting grid features of {len(todo)} images from {images}/ into {out}/ on {device} "
           f"({size}x{size}, {GRID}x{GRID} cells)", file=sys.stderr)
@@ -236,13 +273,8 @@ def extract(images, weights, out, size=IMAGE_SIZE, batch_size=4, device="cpu"):
                     if not np.isfinite(x).all() or np.abs(x).max() > np.finfo(np.float16).max:
                         skipped.append(f"{path}: features not finite in float16 (check the weights file)")
                         continue
-                    folder = out / item
-                    folder.mkdir(exist_ok=True)
-                    tmp = folder / f".{name}.npz.partial"  # not *.npz: a killed run's leftover is never read
-                    with open(tmp, "wb") as f:
-                        np.savez(f, x=x.astype(np.float16), bbox=cell_boxes(height, width), image_h=height,
-                                 image_w=width)
-                    os.replace(tmp, folder / f"{name}.npz")
+                    _write_aside(out / item / f"{name}.npz", lambda f: np.savez(
+                        f, x=x.astype(np.float16), bbox=cell_boxes(height, width), image_h=height, image_w=width))
                     written += 1
             done += len(chunk)
             rate = done / max(time.time() - t0, 1e-9)
@@ -256,14 +288,62 @@ def extract(images, weights, out, size=IMAGE_SIZE, batch_size=4, device="cpu"):
           f"into {out}/; {len(skipped)} skipped" + (":" if skipped else ""), file=sys.stderr)
     for line in skipped:
         print(f"  skipped {line}", file=sys.stderr)
-    if todo and not written and not any(out.glob("*/*.npz")):  # nothing to train on: no success
+    if (todo or doubled) and not written and not any(out.glob("*/*.npz")):  # nothing to train on: no success
         overflow = sum("not finite in float16" in line for line in skipped)
-        raise DataError(f"--extract: none of the {len(todo)} images was extracted (each skipped above)" + (
+        raise DataError(f"--extract: none of the {len(todo) + len(doubled)} images was extracted (each skipped "
+                        f"above)" + (f"; {len(doubled)} with several files each: keep one" if doubled else "") + (
             f"; {overflow} gave features that overflow float16, so --weights {weights} is not the ImageNet "
             f"resnet101 (random or other weights do this): pass {WEIGHTS_HELP}" if overflow else "") + (
             f"; {len(todo) - overflow} could not be read as images: fetch them again (docs/real-data.md)"
             if len(todo) > overflow else "") + ".")
     return skipped
+
+
+def _extracted(npz, image):
+    """Whether `npz` holds the features of `image` as it is now: written after the image last changed (an
+    image fetched again, full-size for a thumbnail say, is extracted again; a link to nothing keeps them)."""
+    return npz.exists() and (not image.exists() or npz.stat().st_mtime_ns >= image.stat().st_mtime_ns)
+
+
+def _check_record(record, settings):
+    """The extract.json of a folder being resumed: the same settings, or one line that says it is damaged
+    or what it holds instead, and the fix."""
+    try:
+        saved = json.loads(record.read_bytes())
+        missing = sorted(settings.keys() - saved.keys()) if isinstance(saved, dict) else None
+        damage = f"a JSON {type(saved).__name__}" if missing is None else f"without {missing}" if missing else None
+    except (OSError, ValueError, RecursionError) as error:  # cut short, not UTF-8, not JSON, a folder
+        damage = f"{type(error).__name__}: {said(error, record)}"
+    if damage:
+        raise DataError(f"{record}: damaged, or not written by --extract ({damage}); if the features in "
+                        f"{record.parent}/ were made with these --weights and --image-size, delete it and run the "
+                        f"same command again, else extract into a new folder.")
+    if saved != settings:
+        raise DataError(f"--out {record.parent} holds features made with other settings ({json.dumps(saved)}); "
+                        f"extract into a new folder, or delete it.")
+
+
+FREE_SPACE = "free space, then run the same command again (it goes on from the images written)"
+NOT_A_FOLDER = "a file stands where a folder must be: pass another --out"
+WRITE_FIXES = {errno.ENOSPC: f"the disk is full: {FREE_SPACE}", errno.EDQUOT: f"your disk quota is full: {FREE_SPACE}",
+               errno.ENOTDIR: NOT_A_FOLDER, errno.EEXIST: NOT_A_FOLDER}
+
+
+def _write_aside(path, write):
+    """`write(file)` into a hidden file beside `path`, then renamed to it (a killed run leaves no half file
+    under its name; its leftover is never read). A write that fails (read-only, disk full) stops the run in
+    one line naming the file and the fix; the hidden file is removed."""
+    tmp = path.parent / f".{path.name}.partial"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        fix = WRITE_FIXES.get(error.errno, f"make {path.parent} writable, or pass another --out")
+        raise DataError(f"{path}: cannot be written ({error.strerror or type(error).__name__}): {fix}.") from None
 
 
 def _try_load(path, size):
