@@ -2960,16 +2960,17 @@ def test_bad_paths_are_one_line(small_root, tiny_run, tmp_path, monkeypatch, cap
     assert f"error: --glove {tmp_path} is a folder: pass the GloVe text file itself" in err
     assert err.count(f"error: --out {tmp_path / 'file'} is a file, not a folder: pass --out NEW_FOLDER.") == 2
     assert f"error: --plots {tmp_path / 'file'} is a file, not a folder" in err
-    for code, said in [(errno.ENOSPC, "the disk is full: free space, then run the same command again"),
-                       (errno.EROFS, "the file system is read-only: pass a writable --out")]:
+    for code, said in [(errno.ENOSPC, r"the disk is full \([0-9.]+ MB are free in {folder}\): free space, then run "
+                                      r"the same command again \(a run continues with --resume\)\."),
+                       (errno.EROFS, r"the file system is read-only: pass a writable --out / --plots\.")]:
         def refuse(obj, path):
             raise OSError(code, os.strerror(code), str(path))
 
         monkeypatch.setattr(training, "save_atomic", refuse)
         assert train.main([*base, "--out", str(tmp_path / f"run{code}")]) == 2
-        said += " (a run continues with --resume)." if code == errno.ENOSPC else " / --plots."
         where = tmp_path / f"run{code}" / "best.pt"
-        assert capsys.readouterr().err.splitlines()[-1] == f"error: cannot write {where}: {said}"
+        assert re.fullmatch(f"error: cannot write {re.escape(str(where))}: " + said.format(folder=re.escape(
+            str(where.parent))), capsys.readouterr().err.splitlines()[-1])
     monkeypatch.setattr(Path, "write_text", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EROFS, "ro", "x")))
     assert train.main([*base, "--out", str(tmp_path / "ro")]) == 2  # the lock is the first file written
     assert "error: cannot write x: the file system is read-only" in capsys.readouterr().err
@@ -3841,3 +3842,47 @@ def test_scoring_a_split_puts_every_module_in_eval_mode():
     scores = evaluate.predict_scores(model, split, torch.device("cpu"))
     assert len(scores) == 6 and torch.isfinite(scores).all()
     assert modes and not any(modes), f"{sum(modes)} of {len(modes)} module calls ran in train mode"
+
+
+# --- issue 28: a full disk names the file and keeps the last checkpoint ---
+def test_a_full_disk_while_writing_a_checkpoint_keeps_the_last_one_and_says_what_it_needs(tmp_path, monkeypatch):
+    """torch.save on a full disk raises RuntimeError "unexpected pos ..." (a write came out short): train.py ended in
+    that traceback with best.pt.tmp left behind (and an OSError left it too)."""
+    import errno
+    path = tmp_path / "last.pt"
+    runs.save_atomic({"w": torch.zeros(2 ** 18)}, path)  # 1 MB: the run's checkpoint so far
+    kept = path.read_bytes()
+    for failure in (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"),
+                    OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))):
+        def short(obj, file, failure=failure):
+            Path(file).write_bytes(b"PK\x03\x04")  # what the disk took before it was full
+            raise failure
+
+        monkeypatch.setattr(torch, "save", short)
+        with pytest.raises(OSError) as raised:
+            runs.save_atomic({"w": torch.zeros(2 ** 19)}, path)  # 2 MB
+        assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(path)
+        assert re.fullmatch(rf"cannot write {re.escape(str(path))}: the disk is full \(it needs about 2\.0 MB, [0-9.]+ "
+                            rf"MB are free in {re.escape(str(tmp_path))}\): free space, then run the same command "
+                            rf"again \(a run continues with --resume\)\.", runs.write_error(raised.value))
+        assert path.read_bytes() == kept and [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+    monkeypatch.setattr(torch, "save", lambda obj, file: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):  # no write came out short: raised as it is
+        runs.save_atomic({}, path)
+
+
+def test_a_full_disk_names_each_file_of_the_run(small_root, tmp_path, monkeypatch, capsys):
+    """The OSError of a write() names no file: config.json, history.csv, test.json, table2.md and the lock said
+    'cannot write a file'."""
+    import errno
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    real = Path.write_text
+    monkeypatch.setattr(Path, "write_text", lambda path, *a, **k: (_ for _ in ()).throw(full)
+                        if path.name == "config.json" else real(path, *a, **k))
+    assert train.main(["--data-dir", str(small_root), "--out", str(tmp_path / "run"), "--text-only"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith(f"error: cannot write {tmp_path / 'run' / 'config.json'}: "
+                                                              f"the disk is full (")
+    monkeypatch.setattr(plots.csv, "DictWriter", lambda *a, **k: SimpleNamespace(writeheader=lambda: (_ for _ in ()).throw(full)))
+    with pytest.raises(OSError) as raised:
+        plots.write_history_csv([], tmp_path / "history.csv")
+    assert raised.value.filename == str(tmp_path / "history.csv")

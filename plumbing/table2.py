@@ -17,7 +17,7 @@ import torch
 import data
 from evaluate import GEOMETRY, baseline_metrics, format_metrics
 from plumbing.common import find_data
-from plumbing.runs import die_with_parent, folder_lock
+from plumbing.runs import die_with_parent, folder_lock, write_text
 
 
 TABLE2 = {"SANCL (full)": [], "text-only": ["--text-only"], "w/o learned beta": ["--fixed-beta"],
@@ -100,6 +100,6 @@ def write_table(rows, folder, title):
         values += ["" if np.isnan(mean[c]) else f"{mean[c]:.4f}" for c in cosines]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
         csv_lines.append(f"{name},{len(runs)}," + ",".join(values))
-    (folder / "table2.md").write_text("\n".join(lines) + "\n")
-    (folder / "table2.csv").write_text("\n".join(csv_lines) + "\n")
+    write_text(folder / "table2.md", "\n".join(lines) + "\n")
+    write_text(folder / "table2.csv", "\n".join(csv_lines) + "\n")
     print("\n".join(lines) + f"\n(written to {folder / 'table2.md'} and {folder / 'table2.csv'})")

@@ -20,7 +20,7 @@ from evaluate import format_metrics
 from plumbing import bert
 from plumbing.common import autocast, find_data, load_data, pick_device, report_data, seed_everything
 from plumbing.distributed import WORLD, check_split, on_rank0, rank0_first, start_processes
-from plumbing.runs import resume_from, rng_state, run_folder, save_atomic, say_where, set_rng_state
+from plumbing.runs import resume_from, rng_state, run_folder, save_atomic, say_where, set_rng_state, write_text
 
 RELEASE_EPOCHS = 11  # the reference trains 11 epochs
 SAMPLE_EPOCHS = 5  # the built-in sample: the main job stays within a few minutes on a laptop CPU
@@ -87,7 +87,7 @@ def describe(run, model, switches):
     args, hp, source, splits, info, config = run.args, run.hp, run.source, run.splits, run.info, model.config
     run_info = {"args": vars(args), "settings": hp, "config": dataclasses.asdict(config), "data": str(source.root),
                 "sample": source.is_sample}
-    on_rank0((run.out / "config.json").write_text, json.dumps(run_info, indent=2))  # several processes: 0 writes
+    on_rank0(write_text, run.out / "config.json", json.dumps(run_info, indent=2))  # several processes: 0 writes
     print(f"data {source.root} ({'SAMPLE' if source.is_sample else 'release'}): "
           + ", ".join(f"{n} {len(s.products)}/{len(s.labels)}" for n, s in splits.items())
           + f" products/reviews; loaded in {time.time() - info['t0']:.1f}s")
