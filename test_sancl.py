@@ -3844,7 +3844,7 @@ def test_scoring_a_split_puts_every_module_in_eval_mode():
     assert modes and not any(modes), f"{sum(modes)} of {len(modes)} module calls ran in train mode"
 
 
-# --- issue 28: a full disk names the file and keeps the last checkpoint ---
+# --- issue 28: a full disk names the file and keeps the last checkpoint; config.json says N ---
 def test_a_full_disk_while_writing_a_checkpoint_keeps_the_last_one_and_says_what_it_needs(tmp_path, monkeypatch):
     """torch.save on a full disk raises RuntimeError "unexpected pos ..." (a write came out short): train.py ended in
     that traceback with best.pt.tmp left behind (and an OSError left it too)."""
@@ -3886,3 +3886,19 @@ def test_a_full_disk_names_each_file_of_the_run(small_root, tmp_path, monkeypatc
     with pytest.raises(OSError) as raised:
         plots.write_history_csv([], tmp_path / "history.csv")
     assert raised.value.filename == str(tmp_path / "history.csv")
+
+
+def test_config_json_and_the_log_say_how_many_processes_train_the_run(small_root, tmp_path, monkeypatch, capsys):
+    """The same seed gives the same numbers with the same number of processes: a torchrun run recorded it nowhere."""
+    with contextlib.ExitStack() as hold:
+        run = training.start(train.parse_args(["--data-dir", str(small_root), "--out", str(tmp_path / "run"),
+                                               "--text-only", "--no-probe-mask"]), {}, hold, train.SWITCHES, 8)
+        model = sancl.SANCL(sancl.SANCLConfig(vocab_size=len(run.vocab), text_only=True, no_probe_mask=True),
+                            run.embeddings)
+        monkeypatch.setattr(training, "on_rank0", lambda work, *args: work(*args))  # no process group here
+        for processes in (1, 2):
+            monkeypatch.setitem(distributed.WORLD, "size", processes)
+            training.describe(run, model, train.SWITCHES)
+            assert json.loads((tmp_path / "run" / "config.json").read_text())["processes"] == processes
+            line = [line for line in capsys.readouterr().out.splitlines() if line.startswith("model: ")][0]
+            assert line.endswith("switches: text_only, no_probe_mask" + ("; 2 processes" if processes == 2 else ""))

@@ -83,10 +83,11 @@ def restore(run, optimizer, scheduler):
 
 
 def describe(run, model, switches):
-    """config.json in the run folder (process 0), and what the run reads and trains, in a few lines."""
+    """config.json in the run folder (process 0), and what the run reads and trains, in a few lines; both say how
+    many processes train it (torchrun's N)."""
     args, hp, source, splits, info, config = run.args, run.hp, run.source, run.splits, run.info, model.config
     run_info = {"args": vars(args), "settings": hp, "config": dataclasses.asdict(config), "data": str(source.root),
-                "sample": source.is_sample}
+                "sample": source.is_sample, "processes": WORLD["size"]}  # the same seed and N: the same numbers
     on_rank0(write_text, run.out / "config.json", json.dumps(run_info, indent=2))  # several processes: 0 writes
     print(f"data {source.root} ({'SAMPLE' if source.is_sample else 'release'}): "
           + ", ".join(f"{n} {len(s.products)}/{len(s.labels)}" for n, s in splits.items())
@@ -104,6 +105,7 @@ def describe(run, model, switches):
           f"lr {hp['lr']} batch {hp['batch_size']} kappa {hp['kappa']} dropout {hp['text_dropout']}; "
           f"switches: {', '.join(s for s in switches if getattr(args, s)) or 'none (full SANCL)'}"
           + (f"; batching {args.batching}" if args.batching != "groups" else "")
+          + (f"; {WORLD['size']} processes" if WORLD["size"] > 1 else "")
           + ("; bfloat16 autocast" if args.amp else ""))
 
 
