@@ -3844,7 +3844,7 @@ def test_scoring_a_split_puts_every_module_in_eval_mode():
     assert modes and not any(modes), f"{sum(modes)} of {len(modes)} module calls ran in train mode"
 
 
-# --- issue 28: a full disk names the file and keeps the last checkpoint; config.json says N ---
+# --- issue 28: a full disk names the file and keeps the last checkpoint; config.json says N; two data directories ---
 def test_a_full_disk_while_writing_a_checkpoint_keeps_the_last_one_and_says_what_it_needs(tmp_path, monkeypatch):
     """torch.save on a full disk raises RuntimeError "unexpected pos ..." (a write came out short): train.py ended in
     that traceback with best.pt.tmp left behind (and an OSError left it too)."""
@@ -3902,3 +3902,25 @@ def test_config_json_and_the_log_say_how_many_processes_train_the_run(small_root
             assert json.loads((tmp_path / "run" / "config.json").read_text())["processes"] == processes
             line = [line for line in capsys.readouterr().out.splitlines() if line.startswith("model: ")][0]
             assert line.endswith("switches: text_only, no_probe_mask" + ("; 2 processes" if processes == 2 else ""))
+
+
+def test_a_run_folder_of_another_data_directory_says_so(small_root, tmp_path, monkeypatch, capsys):
+    """runs/home_kitchen-s0 is the folder of the sample's run and of the release's (or of any two builds of one
+    category): the second was told to --resume the first, and --ablations read the first table's runs back as its own."""
+    monkeypatch.chdir(tmp_path)
+    elsewhere = tmp_path / "elsewhere" / "Home_and_Kitchen"
+    for out in (Path("runs/home_kitchen-s0"), Path("runs/home_kitchen-table2/full-s0")):
+        out.mkdir(parents=True)
+        (out / "best.pt").write_bytes(b"")
+        (out / "config.json").write_text(json.dumps({"data": str(elsewhere)}))
+    assert train.main(["--data-dir", str(small_root)]) == 2
+    assert train.main(["--data-dir", str(small_root), "--ablations"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-2] == (f"error: runs/home_kitchen-s0 holds an unfinished run on other data ({elsewhere}; this command "
+                       f"reads {small_root}) and is not overwritten: pass --out NEW_FOLDER for this run.")
+    assert err[-1] == (f"error: runs/home_kitchen-table2 holds Table 2 runs on other data ({elsewhere}; this command "
+                       f"reads {small_root}): pass --out NEW_FOLDER for this table.")
+    (Path("runs/home_kitchen-s0") / "config.json").write_text(json.dumps({"data": str(small_root)}))
+    with pytest.raises(data.DataError, match="holds an unfinished run already and is not overwritten: continue it"):
+        runs.run_folder(train.parse_args(["--data-dir", str(small_root)]), "home_kitchen", train.SWITCHES,
+                        root=small_root)

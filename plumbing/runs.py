@@ -293,10 +293,24 @@ def space(error):
         f"{shutil.disk_usage(folder).free / 2 ** 20:.1f} MB are free in {folder})"
 
 
-def run_folder(args, category, switches, hold=None):
+def other_data(folders, root):
+    """The data directory, other than `root`, that a run in one of `folders` read (its config.json says), or None.
+    A folder's name says the category only: the sample and the release, or two builds of one category, share it."""
+    for folder in folders:
+        try:
+            theirs = str(json.loads((Path(folder) / "config.json").read_text())["data"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if Path(theirs).resolve() != Path(root).resolve():
+            return theirs
+    return None
+
+
+def run_folder(args, category, switches, hold=None, root=None):
     """--out, else runs/{data}[-{switches}]-s{seed} (e.g. runs/home_kitchen-text_only-s0,
     runs/home_kitchen-products-s0, runs/home_kitchen-bert-s0), so that the ablations, batchings and seeds do not overwrite each
-    other. A new run refuses a folder that holds a run; with `hold` (an ExitStack) it is made and locked first."""
+    other. A new run refuses a folder that holds a run, saying so when that run read another data directory than
+    `root`; with `hold` (an ExitStack) it is made and locked first."""
     switches = [s for s in ("bert",) + switches + ("freeze_embeddings", "amp") if getattr(args, s, False)]
     switches += ["products"] if getattr(args, "batching", "groups") == "products" else []
     out = Path(args.out or "runs/" + "-".join([category] + switches + [f"s{args.seed}"]))
@@ -307,6 +321,10 @@ def run_folder(args, category, switches, hold=None):
         hold.enter_context(folder_lock(out, "a train.py run"))
     if not args.resume and any((out / name).exists() for name in ("last.pt", "best.pt")):
         status = "a finished run" if (out / "test.json").exists() else "an unfinished run"
+        theirs = other_data([out], root) if root is not None else None
+        if theirs:
+            raise data.DataError(f"{out} holds {status} on other data ({theirs}; this command reads {root}) and is not "
+                                 f"overwritten: pass --out NEW_FOLDER for this run.")
         raise data.DataError(f"{out} holds {status} already and is not overwritten: continue it with "
                              f"`python train.py --resume {out}`, or pass --out NEW_FOLDER for a new run.")
     return out
