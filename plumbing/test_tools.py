@@ -5,6 +5,7 @@ import sys
 import pytest
 
 from plumbing import benchmark
+from test_sancl import load_page_maker
 
 
 @pytest.mark.parametrize("flags, said", [
@@ -24,3 +25,24 @@ def test_benchmark_flags_out_of_range_are_one_line(flags, said, tmp_path, monkey
         benchmark.main()
     assert stopped.value.code == 2
     assert said.format(file=tmp_path / "file") in capsys.readouterr().err.splitlines()[-1]
+
+
+@pytest.mark.parametrize("source, said", [
+    (b"def f(:\n", r"^make_page\.py: sancl\.py, line 1: invalid syntax: the page shows the code as it runs; fix the "
+                  r"code, then run make_page\.py again$"),
+    (b"x = 1\ny = '\xe9'\n", r"^make_page\.py: sancl\.py: line 2 is not UTF-8 \(byte 0xe9\); save it as UTF-8")])
+def test_the_page_maker_says_which_source_it_cannot_read(source, said, tmp_path, monkeypatch):
+    """A syntax error or a byte that is not UTF-8 in a file the page shows was Python's traceback."""
+    make_page = load_page_maker()
+    (tmp_path / "sancl.py").write_bytes(source)
+    monkeypatch.setattr(make_page, "ROOT", tmp_path)
+    with pytest.raises(SystemExit, match=said):
+        make_page.Source("sancl.py")
+
+
+def test_the_page_maker_says_its_page_is_a_folder(tmp_path, monkeypatch):
+    make_page = load_page_maker()
+    monkeypatch.setattr(make_page, "build", lambda: "<html></html>")
+    monkeypatch.setattr(make_page, "PAGE", tmp_path)
+    with pytest.raises(SystemExit, match=f"^make_page.py: {tmp_path} is a folder: the page is written as that file"):
+        make_page.main()
