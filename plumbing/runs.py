@@ -5,7 +5,7 @@
   2. run folders: where a run goes, one process writing into it at a time (run.lock), how --resume
      continues it; write errors said in one line
 
-Imports go one way: this file uses data, sancl, bert and distributed; evaluate.py and train.py use it.
+Imports go one way: this file uses data, sancl, bert, distributed and plots; evaluate.py and train.py use it.
 """
 import argparse
 import contextlib
