@@ -2977,16 +2977,17 @@ def test_bad_paths_are_one_line(small_root, tiny_run, tmp_path, monkeypatch, cap
     assert f"error: --glove {tmp_path} is a folder: pass the GloVe text file itself" in err
     assert err.count(f"error: --out {tmp_path / 'file'} is a file, not a folder: pass --out NEW_FOLDER.") == 2
     assert f"error: --plots {tmp_path / 'file'} is a file, not a folder" in err
-    for code, said in [(errno.ENOSPC, "the disk is full: free space, then run the same command again"),
-                       (errno.EROFS, "the file system is read-only: pass a writable --out")]:
+    for code, said in [(errno.ENOSPC, r"the disk is full \([0-9.]+ MB are free in {folder}\): free space, then run "
+                                      r"the same command again \(a run continues with --resume\)\."),
+                       (errno.EROFS, r"the file system is read-only: pass a writable --out / --plots\.")]:
         def refuse(obj, path):
             raise OSError(code, os.strerror(code), str(path))
 
         monkeypatch.setattr(training, "save_atomic", refuse)
         assert train.main([*base, "--out", str(tmp_path / f"run{code}")]) == 2
-        said += " (a run continues with --resume)." if code == errno.ENOSPC else " / --plots."
         where = tmp_path / f"run{code}" / "best.pt"
-        assert capsys.readouterr().err.splitlines()[-1] == f"error: cannot write {where}: {said}"
+        assert re.fullmatch(f"error: cannot write {re.escape(str(where))}: " + said.format(folder=re.escape(
+            str(where.parent))), capsys.readouterr().err.splitlines()[-1])
     monkeypatch.setattr(Path, "write_text", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EROFS, "ro", "x")))
     assert train.main([*base, "--out", str(tmp_path / "ro")]) == 2  # the lock is the first file written
     assert "error: cannot write x: the file system is read-only" in capsys.readouterr().err
@@ -3858,3 +3859,85 @@ def test_scoring_a_split_puts_every_module_in_eval_mode():
     scores = evaluate.predict_scores(model, split, torch.device("cpu"))
     assert len(scores) == 6 and torch.isfinite(scores).all()
     assert modes and not any(modes), f"{sum(modes)} of {len(modes)} module calls ran in train mode"
+
+
+# --- issue 28: a full disk names the file and keeps the last checkpoint; config.json says N; two data directories ---
+def test_a_full_disk_while_writing_a_checkpoint_keeps_the_last_one_and_says_what_it_needs(tmp_path, monkeypatch):
+    """torch.save on a full disk raises RuntimeError "unexpected pos ..." (a write came out short): train.py ended in
+    that traceback with best.pt.tmp left behind (and an OSError left it too)."""
+    import errno
+    path = tmp_path / "last.pt"
+    runs.save_atomic({"w": torch.zeros(2 ** 18)}, path)  # 1 MB: the run's checkpoint so far
+    kept = path.read_bytes()
+    for failure in (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"),
+                    OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))):
+        def short(obj, file, failure=failure):
+            Path(file).write_bytes(b"PK\x03\x04")  # what the disk took before it was full
+            raise failure
+
+        monkeypatch.setattr(torch, "save", short)
+        with pytest.raises(OSError) as raised:
+            runs.save_atomic({"w": torch.zeros(2 ** 19)}, path)  # 2 MB
+        assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(path)
+        assert re.fullmatch(rf"cannot write {re.escape(str(path))}: the disk is full \(it needs about 2\.0 MB, [0-9.]+ "
+                            rf"MB are free in {re.escape(str(tmp_path))}\): free space, then run the same command "
+                            rf"again \(a run continues with --resume\)\.", runs.write_error(raised.value))
+        assert path.read_bytes() == kept and [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+    monkeypatch.setattr(torch, "save", lambda obj, file: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):  # no write came out short: raised as it is
+        runs.save_atomic({}, path)
+
+
+def test_a_full_disk_names_each_file_of_the_run(small_root, tmp_path, monkeypatch, capsys):
+    """The OSError of a write() names no file: config.json, history.csv, test.json, table2.md and the lock said
+    'cannot write a file'."""
+    import errno
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    real = Path.write_text
+    monkeypatch.setattr(Path, "write_text", lambda path, *a, **k: (_ for _ in ()).throw(full)
+                        if path.name == "config.json" else real(path, *a, **k))
+    assert train.main(["--data-dir", str(small_root), "--out", str(tmp_path / "run"), "--text-only"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith(f"error: cannot write {tmp_path / 'run' / 'config.json'}: "
+                                                              f"the disk is full (")
+    monkeypatch.setattr(plots.csv, "DictWriter", lambda *a, **k: SimpleNamespace(writeheader=lambda: (_ for _ in ()).throw(full)))
+    with pytest.raises(OSError) as raised:
+        plots.write_history_csv([], tmp_path / "history.csv")
+    assert raised.value.filename == str(tmp_path / "history.csv")
+
+
+def test_config_json_and_the_log_say_how_many_processes_train_the_run(small_root, tmp_path, monkeypatch, capsys):
+    """The same seed gives the same numbers with the same number of processes: a torchrun run recorded it nowhere."""
+    with contextlib.ExitStack() as hold:
+        run = training.start(train.parse_args(["--data-dir", str(small_root), "--out", str(tmp_path / "run"),
+                                               "--text-only", "--no-probe-mask"]), {}, hold, train.SWITCHES, 8)
+        model = sancl.SANCL(sancl.SANCLConfig(vocab_size=len(run.vocab), text_only=True, no_probe_mask=True),
+                            run.embeddings)
+        monkeypatch.setattr(training, "on_rank0", lambda work, *args: work(*args))  # no process group here
+        for processes in (1, 2):
+            monkeypatch.setitem(distributed.WORLD, "size", processes)
+            training.describe(run, model, train.SWITCHES)
+            assert json.loads((tmp_path / "run" / "config.json").read_text())["processes"] == processes
+            line = [line for line in capsys.readouterr().out.splitlines() if line.startswith("model: ")][0]
+            assert line.endswith("switches: text_only, no_probe_mask" + ("; 2 processes" if processes == 2 else ""))
+
+
+def test_a_run_folder_of_another_data_directory_says_so(small_root, tmp_path, monkeypatch, capsys):
+    """runs/home_kitchen-s0 is the folder of the sample's run and of the release's (or of any two builds of one
+    category): the second was told to --resume the first, and --ablations read the first table's runs back as its own."""
+    monkeypatch.chdir(tmp_path)
+    elsewhere = tmp_path / "elsewhere" / "Home_and_Kitchen"
+    for out in (Path("runs/home_kitchen-s0"), Path("runs/home_kitchen-table2/full-s0")):
+        out.mkdir(parents=True)
+        (out / "best.pt").write_bytes(b"")
+        (out / "config.json").write_text(json.dumps({"data": str(elsewhere)}))
+    assert train.main(["--data-dir", str(small_root)]) == 2
+    assert train.main(["--data-dir", str(small_root), "--ablations"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-2] == (f"error: runs/home_kitchen-s0 holds an unfinished run on other data ({elsewhere}; this command "
+                       f"reads {small_root}) and is not overwritten: pass --out NEW_FOLDER for this run.")
+    assert err[-1] == (f"error: runs/home_kitchen-table2 holds Table 2 runs on other data ({elsewhere}; this command "
+                       f"reads {small_root}): pass --out NEW_FOLDER for this table.")
+    (Path("runs/home_kitchen-s0") / "config.json").write_text(json.dumps({"data": str(small_root)}))
+    with pytest.raises(data.DataError, match="holds an unfinished run already and is not overwritten: continue it"):
+        runs.run_folder(train.parse_args(["--data-dir", str(small_root)]), "home_kitchen", train.SWITCHES,
+                        root=small_root)

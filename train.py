@@ -36,7 +36,7 @@ from plumbing import plots, table2, training
 from plumbing.common import (DROPOUT, KAPPA, SEED, THRESHOLD, Prefetch, adam, autocast, cores, count, device_flag, rate,
                              to_device)
 from plumbing.distributed import end_processes, on_rank0, share_steps, together, total_over_processes, wrap_model
-from plumbing.runs import finished_test, load_checkpoint, run_digest, write_error
+from plumbing.runs import finished_test, load_checkpoint, run_digest, write_error, write_text
 
 RESUME_TAKES = {"resume", "epochs", "device", "threads", "data_dir", "glove", "features", "compute_masks"}
 # --bert PATH is kept by a resumed run (its BERT and tokenizer are in its checkpoint), never changed
@@ -311,8 +311,8 @@ def score_best(model, split, out, state, device, threshold):
     best = load_checkpoint(out / "best.pt")
     model.load_state_dict(best["model"])
     test = evaluate_split(model, split, device, threshold, geometry=True)
-    (out / "test.json").write_text(json.dumps({"best_epoch": state["best_epoch"], "test": test,
-                                               "digest": run_digest(out, test)}, indent=2))
+    write_text(out / "test.json", json.dumps({"best_epoch": state["best_epoch"], "test": test,
+                                              "digest": run_digest(out, test)}, indent=2))
     print(f"best dev epoch {state['best_epoch']} (dev MAP {state['best_map']:.2f}); checkpoint {out / 'best.pt'}")
     print(format_metrics("test", test) + "\n" + format_geometry(test["geometry"]))
     return test
@@ -331,7 +331,8 @@ def table_run(job):
             return test, None, None
         note = f"test.json {note}: recomputed from best.pt"
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "train.log", "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+    with plots.naming(out / "train.log"), open(out / "train.log", "a") as log, contextlib.redirect_stdout(log), \
+            contextlib.redirect_stderr(log):
         started = any((out / name).exists() for name in ("last.pt", "best.pt"))
         test = train(parse_args(["--resume", str(out)] if started else argv))
     return test, time.time() - start, note

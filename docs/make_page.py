@@ -77,9 +77,17 @@ class Source:
 
     def __init__(self, name):
         self.name = name
-        self.text = (ROOT / name).read_text(encoding="utf-8")
+        try:
+            self.text = (ROOT / name).read_text(encoding="utf-8")
+            self.tree = ast.parse(self.text, name)
+        except UnicodeDecodeError as error:
+            raw = (ROOT / name).read_bytes()
+            fail(f"{name}: line {raw[:error.start].count(10) + 1} is not UTF-8 (byte {raw[error.start]:#04x}); save "
+                 f"it as UTF-8, then run make_page.py again")
+        except SyntaxError as error:
+            fail(f"{name}, line {error.lineno}: {error.msg}: the page shows the code as it runs; fix the code, then "
+                 f"run make_page.py again")
         self.lines = self.text.splitlines()
-        self.tree = ast.parse(self.text)
         self.spans = {}  # line number -> [(start col, end col, css class)]
         for token in tokenize.generate_tokens(io.StringIO(self.text).readline):
             kind = {tokenize.COMMENT: "c", tokenize.STRING: "s"}.get(token.type)
@@ -329,7 +337,12 @@ probe_mask.py, plumbing/coref_rules.py and train.py, and a test fails when the p
 
 def main():
     page = build()
-    PAGE.write_text(page, encoding="utf-8")
+    if PAGE.is_dir():
+        fail(f"{PAGE} is a folder: the page is written as that file; move the folder away, then run make_page.py again")
+    try:
+        PAGE.write_text(page, encoding="utf-8")
+    except OSError as error:
+        fail(f"cannot write {PAGE}: {error.strerror}")
     print(f"wrote {PAGE.relative_to(ROOT)} ({len(page.splitlines())} lines)")
 
 

@@ -387,6 +387,9 @@ def parameters(category, text_only, seed=0, vocab_size=20000):
           + f"  mean beta {out['beta'].mean().item():.3f}")
 
 
+VOCAB = common.within(2, 5_000_000, whole=True, why=": rows of the word table (<pad> and <unk> at least)")
+
+
 def main():
     parser = argparse.ArgumentParser(description="Time a SANCL training step against its input encoding alone, "
                                      "or (--release DIR) the whole pipeline at the release's size; --params "
@@ -397,19 +400,19 @@ def main():
     parser.add_argument("--category", choices=sorted(sancl.TABLE5), default="clothing",
                         help="Table 5 column for text dropout and kappa (default: clothing)")
     parser.add_argument("--text-only", action="store_true", help="time the text-only model")
-    parser.add_argument("--products", type=int, default=4, help="products of 8 reviews in the batch "
+    parser.add_argument("--products", type=common.count, default=4, help="products of 8 reviews in the batch "
                         "(default 4: Table 5's 32 review rows)")
-    parser.add_argument("--threads", type=int, help="CPU threads (default: all torch would use; with --release "
-                        "1, as train.py)")
+    parser.add_argument("--threads", type=common.count, help="CPU threads, 1 or more (default: all torch would "
+                        "use; with --release 1, as train.py)")
     parser.add_argument("--release", metavar="DIR", help="benchmark the pipeline on a release-size synthetic "
                         "folder in DIR, written there first when DIR holds none (~10 minutes, ~2 GB)")
     parser.add_argument("--data", choices=sorted(data.CATEGORIES), default="home_kitchen",
                         help="--release: the category whose Table 4 sizes and Table 5 settings to use")
-    parser.add_argument("--vocab", type=int, default=50000, metavar="N", help="--release: rows of the word-embedding "
+    parser.add_argument("--vocab", type=VOCAB, default=50000, metavar="N", help="--release: rows of the word-embedding "
                         "table in the timed training steps (default 50000, an estimate for the release's 37M "
                         "training tokens at the reference's min count 5; train.py prints the real vocabulary); "
                         "the synthetic folder itself has a few hundred words")
-    parser.add_argument("--steps", type=int, default=20, help="--release, --device: training steps timed per setting")
+    parser.add_argument("--steps", type=common.count, default=20, help="--release, --device: training steps timed per setting")
     parser.add_argument("--device", type=common.device_flag, help="time train.py's step at Home & Kitchen's "
                         "shapes on this device (cuda, cuda:1, cpu): seconds a step, projected epoch, peak GPU memory")
     parser.add_argument("--amp", action="store_true", help="--device: in bfloat16 autocast (train.py --amp)")
@@ -418,6 +421,9 @@ def main():
     parser.add_argument("--cold", action="store_true", help="--release: empty the page cache before each multimodal "
                         "timing (Linux, root), so that region files are read from disk as on the real release")
     args = parser.parse_args()
+    if args.release and Path(args.release).exists() and not Path(args.release).is_dir():
+        parser.error(f"--release {args.release} is a file: pass a folder, where a release-size synthetic sample is "
+                     f"(or is written, when the folder holds none)")
     if args.params:
         return parameters(args.category, args.text_only)
     torch.manual_seed(0)

@@ -87,12 +87,35 @@ def load(path):
     except Exception as error:  # transformers and safetensors raise many kinds on a damaged folder: one line each
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise data.DataError(f"--bert {path}: cannot be read ({first[:200]}); pass {WHERE}.") from None
+    check_pieces(path, tokenizer)
+    check_weights(path, model)
     pieces = WordPieces(tokenizer)
     if not any((Path(path) / name).is_file() for name in ("tokenizer_config.json", "tokenizer.json")):
         print(f"note: --bert {path} has no tokenizer_config.json: texts are lower-cased "
               f"({'yes' if pieces.settings['do_lower_case'] else 'no'}), as an uncased BERT wants; for a cased "
               f"one copy its tokenizer_config.json into the folder", file=sys.stderr)
     return pieces, BertEncoder(model, pieces.special_ids())
+
+
+def check_pieces(path, tokenizer):
+    """A --bert folder's word pieces: some, and among them the one for an unknown word ([UNK]), which
+    WordPiece needs for every word it cannot split (without it, its first unknown word is an error)."""
+    pieces = tokenizer.backend_tokenizer.get_vocab(with_added_tokens=False)
+    if not pieces or tokenizer.unk_token not in pieces:
+        file = Path(path) / ("vocab.txt" if (Path(path) / "vocab.txt").is_file() else "tokenizer.json")
+        what = "holds no word pieces" if not pieces else f"has no {tokenizer.unk_token} piece (a line of its own)"
+        raise data.DataError(f"--bert {path}: its {file.name} {what}: it is damaged or not a BERT's; copy {file.name} "
+                             f"again from the BERT its weights come from.")
+
+
+def check_weights(path, model):
+    """A --bert folder's weights, all finite: a NaN weight makes every loss NaN, which would be blamed on the data."""
+    bad = [name for name, tensor in model.state_dict().items()
+           if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if bad:
+        file = next((name for name in ("model.safetensors", "pytorch_model.bin") if (Path(path) / name).is_file()), "")
+        raise data.DataError(f"--bert {path}: {len(bad)} of its weights hold NaN or infinite values ({', '.join(bad[:3])}"
+                             f"{', ...' if len(bad) > 3 else ''}): {file} is damaged; download it again.")
 
 
 # --- SANCL+BERT: Algorithm 1's masks on word pieces ----------------------------------------

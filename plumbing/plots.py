@@ -4,8 +4,9 @@ matplotlib is optional. It is imported inside `_pyplot`, so every command runs w
 a function that would draw prints where the picture would have been and how to get it, and
 returns None. The history CSV needs no matplotlib.
 
-Imports go one way: this file uses no other script; train.py and evaluate.py use it.
+Imports go one way: this file uses no other script; train.py, evaluate.py and runs.py (`naming`) use it.
 """
+import contextlib
 import csv
 from pathlib import Path
 
@@ -23,6 +24,17 @@ def _pyplot():
     matplotlib.use("Agg")  # no window, no display needed
     import matplotlib.pyplot as plt
     return plt
+
+
+@contextlib.contextmanager
+def naming(path):
+    """Within the block, a write error names `path`: the OSError of a write() (a full disk) names no file."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename is None:
+            raise OSError(error.errno, error.strerror, str(path)) from None
+        raise
 
 
 def _skipped(path, what):
@@ -44,7 +56,7 @@ def write_history_csv(history, path):
     """One line per epoch: losses, dev metrics, learning rate, seconds training, scoring dev and (within
     the training seconds) waiting for batches (HISTORY_COLUMNS)."""
     path = Path(path)
-    with open(path, "w", newline="") as file:
+    with naming(path), open(path, "w", newline="") as file:
         writer = csv.DictWriter(file, HISTORY_COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(history_rows(history))
@@ -84,7 +96,8 @@ def draw_curves(history, path, title="training"):
         axis.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    with naming(path):
+        fig.savefig(path, dpi=80)
     plt.close(fig)
     return Path(path)
 
@@ -131,6 +144,7 @@ def draw_attention(attention, tokens, token_sentence, marked, beta, path, title=
             axis.add_patch(Rectangle((start - 0.5, start - 0.5), end - start, end - start,
                                      fill=False, edgecolor="red", lw=2))
     axis.set_title(f"{title}A' (Eq. 4), beta = {beta:.2f}; red: probe-marked sentences", fontsize=10)
-    fig.savefig(path, dpi=80, bbox_inches="tight")
+    with naming(path):
+        fig.savefig(path, dpi=80, bbox_inches="tight")
     plt.close(fig)
     return Path(path)

@@ -5,7 +5,7 @@
   2. run folders: where a run goes, one process writing into it at a time (run.lock), how --resume
      continues it; write errors said in one line
 
-Imports go one way: this file uses data, sancl, bert and distributed; evaluate.py and train.py use it.
+Imports go one way: this file uses data, sancl, bert, distributed and plots; evaluate.py and train.py use it.
 """
 import argparse
 import contextlib
@@ -18,6 +18,7 @@ import os
 import pickle
 import random
 import re
+import shutil
 import sys
 import threading
 import time
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 
 from plumbing import bert
+from plumbing.plots import naming
 import data
 import sancl
 from plumbing.common import find_data, load_data, report_data
@@ -36,13 +38,36 @@ from plumbing.tables import said
 
 
 # --- 1. checkpoints --------------------------------------------------------------------------
+SHORT_WRITE = ("unexpected pos", "file write failed")  # torch.save's words for a write that came out short
+
+
 def save_atomic(obj, path):
-    """Write to a temporary file, then rename: a crash mid-write never leaves a corrupt checkpoint."""
+    """Write to a temporary file, then rename: a crash mid-write never leaves a corrupt checkpoint, and a
+    write that fails (a full disk) leaves the previous one and no temporary file. torch.save reports a full
+    disk as a RuntimeError (SHORT_WRITE): raised as the OSError it is (ENOSPC), with the bytes it needed."""
     if WORLD["rank"] > 0:  # several processes: process 0 alone writes the run folder
         return
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    tmp, failed = path.with_name(path.name + ".tmp"), None
+    try:
+        with naming(path):
+            torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as error:
+        if isinstance(error, RuntimeError) and not any(short in str(error) for short in SHORT_WRITE):
+            raise
+        failed = OSError(error.errno if isinstance(error, OSError) else errno.ENOSPC,
+                         error.strerror if isinstance(error, OSError) else os.strerror(errno.ENOSPC), str(path))
+        failed.needed = sum(t.numel() * t.element_size() for _, t in tensors(obj))
+    finally:
+        tmp.unlink(missing_ok=True)
+    if failed:  # raised here, without the traceback that holds torch's writer (and the file's space) open
+        raise failed
+
+
+def write_text(path, text):
+    """A run's text file (config.json, test.json, table2.md): a write error names it."""
+    with naming(path):
+        Path(path).write_text(text)
 
 
 CHECKPOINT_KEYS = ("model", "args", "config", "vocab")
@@ -201,7 +226,7 @@ def folder_lock(folder, what="a run"):
     instead of writing into the first one's run. A killed process's lock is taken over, with a message."""
     folder = Path(folder)
     lock, mine = folder / LOCK, folder / f"{LOCK}.{os.getpid()}"
-    mine.write_text(f"{os.getpid()}\n")
+    write_text(mine, f"{os.getpid()}\n")
     try:
         for _ in range(3):
             try:
@@ -249,18 +274,43 @@ def die_with_parent(gpus=None):
 def write_error(error):
     """An OSError while writing a run or a picture, in one line with the fix (a full disk, a read-only place...)."""
     where = error.filename or "a file"
-    fixes = {errno.ENOSPC: "the disk is full: free space, then run the same command again (a run continues with "
-                           "--resume)",
+    fixes = {errno.ENOSPC: f"the disk is full{space(error)}: free space, then run the same command again (a run "
+                           f"continues with --resume)",
              errno.EROFS: "the file system is read-only: pass a writable --out / --plots",
              errno.EACCES: "permission denied: pass a folder you may write to",
              errno.ENOTDIR: "a part of the path is a file, not a folder: pass another --out / --plots"}
     return f"cannot write {where}: {fixes.get(error.errno, error.strerror or type(error).__name__)}."
 
 
-def run_folder(args, category, switches, hold=None):
+def space(error):
+    """" (it needs about 5.3 MB, 0.1 MB are free in runs/x)": what a write on a full disk needed (a checkpoint's
+    tensors, where `error.needed` says) and what is free where it wrote."""
+    folder = Path(error.filename or ".").parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    needed = getattr(error, "needed", None)
+    return (f" (it needs about {needed / 2 ** 20:.1f} MB, " if needed else " (") + \
+        f"{shutil.disk_usage(folder).free / 2 ** 20:.1f} MB are free in {folder})"
+
+
+def other_data(folders, root):
+    """The data directory, other than `root`, that a run in one of `folders` read (its config.json says), or None.
+    A folder's name says the category only: the sample and the release, or two builds of one category, share it."""
+    for folder in folders:
+        try:
+            theirs = str(json.loads((Path(folder) / "config.json").read_text())["data"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if Path(theirs).resolve() != Path(root).resolve():
+            return theirs
+    return None
+
+
+def run_folder(args, category, switches, hold=None, root=None):
     """--out, else runs/{data}[-{switches}]-s{seed} (e.g. runs/home_kitchen-text_only-s0,
     runs/home_kitchen-products-s0, runs/home_kitchen-bert-s0), so that the ablations, batchings and seeds do not overwrite each
-    other. A new run refuses a folder that holds a run; with `hold` (an ExitStack) it is made and locked first."""
+    other. A new run refuses a folder that holds a run, saying so when that run read another data directory than
+    `root`; with `hold` (an ExitStack) it is made and locked first."""
     switches = [s for s in ("bert",) + switches + ("freeze_embeddings", "amp") if getattr(args, s, False)]
     switches += ["products"] if getattr(args, "batching", "groups") == "products" else []
     out = Path(args.out or "runs/" + "-".join([category] + switches + [f"s{args.seed}"]))
@@ -271,6 +321,10 @@ def run_folder(args, category, switches, hold=None):
         hold.enter_context(folder_lock(out, "a train.py run"))
     if not args.resume and any((out / name).exists() for name in ("last.pt", "best.pt")):
         status = "a finished run" if (out / "test.json").exists() else "an unfinished run"
+        theirs = other_data([out], root) if root is not None else None
+        if theirs:
+            raise data.DataError(f"{out} holds {status} on other data ({theirs}; this command reads {root}) and is not "
+                                 f"overwritten: pass --out NEW_FOLDER for this run.")
         raise data.DataError(f"{out} holds {status} already and is not overwritten: continue it with "
                              f"`python train.py --resume {out}`, or pass --out NEW_FOLDER for a new run.")
     return out

@@ -17,7 +17,7 @@ import torch
 import data
 from evaluate import GEOMETRY, baseline_metrics, format_metrics
 from plumbing.common import find_data
-from plumbing.runs import die_with_parent, folder_lock
+from plumbing.runs import die_with_parent, folder_lock, other_data, write_text
 
 
 TABLE2 = {"SANCL (full)": [], "text-only": ["--text-only"], "w/o learned beta": ["--fixed-beta"],
@@ -47,6 +47,10 @@ def ablation_table(args, argv, table_run):
                   f"{'-bert' if args.bert else ''}-table2")
     if folder.exists() and not folder.is_dir():
         raise data.DataError(f"--out {folder} is a file, not a folder: pass --out NEW_FOLDER.")
+    theirs = other_data(sorted(folder.iterdir()) if folder.is_dir() else [], source.root)
+    if theirs:  # its finished runs would be read back as this data's
+        raise data.DataError(f"{folder} holds Table 2 runs on other data ({theirs}; this command reads {source.root}): "
+                             f"pass --out NEW_FOLDER for this table.")
     folder.mkdir(parents=True, exist_ok=True)
     with folder_lock(folder, "a Table 2 (--ablations)"):  # the same table started twice: the second stops
         table_in(args, base, source, folder, table_run)
@@ -100,6 +104,6 @@ def write_table(rows, folder, title):
         values += ["" if np.isnan(mean[c]) else f"{mean[c]:.4f}" for c in cosines]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
         csv_lines.append(f"{name},{len(runs)}," + ",".join(values))
-    (folder / "table2.md").write_text("\n".join(lines) + "\n")
-    (folder / "table2.csv").write_text("\n".join(csv_lines) + "\n")
+    write_text(folder / "table2.md", "\n".join(lines) + "\n")
+    write_text(folder / "table2.csv", "\n".join(csv_lines) + "\n")
     print("\n".join(lines) + f"\n(written to {folder / 'table2.md'} and {folder / 'table2.csv'})")

@@ -96,6 +96,7 @@ def test_rank_0_alone_scores_dev_and_test_and_writes_the_run_files(two_process_r
             "write_text test.json"} <= set(rank0), rank0
     assert rank0.count("evaluate_split") == 2  # dev after the one epoch, then test at the best epoch
     assert json.loads((out / "test.json").read_text())["best_epoch"] == 1
+    assert json.loads((out / "config.json").read_text())["processes"] == 2
 
 
 def dropout_mask(records):

@@ -20,7 +20,7 @@ from evaluate import format_metrics
 from plumbing import bert
 from plumbing.common import autocast, find_data, load_data, pick_device, report_data, seed_everything
 from plumbing.distributed import WORLD, check_split, on_rank0, rank0_first, start_processes
-from plumbing.runs import resume_from, rng_state, run_folder, save_atomic, say_where, set_rng_state
+from plumbing.runs import resume_from, rng_state, run_folder, save_atomic, say_where, set_rng_state, write_text
 
 RELEASE_EPOCHS = 11  # the reference trains 11 epochs
 SAMPLE_EPOCHS = 5  # the built-in sample: the main job stays within a few minutes on a laptop CPU
@@ -47,7 +47,7 @@ def start(args, progress, hold, switches, group_size):
     hp = settings(args, category)
     check_split(max(1, hp["batch_size"] // group_size))  # several processes: each needs a group a step
     args.epochs = args.epochs or (SAMPLE_EPOCHS if source.is_sample else RELEASE_EPOCHS)
-    out = run_folder(args, category or source.prefix, switches, hold if WORLD["rank"] == 0 else None)
+    out = run_folder(args, category or source.prefix, switches, hold if WORLD["rank"] == 0 else None, source.root)
     progress["run"] = out
     t0 = time.time()
     pieces, encoder = (resume["pieces"], None) if resume else bert.load(args.bert) if args.bert else (None, None)
@@ -83,11 +83,12 @@ def restore(run, optimizer, scheduler):
 
 
 def describe(run, model, switches):
-    """config.json in the run folder (process 0), and what the run reads and trains, in a few lines."""
+    """config.json in the run folder (process 0), and what the run reads and trains, in a few lines; both say how
+    many processes train it (torchrun's N)."""
     args, hp, source, splits, info, config = run.args, run.hp, run.source, run.splits, run.info, model.config
     run_info = {"args": vars(args), "settings": hp, "config": dataclasses.asdict(config), "data": str(source.root),
-                "sample": source.is_sample}
-    on_rank0((run.out / "config.json").write_text, json.dumps(run_info, indent=2))  # several processes: 0 writes
+                "sample": source.is_sample, "processes": WORLD["size"]}  # the same seed and N: the same numbers
+    on_rank0(write_text, run.out / "config.json", json.dumps(run_info, indent=2))  # several processes: 0 writes
     print(f"data {source.root} ({'SAMPLE' if source.is_sample else 'release'}): "
           + ", ".join(f"{n} {len(s.products)}/{len(s.labels)}" for n, s in splits.items())
           + f" products/reviews; loaded in {time.time() - info['t0']:.1f}s")
@@ -104,6 +105,7 @@ def describe(run, model, switches):
           f"lr {hp['lr']} batch {hp['batch_size']} kappa {hp['kappa']} dropout {hp['text_dropout']}; "
           f"switches: {', '.join(s for s in switches if getattr(args, s)) or 'none (full SANCL)'}"
           + (f"; batching {args.batching}" if args.batching != "groups" else "")
+          + (f"; {WORLD['size']} processes" if WORLD["size"] > 1 else "")
           + ("; bfloat16 autocast" if args.amp else ""))
 
 
