@@ -12,12 +12,14 @@ metadata file of one category and writes exactly the layout data.py reads:
   3. a 64/16/20 split by product, as sklearn's train_test_split(random_state=0) twice
   4. `{Category}.prd/.rvw/.rel.{train,dev,test}`, `images.tsv` (every image URL and the path to
      save it to, for features.py --extract) and `build.json` (inputs with sizes and hashes, rules,
-     counts), written to a temporary folder that is renamed at the end: same input, same bytes.
+     counts), written in OUT.partial/ (locked: one build at a time) and renamed at the end: same input,
+     same bytes.
 
     python -m plumbing.build_data --reviews Home_and_Kitchen.json.gz --meta meta_Home_and_Kitchen.json.gz \
         --category home_kitchen --out data/Home_and_Kitchen
 """
 import argparse
+import contextlib
 import hashlib
 import html
 import json
@@ -33,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from plumbing.dumps import read_records
+from plumbing.locks import folder_lock
 from plumbing.tables import CATEGORIES, DataError  # not from data.py, which imports torch
 
 BUILD_VERSION = 1
@@ -264,16 +267,49 @@ def check_out(out):
         what = ("holds a data set" if any(out.glob("*.prd.train")) or (out / "build.json").exists() else
                 "is a file" if not out.is_dir() else "is not empty")
         raise DataError(f"--out {out} {what}: nothing is overwritten. Pick a new folder (or delete that one).")
+
+
+MARKER = "made-by-build_data"  # in OUT.partial/: this program made the folder, and may empty it
+
+
+@contextlib.contextmanager
+def working_folder(out):
+    """OUT.partial/OUT/, where the data set is written before it is renamed to OUT. OUT.partial/ holds this
+    program's marker and is locked while a build runs (locks.py: a second build into the same --out stops with
+    one line); what a killed build left in it is removed. A folder of that name without the marker is refused:
+    nothing this program did not make is deleted."""
     partial = out.with_name(out.name + ".partial")
-    if partial.exists():
-        print(f"removing {partial}/, left by an interrupted build", file=sys.stderr)
-        shutil.rmtree(partial)
-    return partial
+    marker, work, held = partial / MARKER, partial / out.name, False
+    if partial.exists() and not marker.exists() and (not partial.is_dir() or any(partial.iterdir())):
+        raise DataError(f"--out {out}: {partial} exists and was not made by this program (no {MARKER} file in it), "
+                        f"so it is left alone: move it away or pick another --out.")
+    partial.mkdir(parents=True, exist_ok=True)
+    marker.write_text("python -m plumbing.build_data writes --out here; the folder goes when the build ends.\n")
+    try:
+        with folder_lock(partial, "a build_data.py build"):
+            held = True
+            if work.exists():
+                print(f"removing {work}/, left by an interrupted build", file=sys.stderr)
+                shutil.rmtree(work)
+            try:
+                yield work
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+    finally:
+        if held and [p.name for p in partial.iterdir()] == [MARKER]:
+            with contextlib.suppress(OSError):  # another build may be taking it over
+                marker.unlink()
+                partial.rmdir()
 
 
 def build(args):
     out, prefix = Path(args.out), CATEGORIES[args.category]
-    partial = check_out(out)
+    check_out(out)
+    with working_folder(out) as work:
+        make(args, out, prefix, work)
+
+
+def make(args, out, prefix, work):
     t0 = time.time()
     kept, counts, reviews_info = read_reviews(args.reviews, args.min_chars)
     # only the products that pass the review-count rules need their metadata kept
@@ -290,25 +326,21 @@ def build(args):
         print(table(counts, product_rules, {}))
         raise DataError(f"{len(products)} products kept: too few for a 64/16/20 split with a product in each "
                         f"split (train.py needs all three). Use a larger file or lower the rules.")
-    partial.mkdir(parents=True)
-    try:
-        n_images = write_dataset(partial, prefix, products, meta_of, splits)
-        sizes = {s: [len(ids), sum(len(products[p]) for p in ids)] for s, ids in splits.items()}
-        record = {"build_version": BUILD_VERSION, "category": args.category, "prefix": prefix,
-                  "reviews": reviews_info, "meta": meta_info,
-                  "rules": {"min_votes": 1, "min_chars": args.min_chars, "min_reviews": args.min_reviews,
-                            "min_top_votes": args.min_top_votes, "seed": args.seed, "split": "64/16/20 by product",
-                            "exact_duplicates": "dropped", "html": "stripped from titles and descriptions"},
-                  "removed": {"reviews": {k: counts[k] for k in ("no_votes", "short", "duplicates")},
-                              "products": {name: [reviews, n] for name, reviews, n in product_rules}},
-                  "splits": sizes, "images": n_images}
-        (partial / "build.json").write_text(json.dumps(record, indent=1) + "\n")
-        if out.exists():
-            out.rmdir()  # empty (check_out)
-        os.replace(partial, out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+    work.mkdir()
+    n_images = write_dataset(work, prefix, products, meta_of, splits)
+    sizes = {s: [len(ids), sum(len(products[p]) for p in ids)] for s, ids in splits.items()}
+    record = {"build_version": BUILD_VERSION, "category": args.category, "prefix": prefix,
+              "reviews": reviews_info, "meta": meta_info,
+              "rules": {"min_votes": 1, "min_chars": args.min_chars, "min_reviews": args.min_reviews,
+                        "min_top_votes": args.min_top_votes, "seed": args.seed, "split": "64/16/20 by product",
+                        "exact_duplicates": "dropped", "html": "stripped from titles and descriptions"},
+              "removed": {"reviews": {k: counts[k] for k in ("no_votes", "short", "duplicates")},
+                          "products": {name: [reviews, n] for name, reviews, n in product_rules}},
+              "splits": sizes, "images": n_images}
+    (work / "build.json").write_text(json.dumps(record, indent=1) + "\n")
+    if out.exists():
+        out.rmdir()  # empty (check_out)
+    os.replace(work, out)
     print(table(counts, product_rules, sizes))
     print(f"wrote {out}/ in {time.time() - t0:.0f}s: {prefix}.{{prd,rvw,rel}}.{{train,dev,test}}, images.tsv "
           f"({n_images:,} image URLs), build.json. Next: README 'Real data' (images, features.py --extract).")

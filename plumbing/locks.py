@@ -1,6 +1,7 @@
 """One process writing into a folder at a time: a lock file with its pid, taken over when its process is dead.
 
-Run folders (train.py) and a Table 2 folder (--ablations) are locked so. Torch-free: any script may take it.
+Run folders (train.py), a Table 2 folder (--ablations) and a data set being built (build_data.py) are
+locked so. Torch-free: build_data.py, which imports no torch, takes it too.
 """
 import contextlib
 import os

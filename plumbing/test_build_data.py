@@ -143,3 +143,58 @@ def test_a_product_on_several_metadata_lines_takes_every_field_from_its_first_li
         "P1": ("", "first", ["https://example.com/1a.jpg"], ["f1"], "B1"),
         "P2": ("Mug", "one", [], [], ""),
         "P3": (MARKUP.strip(), "long first", [], [], "")}
+
+
+# --- issue 28: the output is locked; only what this program made is deleted --------------------------------
+def voted_dump(tmp_path):
+    """Three products of one voted review each, and their metadata: a build with the rules at their least."""
+    return (dump_lines(tmp_path / "r.json", [review_2018(p, "3", who=p) for p in ("P1", "P2", "P3")]),
+            dump_lines(tmp_path / "m.json", [{"asin": p, "title": f"Kettle {p}"} for p in ("P1", "P2", "P3")]))
+
+
+def test_a_partial_folder_this_program_did_not_make_is_refused_and_kept(tmp_path, capsys):
+    """Before, OUT.partial was deleted whatever it held ("left by an interrupted build"): a user's file in it
+    was lost. Now a folder of that name without this program's marker is one line, and nothing is deleted."""
+    (tmp_path / "out.partial").mkdir()
+    (tmp_path / "out.partial" / "f").write_text("keep\n")
+    assert build_small(*voted_dump(tmp_path), tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'out.partial'} exists and was not made by this program" in err and "Traceback" not in err
+    assert (tmp_path / "out.partial" / "f").read_text() == "keep\n" and not (tmp_path / "out").exists()
+
+
+def test_a_second_build_into_the_same_out_stops_and_the_first_one_ends_whole(tmp_path, monkeypatch, capsys):
+    """Before, a second build into the same --out deleted the first one's live OUT.partial, and the first died
+    with "No such file or directory ... free space". Now the output is locked: the second stops with one line,
+    the first ends whole."""
+    reviews, meta = voted_dump(tmp_path)
+    write, second = build_data.write_dataset, []
+
+    def write_while_another_starts(*args):
+        if not second:  # the first build, half way: a second one is started into the same --out
+            second.append(None)
+            second[0] = build_small(reviews, meta, tmp_path / "out")
+        return write(*args)
+
+    monkeypatch.setattr(build_data, "write_dataset", write_while_another_starts)
+    assert build_small(reviews, meta, tmp_path / "out") == 0
+    assert second == [2] and "is in use: process" in capsys.readouterr().err
+    assert len(products(tmp_path / "out")) == 3 and sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "out",
+                                                                                                   "r.json"]
+
+
+def test_a_killed_builds_folder_is_taken_over_and_emptied(tmp_path, capsys):
+    """What a killed build leaves (its marker, its lock naming a dead process, a half-written data set) is this
+    program's: the next build takes the lock over, removes it with a message, and builds."""
+    import subprocess
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    partial = tmp_path / "out.partial"
+    (partial / "out").mkdir(parents=True)
+    (partial / "out" / "Home_and_Kitchen.prd.train").write_text("[")
+    (partial / build_data.MARKER).write_text("")
+    (partial / "run.lock").write_text(f"{dead.pid}\n")
+    assert build_small(*voted_dump(tmp_path), tmp_path / "out") == 0
+    err = capsys.readouterr().err
+    assert f"taking over the lock of process {dead.pid}" in err and "left by an interrupted build" in err
+    assert len(products(tmp_path / "out")) == 3 and not partial.exists()
