@@ -136,13 +136,16 @@ def read_reviews(path, min_chars):
     kept, counts, seen, fmt, info = {}, dict(lines=0, no_votes=0, short=0, duplicates=0), set(), None, {}
     for n, record in read_records(path, "reviews", info):
         where = f"--reviews {path}: line {n}"
-        fmt = fmt or review_format(record, where)
+        line_format = review_format(record, where)
+        fmt = fmt or line_format
+        if line_format != fmt:  # its votes would be read in the wrong field: as 0, and the review dropped
+            raise DataError(f"{where}: a {line_format} review in a file of {fmt} reviews (its first line's format); the "
+                            f"file mixes releases, whose fields differ: build from one release's dump.")
         key, text_field, reviewer = REVIEW_FORMATS[fmt]
         product = record.get(key)
         if not isinstance(product, str) or not SAFE_ID.fullmatch(product):
             raise DataError(f"{where}: product id ({key}) {product!r:.40} is not an Amazon id (letters, digits, - "
-                            f"and _: it names files and folders); the line is damaged or from another format (the "
-                            f"first line is {fmt}'s).")
+                            f"and _: it names files and folders); the line is damaged: fix or remove it.")
         counts["lines"] += 1
         votes = votes_of(record, fmt, where)
         if votes < 1:

@@ -8,9 +8,11 @@ import sys
 from datetime import date, timedelta
 from pathlib import Path
 
+import pytest
+
 import data
 from plumbing import build_data, sample
-from test_sancl import review_2018  # a 2018 reviews record, as test_sancl.py's build_data tests write them
+from test_sancl import LONG, review_2018  # a 2018 reviews record, as test_sancl.py's build_data tests write them
 
 TINY = {"train": 12, "dev": 4, "test": 4}
 
@@ -198,3 +200,28 @@ def test_a_killed_builds_folder_is_taken_over_and_emptied(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"taking over the lock of process {dead.pid}" in err and "left by an interrupted build" in err
     assert len(products(tmp_path / "out")) == 3 and not partial.exists()
+
+
+# --- issue 28: one format a file ---------------------------------------------------------------------------
+def review_of(year, product, who):
+    """One voted review of `product` in the `year` format."""
+    if year == 2023:
+        return {"parent_asin": product, "asin": product, "user_id": who, "text": LONG, "title": "ok",
+                "helpful_vote": 3, "timestamp": 1514764800000}
+    record = review_2018(product, "3", who=who)
+    return {**record, "helpful": [3, 4]} if year == 2014 else record
+
+
+@pytest.mark.parametrize("first, then", [(2018, 2023), (2014, 2018), (2023, 2018)])
+def test_a_reviews_file_that_mixes_formats_is_one_error_naming_the_line(tmp_path, capsys, first, then):
+    """Before, the first line fixed the format: 2018 lines then 2023 ones built with rc 0, every 2023 review read
+    as 0 votes and dropped (a 2018 review among 2014 ones likewise). Now a line of another format is one line
+    naming it."""
+    reviews = dump_lines(tmp_path / "r.json", [review_of(first, "P1", "A1"), review_of(first, "P2", "A2"),
+                                               review_of(first, "P3", "A3"), review_of(then, "P4", "A4")])
+    meta = dump_lines(tmp_path / "m.json", [{"parent_asin" if first == 2023 else "asin": p, "title": "Kettle"}
+                                            for p in ("P1", "P2", "P3", "P4")])
+    assert build_small(reviews, meta, tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert f"{reviews}: line 4: a {then} review in a file of {first} reviews" in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
