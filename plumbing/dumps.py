@@ -17,6 +17,9 @@ from pathlib import Path
 from plumbing.tables import DataError
 
 
+MAX_LINE = 8 << 20  # bytes a line: a review line is a few KB, a product line up to tens of KB (46 KB seen)
+
+
 class _Counted(io.RawIOBase):
     """A file's bytes as read, counted and hashed on the way (the progress line and build.json)."""
 
@@ -63,7 +66,7 @@ def read_records(path, role, info):
     path = Path(path)
     if not path.is_file():
         what = "is a folder" if path.is_dir() else "no such file"
-        raise DataError(f"--{role} {path}: {what}. Pass the Amazon {role} dump file (README 'Real data').")
+        raise DataError(f"--{role} {path}: {what}. Pass the Amazon {role} dump file (docs/real-data.md).")
     info.update(name=path.name, bytes=path.stat().st_size)
     counted = _Counted(path)
     with open(path, "rb") as f:
@@ -72,7 +75,10 @@ def read_records(path, role, info):
     lines = gzip.GzipFile(fileobj=stream) if zipped else stream
     progress, parse, n = Progress(f"reading {path.name}", info["bytes"]), None, 0
     try:
-        for n, raw in enumerate(lines, 1):
+        for n, raw in enumerate(iter(lambda: lines.readline(MAX_LINE + 1), b""), 1):  # memory: a line at most
+            if len(raw) > MAX_LINE:
+                raise DataError(f"--{role} {path}: line {n} is longer than {MAX_LINE >> 20} MB, where a review or "
+                                f"product line is a few KB: the file is damaged or not an Amazon dump: get it again.")
             if not raw.strip():
                 continue
             where = f"--{role} {path}: line {n}"

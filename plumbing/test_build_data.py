@@ -225,3 +225,19 @@ def test_a_reviews_file_that_mixes_formats_is_one_error_naming_the_line(tmp_path
     err = capsys.readouterr().err
     assert f"{reviews}: line 4: a {then} review in a file of {first} reviews" in err, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+# --- issue 28: a line's length is capped ----------------------------------------------------------------------
+def test_a_line_longer_than_the_cap_is_one_error_and_is_not_read_whole(tmp_path, capsys):
+    """A gzip "bomb" line (2.2 MB that inflates to one 2 GB line) was read whole: 2.4 GB, then a MemoryError
+    traceback. Here the line is a 9 MB review (9 KB of gzip), which was read whole and built with rc 0; now
+    each line is read up to the cap (dumps.MAX_LINE, 8 MB), and a longer one is one line naming it."""
+    records = [review_2018(p, "3", who=p) for p in ("P1", "P2", "P3")]
+    records[1]["reviewText"] = "a" * 9_000_000
+    reviews = tmp_path / "r.json.gz"
+    reviews.write_bytes(gzip.compress(("\n".join(map(json.dumps, records)) + "\n").encode(), mtime=0))
+    meta = dump_lines(tmp_path / "m.json", [{"asin": p, "title": "Kettle"} for p in ("P1", "P2", "P3")])
+    assert build_small(reviews, meta, tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert f"--reviews {reviews}: line 2 is longer than 8 MB" in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()[-1]) < 400 and not (tmp_path / "out").exists()
