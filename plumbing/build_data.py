@@ -38,7 +38,7 @@ from plumbing.dumps import read_records
 from plumbing.locks import folder_lock
 from plumbing.tables import CATEGORIES, DataError  # not from data.py, which imports torch
 
-BUILD_VERSION = 1
+BUILD_VERSION = 2  # 2: images.tsv gives Amazon's images at full size
 SAFE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # an asin; ids name folders (images/{id}/), so nothing else
 
 
@@ -139,8 +139,8 @@ def read_reviews(path, min_chars):
         line_format = review_format(record, where)
         fmt = fmt or line_format
         if line_format != fmt:  # its votes would be read in the wrong field: as 0, and the review dropped
-            raise DataError(f"{where}: a {line_format} review in a file of {fmt} reviews (its first line's format); the "
-                            f"file mixes releases, whose fields differ: build from one release's dump.")
+            raise DataError(f"{where}: a {line_format} review in a file of {fmt} reviews (its first line's format); "
+                            f"the file mixes releases, whose fields differ: build from one release's dump.")
         key, text_field, reviewer = REVIEW_FORMATS[fmt]
         product = record.get(key)
         if not isinstance(product, str) or not SAFE_ID.fullmatch(product):
@@ -243,25 +243,37 @@ def split_products(product_ids, seed):
 
 # --- 4. writing the release layout, all or nothing ------------------------------------------------
 def write_dataset(tmp, prefix, products, meta_of, splits):
-    """The three tables per split, and images.tsv. Review ids are "{product}-{i}", i the review's
-    position among its product's kept reviews, in file order (the authors' ids)."""
-    images = ["item_id\timage\turl\tpath"]
+    """The three tables per split, and images.tsv; returns its number of URLs and how many of them were made
+    full-size. Review ids are "{product}-{i}", i the review's position among its product's kept reviews, in file
+    order (the authors' ids). The tables keep each URL as the dump gives it (as the authors' release)."""
+    images = []  # (item id, its image URLs)
     for split, ids in splits.items():
         prd, rvw, rel = [], [], []
         for pid in ids:
             meta = meta_of[pid]
             prd.append({"product_id": pid, **meta})
-            images += [f"{pid}\t{k}\t{url}\timages/{pid}/{k}.jpg" for k, url in enumerate(meta["image"])]
+            images.append((pid, meta["image"]))
             for i, review in enumerate(products[pid]):
                 rid = f"{pid}-{i}"
                 rvw.append({"review_id": rid, **{k: review[k] for k in ("content", "time", "summary", "image")}})
                 rel.append({"product_id": pid, "review_id": rid, "upvotes": review["upvotes"]})
-                images += [f"{rid}\t{k}\t{url}\timages/{rid}/{k}.jpg" for k, url in enumerate(review["image"])]
+                images.append((rid, review["image"]))
         for kind, rows in (("prd", prd), ("rvw", rvw), ("rel", rel)):
             with open(tmp / f"{prefix}.{kind}.{split}", "w", encoding="utf-8") as f:
                 json.dump(rows, f, ensure_ascii=False, indent=0)
-    (tmp / "images.tsv").write_text("\n".join(images) + "\n", encoding="utf-8")
-    return len(images) - 1
+    rows = [f"{item}\t{k}\t{full_size(url)}\timages/{item}/{k}.jpg"
+            for item, urls in images for k, url in enumerate(urls)]
+    (tmp / "images.tsv").write_text("\n".join(["item_id\timage\turl\tpath"] + rows) + "\n", encoding="utf-8")
+    return len(rows), sum(full_size(url) != url for _, urls in images for url in urls)
+
+
+AMAZON_SIZE = re.compile(r"^(https?://[^/]*amazon\.com/images/I/[^/.]+)\._[^/]*(\.[A-Za-z]+)$")
+
+
+def full_size(url):
+    """An image on Amazon's image server at full size: the part from "._" to the extension picks a resized
+    copy (name._SY88.jpg 88 pixels, name._SS40_.jpg 40, name._SL1600_.jpg 1600), and name.jpg is the image."""
+    return AMAZON_SIZE.sub(r"\1\2", url)
 
 
 def check_out(out):
@@ -330,23 +342,25 @@ def make(args, out, prefix, work):
         raise DataError(f"{len(products)} products kept: too few for a 64/16/20 split with a product in each "
                         f"split (train.py needs all three). Use a larger file or lower the rules.")
     work.mkdir()
-    n_images = write_dataset(work, prefix, products, meta_of, splits)
+    n_images, n_full = write_dataset(work, prefix, products, meta_of, splits)
     sizes = {s: [len(ids), sum(len(products[p]) for p in ids)] for s, ids in splits.items()}
     record = {"build_version": BUILD_VERSION, "category": args.category, "prefix": prefix,
               "reviews": reviews_info, "meta": meta_info,
               "rules": {"min_votes": 1, "min_chars": args.min_chars, "min_reviews": args.min_reviews,
                         "min_top_votes": args.min_top_votes, "seed": args.seed, "split": "64/16/20 by product",
-                        "exact_duplicates": "dropped", "html": "stripped from titles and descriptions"},
+                        "exact_duplicates": "dropped", "html": "stripped from titles and descriptions",
+                        "image_urls": "full-size in images.tsv (name._SY88.jpg -> name.jpg), the dump's in tables"},
               "removed": {"reviews": {k: counts[k] for k in ("no_votes", "short", "duplicates")},
                           "products": {name: [reviews, n] for name, reviews, n in product_rules}},
-              "splits": sizes, "images": n_images}
+              "splits": sizes, "images": n_images, "images_full_size": n_full}
     (work / "build.json").write_text(json.dumps(record, indent=1) + "\n")
     if out.exists():
         out.rmdir()  # empty (check_out)
     os.replace(work, out)
     print(table(counts, product_rules, sizes))
     print(f"wrote {out}/ in {time.time() - t0:.0f}s: {prefix}.{{prd,rvw,rel}}.{{train,dev,test}}, images.tsv "
-          f"({n_images:,} image URLs), build.json. Next: README 'Real data' (images, features.py --extract).")
+          f"({n_images:,} image URLs, {n_full:,} of them made full-size), build.json. Next: docs/real-data.md "
+          f"(images, features.py --extract).")
 
 
 def table(counts, product_rules, sizes):

@@ -241,3 +241,35 @@ def test_a_line_longer_than_the_cap_is_one_error_and_is_not_read_whole(tmp_path,
     err = capsys.readouterr().err
     assert f"--reviews {reviews}: line 2 is longer than 8 MB" in err and "Traceback" not in err, err
     assert len(err.strip().splitlines()[-1]) < 400 and not (tmp_path / "out").exists()
+
+
+# --- issue 28: full-size image URLs ---------------------------------------------------------------------------
+AMAZON = "https://images-na.ssl-images-amazon.com/images/I/"
+
+
+def test_images_tsv_gives_amazon_thumbnails_at_full_size(tmp_path, capsys):
+    """The dumps name many images by a resized copy: 2018 review images `._SY88.jpg` (88 pixels: every one of a
+    real 2018 Fashion dump), 2018 metadata `._SS40_.jpg` and `._SX38_SY50_CR,0,0,38,50_.jpg`, 2023's
+    `._SL1600_.jpg`. Before, images.tsv kept them so (a README `sed` missed `._SY88.jpg`); now the part from `._`
+    to the extension is removed, which gives the full-size image; other URLs stay as they are, the tables keep
+    the dump's URLs, and build.json counts what changed."""
+    reviews = dump_lines(tmp_path / "r.json", [
+        review_2018("P1", "3", who="A1", image=[AMAZON + "71MxdEmUNpL._SY88.jpg", AMAZON + "61i+-Jv%2BL._SY88.jpg"]),
+        review_2018("P2", "3", who="A2", image=["https://example.com/a._SY88.jpg"]),
+        review_2018("P3", "3", who="A3")])
+    meta = dump_lines(tmp_path / "m.json", [
+        {"asin": "P1", "title": "Kettle", "image": [AMAZON + "414GTEV7N3L._SS40_.jpg",
+                                                   AMAZON + "51Fq-kPEpsZL._SX38_SY50_CR,0,0,38,50_.jpg"]},
+        {"asin": "P2", "title": "Mug", "imageURLHighRes": [AMAZON + "81C7gMVPaUL._SL1600_.png", AMAZON + "71xzF.jpg"]},
+        {"asin": "P3", "title": "Lamp"}])
+    assert build_small(reviews, meta, tmp_path / "out") == 0
+    rows = [line.split("\t") for line in (tmp_path / "out" / "images.tsv").read_text().splitlines()[1:]]
+    assert {(item, url) for item, _, url, _ in rows} == {
+        ("P1-0", AMAZON + "71MxdEmUNpL.jpg"), ("P1-0", AMAZON + "61i+-Jv%2BL.jpg"),
+        ("P2-0", "https://example.com/a._SY88.jpg"),  # not Amazon's image server: as the dump gives it
+        ("P1", AMAZON + "414GTEV7N3L.jpg"), ("P1", AMAZON + "51Fq-kPEpsZL.jpg"),
+        ("P2", AMAZON + "81C7gMVPaUL.png"), ("P2", AMAZON + "71xzF.jpg")}
+    assert products(tmp_path / "out")["P1"]["image"][0] == AMAZON + "414GTEV7N3L._SS40_.jpg"  # the dump's
+    record = json.loads((tmp_path / "out" / "build.json").read_text())
+    assert record["images"] == 7 and record["images_full_size"] == 5
+    assert "5 of them made full-size" in capsys.readouterr().out
