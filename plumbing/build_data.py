@@ -320,6 +320,8 @@ def working_folder(out):
 def build(args):
     out, prefix = Path(args.out), CATEGORIES[args.category]
     check_out(out)
+    print(f"category {args.category}: tables {prefix}.*, and Table 5's {args.category} settings for `python train.py "
+          f"--data-dir {out}` (another Amazon category: --help)")
     with working_folder(out) as work:
         make(args, out, prefix, work)
 
@@ -384,8 +386,12 @@ def main(argv=None):
                    "Home_and_Kitchen.json.gz (2018), reviews_Home_and_Kitchen.json.gz (2014), Home_and_Kitchen.jsonl.gz (2023)")
     p.add_argument("--meta", required=True, metavar="FILE", help="the same release's metadata dump, e.g. "
                    "meta_Home_and_Kitchen.json.gz")
-    p.add_argument("--category", required=True, choices=sorted(CATEGORIES), help="the file prefix written "
-                   "(Home_and_Kitchen, ...) and so the Table 5 settings train.py uses")
+    p.add_argument("--category", required=True, choices=sorted(CATEGORIES), help="one of the paper's three: it "
+                   "names the tables (Home_and_Kitchen.prd.train, ...) and so picks the Table 5 settings (lr, kappa, "
+                   "dropout) that train.py --data-dir OUT uses. Another Amazon category (Appliances, Musical "
+                   "Instruments, ...): --category home_kitchen, with --out a folder of its own (data/Appliances), "
+                   "then train.py --data-dir that folder --out runs/appliances-s0; its --lr, --kappa and --dropout "
+                   "change the settings")
     p.add_argument("--out", required=True, metavar="DIR", help="the folder to write (must not exist or be empty)")
     p.add_argument("--min-chars", type=int, default=64, help="keep reviews with text of at least this many "
                    "characters (default 64, the authors' rule)")

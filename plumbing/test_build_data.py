@@ -273,3 +273,18 @@ def test_images_tsv_gives_amazon_thumbnails_at_full_size(tmp_path, capsys):
     record = json.loads((tmp_path / "out" / "build.json").read_text())
     assert record["images"] == 7 and record["images_full_size"] == 5
     assert "5 of them made full-size" in capsys.readouterr().out
+
+
+# --- issue 28: other categories ------------------------------------------------------------------------------
+def test_the_category_says_what_it_sets_and_what_another_category_passes(tmp_path, capsys):
+    """--category takes the paper's three only, and silently set the file prefix and so Table 5's settings of
+    the run. Now --help says what a user with another Amazon category passes, and the build prints what it chose."""
+    try:
+        build_data.main(["--help"])
+    except SystemExit:
+        pass
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "Appliances, Musical Instruments" in help_text and "--category home_kitchen" in help_text
+    assert build_small(*voted_dump(tmp_path), tmp_path / "out") == 0
+    assert (f"category home_kitchen: tables Home_and_Kitchen.*, and Table 5's home_kitchen settings for "
+            f"`python train.py --data-dir {tmp_path / 'out'}`") in capsys.readouterr().out
