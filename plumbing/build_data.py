@@ -336,13 +336,12 @@ def make(args, out, prefix, work):
     products, product_rules = apply_rules(kept, listed, args.min_reviews, args.min_top_votes)
     if not products:
         print(table(counts, product_rules, {}))
-        raise DataError("no product passes the rules (the table above says which removed what); for a small "
-                        "file lower --min-reviews, --min-top-votes or --min-chars.")
+        raise DataError(f"no product passes the rules (the table above says which removed what): {advice(args)}")
     splits = split_products(list(products), args.seed)
     if not all(splits.values()):
         print(table(counts, product_rules, {}))
         raise DataError(f"{len(products)} products kept: too few for a 64/16/20 split with a product in each "
-                        f"split (train.py needs all three). Use a larger file or lower the rules.")
+                        f"split (train.py needs all three): {advice(args)}")
     work.mkdir()
     n_images, n_full = write_dataset(work, prefix, products, meta_of, splits)
     sizes = {s: [len(ids), sum(len(products[p]) for p in ids)] for s, ids in splits.items()}
@@ -363,6 +362,16 @@ def make(args, out, prefix, work):
     print(f"wrote {out}/ in {time.time() - t0:.0f}s: {prefix}.{{prd,rvw,rel}}.{{train,dev,test}}, images.tsv "
           f"({n_images:,} image URLs, {n_full:,} of them made full-size), build.json. Next: docs/real-data.md "
           f"(images, features.py --extract).")
+
+
+LEAST = {"min_reviews": 1, "min_top_votes": 1, "min_chars": 0}  # each rule at its least: it removes nothing
+
+
+def advice(args):
+    """What to do when too few products are kept: lower the rules that are not at their least, or a larger file."""
+    flags = [f"--{flag.replace('_', '-')} {least}" for flag, least in LEAST.items() if getattr(args, flag) > least]
+    return (f"for a small file, lower the rules ({', '.join(flags)} keep the most), or use a larger file." if flags
+            else "every rule is at its least already: use a larger file.")
 
 
 def table(counts, product_rules, sizes):
@@ -401,10 +410,9 @@ def main(argv=None):
                    "many votes (default 3: 'more than 2', the authors' rule)")
     p.add_argument("--seed", type=int, default=0, help="random_state of the 64/16/20 split (default 0, the authors')")
     args = p.parse_args(argv)
-    for flag in ("min_chars", "min_reviews", "min_top_votes"):
-        if getattr(args, flag) < (0 if flag == "min_chars" else 1):
-            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least "
-                    f"{0 if flag == 'min_chars' else 1}")
+    for flag, least in LEAST.items():
+        if getattr(args, flag) < least:
+            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least {least}")
     if not 0 <= args.seed < 2 ** 32:
         p.error(f"--seed {args.seed}: must be in 0 .. 2**32 - 1 (numpy's RandomState)")
     try:

@@ -288,3 +288,19 @@ def test_the_category_says_what_it_sets_and_what_another_category_passes(tmp_pat
     assert build_small(*voted_dump(tmp_path), tmp_path / "out") == 0
     assert (f"category home_kitchen: tables Home_and_Kitchen.*, and Table 5's home_kitchen settings for "
             f"`python train.py --data-dir {tmp_path / 'out'}`") in capsys.readouterr().out
+
+
+# --- issue 28: small builds --------------------------------------------------------------------------------
+def test_a_build_too_small_at_the_least_rules_does_not_advise_lowering_them(tmp_path, capsys):
+    """Two products cannot fill three splits. With the rules at their defaults the error names the flags that
+    lower them; with every rule at its least already, it advised "lower the rules" all the same: now it says
+    they are at their least and asks for a larger file."""
+    reviews = dump_lines(tmp_path / "r.json", [review_2018(p, "3", who=p) for p in ("P1", "P2")])
+    meta = dump_lines(tmp_path / "m.json", [{"asin": p, "title": "Kettle"} for p in ("P1", "P2")])
+    assert build(reviews, meta, tmp_path / "out", "--min-reviews", "1", "--min-top-votes", "1", "--min-chars", "0") == 2
+    err = capsys.readouterr().err
+    assert "2 products kept: too few" in err and "every rule is at its least already" in err and "lower" not in err
+    assert build(reviews, meta, tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert "no product passes the rules" in err and "--min-reviews 1, --min-top-votes 1, --min-chars 0" in err
+
