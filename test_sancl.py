@@ -392,7 +392,7 @@ def test_vocabulary_is_the_frequent_training_tokens():
                                                  for i in range(5)])]
     words = {"<pad>": data.PAD, "<unk>": data.UNK}
     split = data.Split("train", products, words, grow=True)  # each text tokenised once, words numbered
-    vocab, new_id = data.build_vocab(split, words)
+    vocab, new_id, _ = data.build_vocab(split, words)
     assert vocab == ["<pad>", "<unk>", "kettle", "boils"]  # "kettle" 6 times, "boils" 5, "rare" once
     assert data.build_vocab(split, words, min_count=1)[0][-1] == "rare"
     split.renumber(new_id)

@@ -238,7 +238,8 @@ def resume_from(run, args):
     resume = load_checkpoint(path)
     resume["model"] = model_from_checkpoint(resume, path)  # the saved config wins; SANCL+BERT: resume["pieces"]
     check_weights(resume, path, ("optimizer",))
-    saved = {"batching": "groups", "amp": False, "lr_patience": 4, "bert": None, **resume["args"]}  # runs from before these flags
+    saved = {"batching": "groups", "amp": False, "lr_patience": 4, "bert": None, "min_count": None,
+             **resume["args"]}  # runs from before these flags
     saved.update(resume=run, out=run, device=args.device, threads=args.threads, epochs=args.epochs or saved["epochs"],
                  **{k: getattr(args, k) for k in ("data_dir", "glove", "features", "compute_masks")
                     if getattr(args, k)})

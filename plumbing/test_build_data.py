@@ -304,3 +304,55 @@ def test_a_build_too_small_at_the_least_rules_does_not_advise_lowering_them(tmp_
     err = capsys.readouterr().err
     assert "no product passes the rules" in err and "--min-reviews 1, --min-top-votes 1, --min-chars 0" in err
 
+
+def varied_dump(tmp_path, products=12, per_product=4):
+    """A small dump of real-looking variety: each review 20 words drawn from 400, so that most words of the
+    training split are seen fewer than 5 times, as in a build of a few dozen products."""
+    import random
+    rng = random.Random(0)
+    words = [f"w{i:03d}" for i in range(400)]
+    reviews = [review_2018(f"P{p}", "3", who=f"A{r}", text=" ".join(rng.choice(words) for _ in range(20)))
+               for p in range(products) for r in range(per_product)]
+    meta = [{"asin": f"P{p}", "title": f"Kettle {p}"} for p in range(products)]
+    return dump_lines(tmp_path / "r.json", reviews), dump_lines(tmp_path / "m.json", meta)
+
+
+def test_a_small_builds_vocabulary_keeps_its_rare_words_and_its_warning_speaks_to_training(tmp_path, capsys,
+                                                                                           monkeypatch):
+    """The vocabulary's fixed "seen 5 times in train" rule left 39-41% of the tokens unknown on a 38-product
+    build, and training then asked "is this the data the run was trained on?", evaluate.py's question. Now the
+    default lowers the count on such a split until at most 20% of train's tokens are unknown (--min-count sets
+    it), the warning says what the vocabulary holds, and at a count of 1 it does not advise a lower one."""
+    from plumbing import common
+    assert build_small(*varied_dump(tmp_path), tmp_path / "out") == 0
+    source = data.resolve_data(data_dir=tmp_path / "out")
+    splits, vocab, _, info = common.load_data(source, with_images=False, with_masks=False, with_embeddings=False)
+    assert info["min_count"] < data.MIN_COUNT and info["unknown"]["train"] <= 0.2
+    at_five = common.load_data(source, None, False, False, False, data.SPLITS, False, None, data.MIN_COUNT)[3]
+    assert at_five["min_count"] == 5 and at_five["unknown"]["train"] > 0.3  # the reference's rule: 5
+    capsys.readouterr()
+    for report in (info, at_five):
+        common.report_data(report)
+        out = capsys.readouterr().out
+        assert "trained on?" not in out and "tokens are unknown to the vocabulary (" in out, out
+    assert "--min-count 1 keeps every word of train" in out
+    info["min_count"], info["unknown"]["test"] = 1, 0.5  # every word of train kept: no lower count to advise
+    common.report_data(info)
+    out = capsys.readouterr().out
+    assert "50.0% of the test tokens are unknown to the vocabulary (every word of train)" in out
+    assert "--min-count" not in out
+    saved = common.load_data(source, vocab, False, False, False, ["test"], False)[3]  # evaluate.py: a run's own
+    saved["unknown"]["test"] = 0.5
+    common.report_data(saved)
+    assert "is this the data the run was trained on?" in capsys.readouterr().out
+    import train
+    from plumbing import training
+    asked = []
+
+    def load_data(*args):  # what train.py asks for, and no more of a run
+        asked.append(args[-1])
+        raise data.DataError("stop here")
+
+    monkeypatch.setattr(training, "load_data", load_data)
+    argv = ["--data-dir", str(tmp_path / "out"), "--text-only", "--out", str(tmp_path / "run")]
+    assert train.main(argv + ["--min-count", "2"]) == 2 and train.main(argv) == 2 and asked == [2, None]
