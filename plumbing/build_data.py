@@ -336,7 +336,9 @@ def make(args, out, prefix, work):
     products, product_rules = apply_rules(kept, listed, args.min_reviews, args.min_top_votes)
     if not products:
         print(table(counts, product_rules, {}))
-        raise DataError(f"no product passes the rules (the table above says which removed what): {advice(args)}")
+        raise DataError(f"no product passes the rules (the table above says which removed what): {advice(args)}"
+                        if listed or not kept else f"--meta {args.meta} lists none of the {len(kept):,} products of "
+                        f"the reviews kept: pass the metadata file of the reviews' category and release.")
     splits = split_products(list(products), args.seed)
     if not all(splits.values()):
         print(table(counts, product_rules, {}))

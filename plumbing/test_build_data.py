@@ -305,6 +305,16 @@ def test_a_build_too_small_at_the_least_rules_does_not_advise_lowering_them(tmp_
     assert "no product passes the rules" in err and "--min-reviews 1, --min-top-votes 1, --min-chars 0" in err
 
 
+
+def test_metadata_of_another_category_is_said_so_not_blamed_on_the_rules(tmp_path, capsys):
+    """Reviews beside the metadata of another category: every product is removed as "not in the metadata", and
+    the error advised lowering rules that cannot bring one back. Now it says the metadata lists none of them."""
+    reviews = dump_lines(tmp_path / "r.json", [review_2018(p, "3", who=p) for p in ("P1", "P2", "P3")])
+    meta = dump_lines(tmp_path / "m.json", [{"asin": p, "title": "Fridge"} for p in ("Q1", "Q2")])
+    assert build(reviews, meta, tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert f"--meta {meta} lists none of the 3 products of the reviews kept" in err and "lower" not in err, err
+
 def varied_dump(tmp_path, products=12, per_product=4):
     """A small dump of real-looking variety: each review 20 words drawn from 400, so that most words of the
     training split are seen fewer than 5 times, as in a build of a few dozen products."""
