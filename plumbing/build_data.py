@@ -327,6 +327,7 @@ def build(args):
 
 
 def make(args, out, prefix, work):
+    """The build: read, apply the rules, split, write into `work` and rename it to `out`; print what it did."""
     t0 = time.time()
     kept, counts, reviews_info = read_reviews(args.reviews, args.min_chars)
     # only the products that pass the review-count rules need their metadata kept
