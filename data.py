@@ -288,22 +288,28 @@ def glove_matrix(source, vocab, seed=0):
 # --- 5. encoded splits and batches ------------------------------------------------------
 PAD, UNK = 0, 1
 MIN_COUNT = 5  # the reference keeps the tokens seen at least 5 times in train (docs/differences.md)
+MAX_UNKNOWN = 0.2  # a small data set: the default count is lowered until at most this share of train is <unk>
 
 
-def build_vocab(train, words, min_count=MIN_COUNT):
+def build_vocab(train, words, min_count=None):
     """The vocabulary, from the TRAINING split only (as the reference): the tokens the model reads
-    seen at least `min_count` times, by frequency then alphabetically. Every other token becomes <unk>
+    seen at least `min_count` times, by frequency then alphabetically. None: the reference's 5, lowered
+    on a training split so small that 5 would leave more than MAX_UNKNOWN of its tokens unknown (40% on
+    a build of a few dozen products) to the largest count that does not. Every other token becomes <unk>
     (the reference deletes them; we keep their place, so that probe masks stay aligned). Each text is
     tokenised once: `train` is the training Split encoded with grow=True into `words` (every word of
-    the run, numbered as first seen). Returns the vocabulary and each number's id in it (or <unk>)."""
+    the run, numbered as first seen). Returns the vocabulary, each number's id in it (or <unk>) and the count."""
     counts = np.zeros(len(words), np.int64)
     for tokens, lengths in ((train.product_tokens, train.product_lengths), (train.review_tokens, train.review_lengths)):
         counts += np.bincount(tokens[torch.arange(tokens.shape[1]) < lengths[:, None]].numpy(), minlength=len(words))
+    if min_count is None:  # counts[1]: the <unk> of empty texts
+        min_count = next((k for k in range(MIN_COUNT, 1, -1) if counts[1] + counts[2:][counts[2:] < k].sum()
+                          <= MAX_UNKNOWN * counts.sum()), 1)
     names = list(words)  # a dict keeps insertion order: names[i] is the word numbered i
     kept = sorted((i for i in range(2, len(names)) if counts[i] >= min_count), key=lambda i: (-counts[i], names[i]))
     new_id = np.full(len(names), UNK, np.int32)
     new_id[PAD], new_id[kept] = PAD, np.arange(2, len(kept) + 2)
-    return ["<pad>", "<unk>"] + [names[i] for i in kept], new_id
+    return ["<pad>", "<unk>"] + [names[i] for i in kept], new_id, min_count
 
 
 def encode(texts, max_len, index, grow=False):

@@ -37,6 +37,7 @@ from plumbing import grid_features
 from plumbing import plots
 from plumbing import common
 import probe_mask as pm
+from plumbing import locks
 from plumbing import runs
 from plumbing import sample
 from plumbing import speed
@@ -391,7 +392,7 @@ def test_vocabulary_is_the_frequent_training_tokens():
                                                  for i in range(5)])]
     words = {"<pad>": data.PAD, "<unk>": data.UNK}
     split = data.Split("train", products, words, grow=True)  # each text tokenised once, words numbered
-    vocab, new_id = data.build_vocab(split, words)
+    vocab, new_id, _ = data.build_vocab(split, words)
     assert vocab == ["<pad>", "<unk>", "kettle", "boils"]  # "kettle" 6 times, "boils" 5, "rare" once
     assert data.build_vocab(split, words, min_count=1)[0][-1] == "rare"
     split.renumber(new_id)
@@ -2762,29 +2763,29 @@ def test_a_run_folder_is_locked_and_a_dead_runs_lock_is_taken_over(small_root, t
     out.mkdir()
     other = sleeper()
     try:
-        (out / runs.LOCK).write_text(f"{other.pid}\n")  # a second command while the first one trains
+        (out / locks.LOCK).write_text(f"{other.pid}\n")  # a second command while the first one trains
         with pytest.raises(data.DataError, match=rf"{out} is in use: process {other.pid} is writing a train.py run"):
             run_train(small_root, out)
-        assert sorted(p.name for p in out.iterdir()) == [runs.LOCK]  # nothing written, the lock left alone
+        assert sorted(p.name for p in out.iterdir()) == [locks.LOCK]  # nothing written, the lock left alone
     finally:
         other.kill()
         other.wait()
     run_train(small_root, out)  # the holder was killed: its lock is stale
     assert f"taking over the lock of process {other.pid}, which is no longer running" in capsys.readouterr().err
-    assert (out / "test.json").exists() and not (out / runs.LOCK).exists()  # released at the end
-    with runs.folder_lock(out):  # the lock is taken by an exclusive create, and names its holder
-        assert runs.lock_owner(out / runs.LOCK) == os.getpid()
+    assert (out / "test.json").exists() and not (out / locks.LOCK).exists()  # released at the end
+    with locks.folder_lock(out):  # the lock is taken by an exclusive create, and names its holder
+        assert locks.lock_owner(out / locks.LOCK) == os.getpid()
         with pytest.raises(data.DataError, match="is in use"):
-            with runs.folder_lock(out):
+            with locks.folder_lock(out):
                 pass
-    assert not runs.running(-1) and not runs.running(0)  # never a process group
+    assert not locks.running(-1) and not locks.running(0)  # never a process group
 
 
 def test_ablations_started_twice_stop_and_its_workers_die_with_it(tiny_root, tmp_path, monkeypatch, capsys):
     argv = ["--data-dir", str(tiny_root), "--ablations", "--seeds", "1", "--jobs", "1", "--out", str(tmp_path)]
     other = sleeper()
     try:
-        (tmp_path / runs.LOCK).write_text(f"{other.pid}\n")
+        (tmp_path / locks.LOCK).write_text(f"{other.pid}\n")
         assert train.main(argv) == 2
         assert f"is in use: process {other.pid} is writing a Table 2 (--ablations)" in capsys.readouterr().err
     finally:
@@ -2803,7 +2804,7 @@ def test_ablations_started_twice_stop_and_its_workers_die_with_it(tiny_root, tmp
     with pytest.raises(Stop):
         train.main(argv[:-4] + ["--seeds", "1", "--jobs", "2", "--out", str(tmp_path)])
     assert pools == [(2, runs.die_with_parent)]
-    assert "taking over the lock" in capsys.readouterr().err and not (tmp_path / runs.LOCK).exists()
+    assert "taking over the lock" in capsys.readouterr().err and not (tmp_path / locks.LOCK).exists()
 
 
 def test_a_pool_worker_ends_when_its_parent_is_killed(tmp_path):
@@ -2832,13 +2833,13 @@ def test_a_pool_worker_ends_when_its_parent_is_killed(tmp_path):
         # die_with_parent's watch looks every 0.5 s: it ends within a second on an idle machine; 5 min catches
         # a worker that keeps running, not a slow one
         start = time.monotonic()
-        while runs.running(worker) and time.monotonic() - start < 300:
+        while locks.running(worker) and time.monotonic() - start < 300:
             time.sleep(0.1)
-        assert not runs.running(worker), "the pool worker kept running after its parent was killed"
+        assert not locks.running(worker), "the pool worker kept running after its parent was killed"
     finally:
         parent.kill()
         parent.wait()
-        if worker and runs.running(worker):
+        if worker and locks.running(worker):
             os.kill(worker, signal.SIGKILL)
 
 

@@ -63,6 +63,9 @@ def parse_args(argv=None):
                    "groups of 1 positive + 7 negatives); rounded down to whole groups, at least one")
     p.add_argument("--freeze-embeddings", action="store_true", help="keep the GloVe vectors fixed (default: "
                    "trained from their GloVe start, as the paper and the reference do)")
+    p.add_argument("--min-count", type=count, help="the vocabulary: the words seen at least this many times in train "
+                   "(default: the reference's 5, lowered on a data set so small that 5 leaves over 20%% of train's "
+                   "tokens unknown)")
     p.add_argument("--bert", metavar="PATH", help="SANCL+BERT (Appendix B): a local BERT folder in the Hugging Face "
                    "layout (config.json, vocab.txt, model.safetensors), e.g. bert-base-uncased downloaded by you; it "
                    "replaces the GloVe embeddings (one BERT for product and review text, its last 4 layers trained), "
@@ -106,10 +109,11 @@ def parse_args(argv=None):
                    "at the same time, one process each (default 2, or 1 on one core; with several GPUs, one run a GPU); "
                    "each keeps --threads")
     args = p.parse_args(argv)
-    if args.bert and (args.glove or args.freeze_embeddings):
-        p.error("--bert replaces the GloVe embeddings (its lower layers are frozen, its last 4 trained, as Appendix "
-                "B): drop " + " and ".join(f for f, v in (("--glove", args.glove), ("--freeze-embeddings",
-                                                                              args.freeze_embeddings)) if v))
+    if args.bert and (args.glove or args.freeze_embeddings or args.min_count):
+        p.error("--bert replaces the GloVe embeddings and their vocabulary (its lower layers are frozen, its last 4 "
+                "trained, as Appendix B): drop " + " and ".join(f for f, v in (
+                    ("--glove", args.glove), ("--freeze-embeddings", args.freeze_embeddings),
+                    ("--min-count", args.min_count)) if v))
     if args.ablations and (args.resume or any(getattr(args, s) for s in SWITCHES)):
         p.error("--ablations trains every setting itself: drop --resume and the ablation switches")
     if args.resume is None and args.data is None and args.data_dir is None:

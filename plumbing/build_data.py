@@ -3,8 +3,8 @@
 The release of the dataset's authors is a zip behind a drive link; the files it was built from
 are public. This script applies their rules (docs/real-data.md) to a reviews file and a
 metadata file of one category and writes exactly the layout data.py reads:
-  1. read the two files, in any of the three public formats (2014, 2018, 2023), plain or gzip,
-     in one streaming pass each: memory grows with the reviews kept, not with the file
+  1. read the two files (plumbing/dumps.py), in any of the three public formats (2014, 2018, 2023),
+     plain or gzip, in one streaming pass each: memory grows with the reviews kept, not with the file
   2. the authors' rules, in their order, each one counted: votes > 0, text of 64 characters or
      more, (our addition: exact duplicates dropped), product in the metadata, 20 reviews or more,
      one review with more than 2 votes. No title rule: like the authors, a product is kept whatever
@@ -12,17 +12,16 @@ metadata file of one category and writes exactly the layout data.py reads:
   3. a 64/16/20 split by product, as sklearn's train_test_split(random_state=0) twice
   4. `{Category}.prd/.rvw/.rel.{train,dev,test}`, `images.tsv` (every image URL and the path to
      save it to, for features.py --extract) and `build.json` (inputs with sizes and hashes, rules,
-     counts), written to a temporary folder that is renamed at the end: same input, same bytes.
+     counts), written in OUT.partial/ (locked: one build at a time) and renamed at the end: same input,
+     same bytes.
 
     python -m plumbing.build_data --reviews Home_and_Kitchen.json.gz --meta meta_Home_and_Kitchen.json.gz \
         --category home_kitchen --out data/Home_and_Kitchen
 """
 import argparse
-import ast
-import gzip
+import contextlib
 import hashlib
 import html
-import io
 import json
 import math
 import os
@@ -30,122 +29,20 @@ import re
 import shutil
 import sys
 import time
-import zlib
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
+from plumbing.dumps import read_records
+from plumbing.locks import folder_lock
 from plumbing.tables import CATEGORIES, DataError  # not from data.py, which imports torch
 
-BUILD_VERSION = 1
+BUILD_VERSION = 2  # 2: images.tsv gives Amazon's images at full size
 SAFE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # an asin; ids name folders (images/{id}/), so nothing else
 
 
-# --- 1. reading a dump: plain or gzip, line by line, hashed as it is read --------------------------
-class _Counted(io.RawIOBase):
-    """A file's bytes as read, counted and hashed on the way (the progress line and build.json)."""
-
-    def __init__(self, path):
-        self.file, self.sha256, self.bytes = open(path, "rb"), hashlib.sha256(), 0
-
-    def readable(self):
-        return True
-
-    def readinto(self, buffer):
-        n = self.file.readinto(buffer)
-        self.sha256.update(memoryview(buffer)[:n])
-        self.bytes += n
-        return n
-
-    def close(self):
-        self.file.close()
-        super().close()
-
-
-class Progress:
-    """One line on stderr: lines, lines/s, MB read and the ETA from the file's size (rewritten in
-    place on a terminal, every 30 s in a log)."""
-
-    def __init__(self, label, total_bytes):
-        self.label, self.total, self.t0, self.last = label, total_bytes, time.time(), 0.0
-        self.tty = sys.stderr.isatty()
-
-    def show(self, lines, done_bytes, final=False):
-        now = time.time()
-        if not final and now - self.last < (1 if self.tty else 30):
-            return
-        self.last, seconds = now, max(now - self.t0, 1e-9)
-        eta = (self.total - done_bytes) / max(done_bytes / seconds, 1)
-        line = (f"{self.label}: {lines:,} lines, {lines / seconds:,.0f} lines/s, {done_bytes / 1e6:,.1f} of "
-                f"{self.total / 1e6:,.1f} MB" + (f" in {seconds:.0f}s" if final else f", ETA {eta:.0f}s"))
-        print(("\r" if self.tty else "") + line, end="\n" if final or not self.tty else "", file=sys.stderr)
-
-
-def read_records(path, role, info):
-    """(line number, dict) of each record of a dump; `info` gets the file's name, size, lines and
-    sha256 at the end. JSON lines, or Python dict literals (2014's metadata, read with
-    ast.literal_eval, which evaluates literals only and never runs code)."""
-    path = Path(path)
-    if not path.is_file():
-        what = "is a folder" if path.is_dir() else "no such file"
-        raise DataError(f"--{role} {path}: {what}. Pass the Amazon {role} dump file (README 'Real data').")
-    info.update(name=path.name, bytes=path.stat().st_size)
-    counted = _Counted(path)
-    with open(path, "rb") as f:
-        zipped = f.read(2) == b"\x1f\x8b"
-    stream = io.BufferedReader(counted, 1 << 20)
-    lines = gzip.GzipFile(fileobj=stream) if zipped else stream
-    progress, parse, n = Progress(f"reading {path.name}", info["bytes"]), None, 0
-    try:
-        for n, raw in enumerate(lines, 1):
-            if not raw.strip():
-                continue
-            where = f"--{role} {path}: line {n}"
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise DataError(f"{where} is not UTF-8 text; the file is damaged or not an Amazon dump: "
-                                f"download it again.") from None
-            if parse is None:
-                parse = _json_or_literal(text, where)
-            try:
-                record = parse(text)
-            except (ValueError, SyntaxError, RecursionError, MemoryError) as error:
-                raise DataError(f"{where} is not a record ({type(error).__name__}: {str(error)[:80]}): "
-                                f"{text[:60]!r}... A cut or damaged download: get the file again.") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{where} holds a {type(record).__name__}, expected one record (a dict) a line.")
-            yield n, record
-            if n % 4096 == 0:
-                progress.show(n, counted.bytes)
-    except (EOFError, gzip.BadGzipFile, zlib.error) as error:
-        raise DataError(f"--{role} {path}: the gzip stream is damaged or ends early after line {n} "
-                        f"({type(error).__name__}: {error}); a cut download: get the file again.") from None
-    finally:
-        counted.close()
-    if parse is None:
-        raise DataError(f"--{role} {path}: no records in it; the file is empty or cut short: get it again.")
-    progress.show(n, counted.bytes, final=True)
-    info.update(lines=n, sha256=counted.sha256.hexdigest(), python_literals=parse is ast.literal_eval)
-
-
-def _json_or_literal(text, where):
-    """json.loads for JSON lines; ast.literal_eval where the first record is a Python literal."""
-    try:
-        json.loads(text)
-        return json.loads
-    except ValueError:
-        try:
-            if isinstance(ast.literal_eval(text), dict):
-                return ast.literal_eval
-        except (ValueError, SyntaxError, RecursionError, MemoryError):
-            pass
-    raise DataError(f"{where} is neither JSON nor a Python dict literal: {text[:60]!r}... Pass an Amazon review "
-                    f"dump (JSON lines, plain or .gz), not a csv or a zip.")
-
-
-# --- the three formats (docs/real-data.md), told apart by their fields -------------------------------------
+# --- 1. the three formats (docs/real-data.md), told apart by their fields ----------------------------------
 REVIEW_FORMATS = {  # format -> (product key, text, reviewer)
     2014: ("asin", "reviewText", "reviewerID"), 2018: ("asin", "reviewText", "reviewerID"),
     2023: ("parent_asin", "text", "user_id")}
@@ -239,13 +136,16 @@ def read_reviews(path, min_chars):
     kept, counts, seen, fmt, info = {}, dict(lines=0, no_votes=0, short=0, duplicates=0), set(), None, {}
     for n, record in read_records(path, "reviews", info):
         where = f"--reviews {path}: line {n}"
-        fmt = fmt or review_format(record, where)
+        line_format = review_format(record, where)
+        fmt = fmt or line_format
+        if line_format != fmt:  # its votes would be read in the wrong field: as 0, and the review dropped
+            raise DataError(f"{where}: a {line_format} review in a file of {fmt} reviews (its first line's format); "
+                            f"the file mixes releases, whose fields differ: build from one release's dump.")
         key, text_field, reviewer = REVIEW_FORMATS[fmt]
         product = record.get(key)
         if not isinstance(product, str) or not SAFE_ID.fullmatch(product):
             raise DataError(f"{where}: product id ({key}) {product!r:.40} is not an Amazon id (letters, digits, - "
-                            f"and _: it names files and folders); the line is damaged or from another format (the "
-                            f"first line is {fmt}'s).")
+                            f"and _: it names files and folders); the line is damaged: fix or remove it.")
         counts["lines"] += 1
         votes = votes_of(record, fmt, where)
         if votes < 1:
@@ -343,25 +243,37 @@ def split_products(product_ids, seed):
 
 # --- 4. writing the release layout, all or nothing ------------------------------------------------
 def write_dataset(tmp, prefix, products, meta_of, splits):
-    """The three tables per split, and images.tsv. Review ids are "{product}-{i}", i the review's
-    position among its product's kept reviews, in file order (the authors' ids)."""
-    images = ["item_id\timage\turl\tpath"]
+    """The three tables per split, and images.tsv; returns its number of URLs and how many of them were made
+    full-size. Review ids are "{product}-{i}", i the review's position among its product's kept reviews, in file
+    order (the authors' ids). The tables keep each URL as the dump gives it (as the authors' release)."""
+    images = []  # (item id, its image URLs)
     for split, ids in splits.items():
         prd, rvw, rel = [], [], []
         for pid in ids:
             meta = meta_of[pid]
             prd.append({"product_id": pid, **meta})
-            images += [f"{pid}\t{k}\t{url}\timages/{pid}/{k}.jpg" for k, url in enumerate(meta["image"])]
+            images.append((pid, meta["image"]))
             for i, review in enumerate(products[pid]):
                 rid = f"{pid}-{i}"
                 rvw.append({"review_id": rid, **{k: review[k] for k in ("content", "time", "summary", "image")}})
                 rel.append({"product_id": pid, "review_id": rid, "upvotes": review["upvotes"]})
-                images += [f"{rid}\t{k}\t{url}\timages/{rid}/{k}.jpg" for k, url in enumerate(review["image"])]
+                images.append((rid, review["image"]))
         for kind, rows in (("prd", prd), ("rvw", rvw), ("rel", rel)):
             with open(tmp / f"{prefix}.{kind}.{split}", "w", encoding="utf-8") as f:
                 json.dump(rows, f, ensure_ascii=False, indent=0)
-    (tmp / "images.tsv").write_text("\n".join(images) + "\n", encoding="utf-8")
-    return len(images) - 1
+    rows = [f"{item}\t{k}\t{full_size(url)}\timages/{item}/{k}.jpg"
+            for item, urls in images for k, url in enumerate(urls)]
+    (tmp / "images.tsv").write_text("\n".join(["item_id\timage\turl\tpath"] + rows) + "\n", encoding="utf-8")
+    return len(rows), sum(full_size(url) != url for _, urls in images for url in urls)
+
+
+AMAZON_SIZE = re.compile(r"^(https?://[^/]*amazon\.com/images/I/[^/.]+)\._[^/]*(\.[A-Za-z]+)$")
+
+
+def full_size(url):
+    """An image on Amazon's image server at full size: the part from "._" to the extension picks a resized
+    copy (name._SY88.jpg 88 pixels, name._SS40_.jpg 40, name._SL1600_.jpg 1600), and name.jpg is the image."""
+    return AMAZON_SIZE.sub(r"\1\2", url)
 
 
 def check_out(out):
@@ -370,16 +282,52 @@ def check_out(out):
         what = ("holds a data set" if any(out.glob("*.prd.train")) or (out / "build.json").exists() else
                 "is a file" if not out.is_dir() else "is not empty")
         raise DataError(f"--out {out} {what}: nothing is overwritten. Pick a new folder (or delete that one).")
+
+
+MARKER = "made-by-build_data"  # in OUT.partial/: this program made the folder, and may empty it
+
+
+@contextlib.contextmanager
+def working_folder(out):
+    """OUT.partial/OUT/, where the data set is written before it is renamed to OUT. OUT.partial/ holds this
+    program's marker and is locked while a build runs (locks.py: a second build into the same --out stops with
+    one line); what a killed build left in it is removed. A folder of that name without the marker is refused:
+    nothing this program did not make is deleted."""
     partial = out.with_name(out.name + ".partial")
-    if partial.exists():
-        print(f"removing {partial}/, left by an interrupted build", file=sys.stderr)
-        shutil.rmtree(partial)
-    return partial
+    marker, work, held = partial / MARKER, partial / out.name, False
+    if partial.exists() and not marker.exists() and (not partial.is_dir() or any(partial.iterdir())):
+        raise DataError(f"--out {out}: {partial} exists and was not made by this program (no {MARKER} file in it), "
+                        f"so it is left alone: move it away or pick another --out.")
+    partial.mkdir(parents=True, exist_ok=True)
+    marker.write_text("python -m plumbing.build_data writes --out here; the folder goes when the build ends.\n")
+    try:
+        with folder_lock(partial, "a build_data.py build"):
+            held = True
+            if work.exists():
+                print(f"removing {work}/, left by an interrupted build", file=sys.stderr)
+                shutil.rmtree(work)
+            try:
+                yield work
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+    finally:
+        if held and [p.name for p in partial.iterdir()] == [MARKER]:
+            with contextlib.suppress(OSError):  # another build may be taking it over
+                marker.unlink()
+                partial.rmdir()
 
 
 def build(args):
     out, prefix = Path(args.out), CATEGORIES[args.category]
-    partial = check_out(out)
+    check_out(out)
+    print(f"category {args.category}: tables {prefix}.*, and Table 5's {args.category} settings for `python train.py "
+          f"--data-dir {out}` (another Amazon category: --help)")
+    with working_folder(out) as work:
+        make(args, out, prefix, work)
+
+
+def make(args, out, prefix, work):
+    """The build: read, apply the rules, split, write into `work` and rename it to `out`; print what it did."""
     t0 = time.time()
     kept, counts, reviews_info = read_reviews(args.reviews, args.min_chars)
     # only the products that pass the review-count rules need their metadata kept
@@ -389,35 +337,44 @@ def build(args):
     products, product_rules = apply_rules(kept, listed, args.min_reviews, args.min_top_votes)
     if not products:
         print(table(counts, product_rules, {}))
-        raise DataError("no product passes the rules (the table above says which removed what); for a small "
-                        "file lower --min-reviews, --min-top-votes or --min-chars.")
+        raise DataError(f"no product passes the rules (the table above says which removed what): {advice(args)}"
+                        if listed or not kept else f"--meta {args.meta} lists none of the {len(kept):,} products of "
+                        f"the reviews kept: pass the metadata file of the reviews' category and release.")
     splits = split_products(list(products), args.seed)
     if not all(splits.values()):
         print(table(counts, product_rules, {}))
         raise DataError(f"{len(products)} products kept: too few for a 64/16/20 split with a product in each "
-                        f"split (train.py needs all three). Use a larger file or lower the rules.")
-    partial.mkdir(parents=True)
-    try:
-        n_images = write_dataset(partial, prefix, products, meta_of, splits)
-        sizes = {s: [len(ids), sum(len(products[p]) for p in ids)] for s, ids in splits.items()}
-        record = {"build_version": BUILD_VERSION, "category": args.category, "prefix": prefix,
-                  "reviews": reviews_info, "meta": meta_info,
-                  "rules": {"min_votes": 1, "min_chars": args.min_chars, "min_reviews": args.min_reviews,
-                            "min_top_votes": args.min_top_votes, "seed": args.seed, "split": "64/16/20 by product",
-                            "exact_duplicates": "dropped", "html": "stripped from titles and descriptions"},
-                  "removed": {"reviews": {k: counts[k] for k in ("no_votes", "short", "duplicates")},
-                              "products": {name: [reviews, n] for name, reviews, n in product_rules}},
-                  "splits": sizes, "images": n_images}
-        (partial / "build.json").write_text(json.dumps(record, indent=1) + "\n")
-        if out.exists():
-            out.rmdir()  # empty (check_out)
-        os.replace(partial, out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+                        f"split (train.py needs all three): {advice(args)}")
+    work.mkdir()
+    n_images, n_full = write_dataset(work, prefix, products, meta_of, splits)
+    sizes = {s: [len(ids), sum(len(products[p]) for p in ids)] for s, ids in splits.items()}
+    record = {"build_version": BUILD_VERSION, "category": args.category, "prefix": prefix,
+              "reviews": reviews_info, "meta": meta_info,
+              "rules": {"min_votes": 1, "min_chars": args.min_chars, "min_reviews": args.min_reviews,
+                        "min_top_votes": args.min_top_votes, "seed": args.seed, "split": "64/16/20 by product",
+                        "exact_duplicates": "dropped", "html": "stripped from titles and descriptions",
+                        "image_urls": "full-size in images.tsv (name._SY88.jpg -> name.jpg), the dump's in tables"},
+              "removed": {"reviews": {k: counts[k] for k in ("no_votes", "short", "duplicates")},
+                          "products": {name: [reviews, n] for name, reviews, n in product_rules}},
+              "splits": sizes, "images": n_images, "images_full_size": n_full}
+    (work / "build.json").write_text(json.dumps(record, indent=1) + "\n")
+    if out.exists():
+        out.rmdir()  # empty (check_out)
+    os.replace(work, out)
     print(table(counts, product_rules, sizes))
     print(f"wrote {out}/ in {time.time() - t0:.0f}s: {prefix}.{{prd,rvw,rel}}.{{train,dev,test}}, images.tsv "
-          f"({n_images:,} image URLs), build.json. Next: README 'Real data' (images, features.py --extract).")
+          f"({n_images:,} image URLs, {n_full:,} of them made full-size), build.json. Next: docs/real-data.md "
+          f"(images, features.py --extract).")
+
+
+LEAST = {"min_reviews": 1, "min_top_votes": 1, "min_chars": 0}  # each rule at its least: it removes nothing
+
+
+def advice(args):
+    """What to do when too few products are kept: lower the rules that are not at their least, or a larger file."""
+    flags = [f"--{flag.replace('_', '-')} {least}" for flag, least in LEAST.items() if getattr(args, flag) > least]
+    return (f"for a small file, lower the rules ({', '.join(flags)} keep the most), or use a larger file." if flags
+            else "every rule is at its least already: use a larger file.")
 
 
 def table(counts, product_rules, sizes):
@@ -441,8 +398,12 @@ def main(argv=None):
                    "Home_and_Kitchen.json.gz (2018), reviews_Home_and_Kitchen.json.gz (2014), Home_and_Kitchen.jsonl.gz (2023)")
     p.add_argument("--meta", required=True, metavar="FILE", help="the same release's metadata dump, e.g. "
                    "meta_Home_and_Kitchen.json.gz")
-    p.add_argument("--category", required=True, choices=sorted(CATEGORIES), help="the file prefix written "
-                   "(Home_and_Kitchen, ...) and so the Table 5 settings train.py uses")
+    p.add_argument("--category", required=True, choices=sorted(CATEGORIES), help="one of the paper's three: it "
+                   "names the tables (Home_and_Kitchen.prd.train, ...) and so picks the Table 5 settings (lr, kappa, "
+                   "dropout) that train.py --data-dir OUT uses. Another Amazon category (Appliances, Musical "
+                   "Instruments, ...): --category home_kitchen, with --out a folder of its own (data/Appliances), "
+                   "then train.py --data-dir that folder --out runs/appliances-s0; its --lr, --kappa and --dropout "
+                   "change the settings")
     p.add_argument("--out", required=True, metavar="DIR", help="the folder to write (must not exist or be empty)")
     p.add_argument("--min-chars", type=int, default=64, help="keep reviews with text of at least this many "
                    "characters (default 64, the authors' rule)")
@@ -452,10 +413,9 @@ def main(argv=None):
                    "many votes (default 3: 'more than 2', the authors' rule)")
     p.add_argument("--seed", type=int, default=0, help="random_state of the 64/16/20 split (default 0, the authors')")
     args = p.parse_args(argv)
-    for flag in ("min_chars", "min_reviews", "min_top_votes"):
-        if getattr(args, flag) < (0 if flag == "min_chars" else 1):
-            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least "
-                    f"{0 if flag == 'min_chars' else 1}")
+    for flag, least in LEAST.items():
+        if getattr(args, flag) < least:
+            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least {least}")
     if not 0 <= args.seed < 2 ** 32:
         p.error(f"--seed {args.seed}: must be in 0 .. 2**32 - 1 (numpy's RandomState)")
     try:

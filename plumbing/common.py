@@ -208,12 +208,13 @@ def load_masks(source, split, compute=False):
 
 
 def load_data(source, vocab=None, with_images=True, with_masks=True, compute_masks=False,
-              split_names=data.SPLITS, with_embeddings=True, pieces=None):
+              split_names=data.SPLITS, with_embeddings=True, pieces=None, min_count=None):
     """Splits of `source`, encoded: ({split: Split}, vocab, embeddings (V, 300) or None, info).
 
     A new run builds its vocabulary from the training split and reads GloVe; a saved run
     passes its own vocabulary (its embeddings are in its checkpoint), so only `split_names`
     are read. SANCL+BERT passes `pieces` (bert.WordPieces): its vocabulary is BERT's, no GloVe.
+    `min_count`: a new vocabulary's rule (data.build_vocab; None: its default).
     The label rule is decided once, on the votes of every split."""
     if pieces is not None:
         vocab, with_embeddings = pieces.vocab, False
@@ -231,13 +232,14 @@ def load_data(source, vocab=None, with_images=True, with_masks=True, compute_mas
                                if with_masks else None, regions, grow=new, pieces=pieces) for name in names}
     embeddings, oov = None, None
     if new:  # every text was read once, numbering its words; the vocabulary comes from train's counts
-        vocab, new_id = data.build_vocab(splits["train"], index)
+        vocab, new_id, min_count = data.build_vocab(splits["train"], index, min_count)
         for split in splits.values():
             split.renumber(new_id)
         if with_embeddings:
             embeddings, oov = data.glove_matrix(source, vocab)
     splits = {name: splits[name] for name in split_names}
     info = {"reports": reports, "oov": oov, "vocab": len(vocab) - 2, "glove": source.glove.name,
+            "min_count": min_count if new else None,  # None: a saved run's vocabulary, or BERT's
             "label_rule": data.LABEL_RULES[rule], "features": source.features, "images": images,
             "unknown": {name: unknown_share(split, pieces) for name, split in splits.items()}}
     return splits, vocab, embeddings, info
@@ -258,7 +260,8 @@ WARN_SHARE = 0.2  # warn when more than this share of the vocabulary or of a spl
 def report_data(info, file=None):
     """What a run reads, in numbers, so that nothing degrades silently: rows skipped, the GloVe
     coverage of the vocabulary, the unknown-token share of each split, the share of items with
-    image features; a warning where more than 20% of the words or of a split's tokens are unknown."""
+    image features; a warning where more than 20% of the words or of a split's tokens are unknown, worded for
+    a new vocabulary (`min_count`, train.py) or a saved run's (evaluate.py, --resume)."""
     file = file or sys.stdout
     skipped = {what: [getattr(r, what) for r in info["reports"].values()] for what in
                ("empty_reviews", "products_without_reviews", "duplicate_rows", "unlisted_reviews")}
@@ -267,18 +270,23 @@ def report_data(info, file=None):
             f"{'/'.join(map(str, counts))} {what.replace('_', ' ')}" for what, counts in skipped.items() if any(counts))
             + ("; unlisted reviews are in .rvw but in no .rel row: is the .rel table cut short?"
                if any(skipped["unlisted_reviews"]) else ""), file=file)
-    warnings = []
+    warnings, count = [], info["min_count"]
+    held = "every word of train" if count == 1 else f"the words seen {count} times or more in train"
     if info["oov"] is not None:
         missing = info["oov"] / max(1, info["vocab"])
-        print(f"vocabulary {info['vocab']} words, {100 - 100 * missing:.1f}% in GloVe ({info['glove']}); "
-              f"{info['oov']} get random vectors", file=file)
+        rule = f" ({held}; the reference's rule is {data.MIN_COUNT} times or more: --min-count)"
+        print(f"vocabulary {info['vocab']} words{rule if count not in (None, data.MIN_COUNT) else ''}, "
+              f"{100 - 100 * missing:.1f}% in GloVe ({info['glove']}); {info['oov']} get random vectors", file=file)
         if missing > WARN_SHARE:
             warnings.append(f"{100 * missing:.1f}% of the vocabulary is not in {info['glove']}: is it the right "
                             f"GloVe file (300-d text, UTF-8)? --glove PATH")
     print("unknown tokens (not in the vocabulary): "
           + ", ".join(f"{name} {100 * share:.1f}%" for name, share in info["unknown"].items()), file=file)
-    warnings += [f"{100 * share:.1f}% of the {name} tokens are unknown to the vocabulary: is this the data "
-                 f"the run was trained on?" for name, share in info["unknown"].items() if share > WARN_SHARE]
+    why = (": is this the data the run was trained on?" if count is None else  # a saved run's vocabulary
+           f" ({held}): a small data set? " +
+           ("--min-count 1 keeps every word of train" if count > 1 else "a larger build gives train more words"))
+    warnings += [f"{100 * share:.1f}% of the {name} tokens are unknown to the vocabulary{why}"
+                 for name, share in info["unknown"].items() if share > WARN_SHARE]
     if info["images"] is not None:
         print(f"image features in {info['features']}/: products {100 * info['images']['products']:.1f}%, reviews "
               f"{100 * info['images']['reviews']:.1f}% (the others get the learned 'no image' region)", file=file)

@@ -4,7 +4,7 @@ matplotlib is optional. It is imported inside `_pyplot`, so every command runs w
 a function that would draw prints where the picture would have been and how to get it, and
 returns None. The history CSV needs no matplotlib.
 
-Imports go one way: this file uses no other script; train.py, evaluate.py and runs.py (`naming`) use it.
+Imports go one way: this file uses no other script; train.py, evaluate.py, runs.py and locks.py (`naming`) use it.
 """
 import contextlib
 import csv

@@ -3,12 +3,11 @@
   1. checkpoints: written atomically (by process 0 alone under torchrun), read back with everything a
      run needs to resume, checked before use: no pickled code, finite weights, a config within bounds
   2. run folders: where a run goes, one process writing into it at a time (run.lock), how --resume
-     continues it; write errors said in one line
+     continues it (the lock: locks.py); write errors said in one line
 
 Imports go one way: this file uses data, sancl, bert, distributed and plots; evaluate.py and train.py use it.
 """
 import argparse
-import contextlib
 import dataclasses
 import errno
 import hashlib
@@ -34,6 +33,7 @@ import data
 import sancl
 from plumbing.common import find_data, load_data, report_data
 from plumbing.distributed import WORLD
+from plumbing.locks import folder_lock
 from plumbing.tables import said
 
 
@@ -193,68 +193,6 @@ def model_from_checkpoint(checkpoint, path):
 
 
 # --- 2. run folders: one writer at a time ------------------------------------------------------
-LOCK = "run.lock"
-
-
-def lock_owner(lock):
-    """The process id written in a lock file, or None (gone, or not a number)."""
-    try:
-        return int(Path(lock).read_text().strip())
-    except (OSError, ValueError):
-        return None
-
-
-def running(pid):
-    """Whether process `pid` is alive (a zombie, killed but not yet reaped, is not)."""
-    if pid <= 0:  # 0 and -1 would ask about process groups
-        return False
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, OverflowError):
-        return False
-    except PermissionError:  # another user's process
-        return True
-    with contextlib.suppress(OSError):
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    return True
-
-
-@contextlib.contextmanager
-def folder_lock(folder, what="a run"):
-    """Hold `folder`/run.lock while the block runs: its exclusive create (a hard link of a file holding our pid:
-    never seen half written) fails while another process holds it, and a second command stops with one line
-    instead of writing into the first one's run. A killed process's lock is taken over, with a message."""
-    folder = Path(folder)
-    lock, mine = folder / LOCK, folder / f"{LOCK}.{os.getpid()}"
-    write_text(mine, f"{os.getpid()}\n")
-    try:
-        for _ in range(3):
-            try:
-                os.link(mine, lock)
-                break
-            except FileExistsError:
-                pid = lock_owner(lock)
-                if pid is not None and running(pid):
-                    raise data.DataError(f"{folder} is in use: process {pid} is writing {what} into it ({lock}). "
-                                         f"Wait for it to end, or pass another --out (or, if process {pid} is no "
-                                         f"run of ours, delete {lock}).") from None
-                print(f"{lock}: taking over the lock of process {pid}, which is no longer running (killed?)",
-                      file=sys.stderr)
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(lock)
-        else:
-            raise data.DataError(f"{lock}: could not take the lock; another process keeps taking it.")
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(mine)
-    try:
-        yield
-    finally:
-        if lock_owner(lock) == os.getpid():
-            with contextlib.suppress(OSError):
-                os.unlink(lock)
-
-
 def die_with_parent(gpus=None):
     """Pool initializer of --ablations' workers: a worker ends when the command that started it is killed
     (the parent's pid changes), instead of training on, unseen, into the table's folders. With `gpus` (a
@@ -354,7 +292,8 @@ def resume_from(run, args):
     resume = load_checkpoint(path)
     resume["model"] = model_from_checkpoint(resume, path)  # the saved config wins; SANCL+BERT: resume["pieces"]
     check_weights(resume, path, ("optimizer",))
-    saved = {"batching": "groups", "amp": False, "lr_patience": 4, "bert": None, **resume["args"]}  # runs from before these flags
+    saved = {"batching": "groups", "amp": False, "lr_patience": 4, "bert": None, "min_count": None,
+             **resume["args"]}  # runs from before these flags
     saved.update(resume=run, out=run, device=args.device, threads=args.threads, epochs=args.epochs or saved["epochs"],
                  **{k: getattr(args, k) for k in ("data_dir", "glove", "features", "compute_masks")
                     if getattr(args, k)})

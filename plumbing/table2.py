@@ -17,7 +17,8 @@ import torch
 import data
 from evaluate import GEOMETRY, baseline_metrics, format_metrics
 from plumbing.common import find_data
-from plumbing.runs import die_with_parent, folder_lock, other_data, write_text
+from plumbing.locks import folder_lock
+from plumbing.runs import die_with_parent, other_data, write_text
 
 
 TABLE2 = {"SANCL (full)": [], "text-only": ["--text-only"], "w/o learned beta": ["--fixed-beta"],

@@ -53,7 +53,7 @@ def start(args, progress, hold, switches, group_size):
     pieces, encoder = (resume["pieces"], None) if resume else bert.load(args.bert) if args.bert else (None, None)
     splits, vocab, embeddings, info = rank0_first(  # process 0 first: it may write the probe-mask cache
         load_data, source, resume["vocab"] if resume else None, not args.text_only, not args.no_probe_mask,
-        args.compute_masks, data.SPLITS, True, pieces)
+        args.compute_masks, data.SPLITS, True, pieces, args.min_count)
     info["t0"] = t0
     return SimpleNamespace(args=args, device=device, source=source, hp=hp, out=out, splits=splits, vocab=vocab,
                            embeddings=embeddings, encoder=encoder, pieces=pieces, resume=resume, info=info)
