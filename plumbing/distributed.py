@@ -3,6 +3,7 @@
 Plumbing only: nothing of the paper lives here, and one process never needs it (every function is a
 no-op then). docs/processes.md says how to use it.
   - start_processes / end_processes: join torchrun's processes (gloo on CPU, nccl on CUDA)
+  - same_flags: processes started with other flags refused
   - wrap_model, check_split, share_steps: DistributedDataParallel, and each step's groups dealt out
   - gather_step: the whole step's rows for the losses, with autograd (sancl.SANCL.losses' hook)
   - agree, together, on_rank0, rank0_first, total_over_processes: errors and work that all agree on
@@ -57,6 +58,35 @@ def start_processes(device):
         sys.stdout = sys.stderr = open(os.devnull, "w")
         sys.excepthook = lambda *error: traceback.print_exception(*error, file=sys.__stderr__)
     return device
+
+
+def same_flags(flags):
+    """Every process started with the same flags (a dict: vars of the parsed arguments), else every process stops
+    with one line naming the flags that differ: ranks that train different settings would hang in a collective,
+    fail in DDP, or train on silently with each its own --seed or --lr."""
+    if WORLD["size"] == 1:
+        return
+    every = [None] * WORLD["size"]
+    torch.distributed.all_gather_object(every, flags)
+    message = differing_flags(every)
+    if message:
+        raise data.DataError(message)
+
+
+def differing_flags(every):
+    """The first process whose flags differ from process 0's, and how, in one line (None when all agree)."""
+    def shown(flags, names):  # "with --seed 1 --text-only and without --lr"
+        given = [name for name in names if flags[name] is not None and flags[name] is not False]
+        given_words = " ".join(f"--{n.replace('_', '-')}" + ("" if flags[n] is True else f" {flags[n]}") for n in given)
+        absent_words = " ".join(f"--{n.replace('_', '-')}" for n in names if n not in given)
+        return " and ".join(part for part in (given_words and f"with {given_words}",
+                                              absent_words and f"without {absent_words}") if part)
+    for rank, flags in enumerate(every[1:], 1):
+        names = [name for name in every[0] if flags.get(name) != every[0][name]]
+        if names:
+            return (f"process {rank} of {len(every)} was started {shown(flags, names)}, process 0 "
+                    f"{shown(every[0], names)}: start every process with the same flags")
+    return None
 
 
 def end_processes():

@@ -1,5 +1,6 @@
 """Two processes as torchrun starts them (gloo on CPU): who does rank 0's work, and whose dropout masks are
-whose (issue 29). `python -m pytest -q plumbing/test_processes.py` (about 20 s: one two-process run)."""
+whose (issue 29); processes started with other flags (issue 28). `python -m pytest -q plumbing/test_processes.py`
+(about 20 s: one two-process run)."""
 import contextlib
 import json
 import os
@@ -12,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import data
 import train
 from plumbing import distributed, runs, sample, training
 
@@ -134,3 +136,20 @@ def test_a_resumed_process_after_the_first_draws_its_own_masks_too(rank, monkeyp
     drawn = torch.nn.functional.dropout(torch.ones(256), 0.5)
     assert torch.equal(drawn, saved) == (rank == 0)
     assert "resuming runs/x after epoch 2 of 4" in capsys.readouterr().out
+
+
+def test_processes_started_with_other_flags_are_named_with_the_flags(monkeypatch):
+    """Every process's parsed flags are gathered at the start; the first process whose flags differ from process
+    0's is named in one line, with the flags as typed (a switch: with or without it)."""
+    flags = vars(train.parse_args(["--data", "home_kitchen", "--epochs", "2"]))
+    other = {**flags, "epochs": 3, "seed": 1, "text_only": True}
+    assert distributed.differing_flags([flags, flags]) is None
+    assert distributed.differing_flags([flags, flags, other]) == (
+        "process 2 of 3 was started with --epochs 3 --seed 1 --text-only, process 0 with --epochs 2 --seed 0 and "
+        "without --text-only: start every process with the same flags")
+    monkeypatch.setitem(distributed.WORLD, "size", 2)
+    monkeypatch.setattr(torch.distributed, "all_gather_object", lambda every, mine: every.__setitem__(
+        slice(None), [mine, {**mine, "lr": 0.01}]))
+    with pytest.raises(data.DataError, match=r"^process 1 of 2 was started with --lr 0.01, process 0 without --lr: "):
+        distributed.same_flags(flags)
+
