@@ -3,7 +3,8 @@
 Plumbing only: nothing of the paper lives here, and one process never needs it (every function is a
 no-op then). docs/processes.md says how to use it.
   - start_processes / end_processes: join torchrun's processes (gloo on CPU, nccl on CUDA)
-  - same_flags: processes started with other flags refused
+  - same_flags, say_error: processes started with other flags refused; the one line a run ends with, also
+    where torchrun's summary reads it
   - wrap_model, check_split, share_steps: DistributedDataParallel, and each step's groups dealt out
   - gather_step: the whole step's rows for the losses, with autograd (sancl.SANCL.losses' hook)
   - agree, together, on_rank0, rank0_first, total_over_processes: errors and work that all agree on
@@ -11,8 +12,10 @@ no-op then). docs/processes.md says how to use it.
 Imports go one way: this file uses data only; plumbing/common.py and train.py use it.
 """
 import contextlib
+import json
 import os
 import sys
+import time
 import traceback
 import warnings
 from datetime import timedelta
@@ -87,6 +90,17 @@ def differing_flags(every):
             return (f"process {rank} of {len(every)} was started {shown(flags, names)}, process 0 "
                     f"{shown(every[0], names)}: start every process with the same flags")
     return None
+
+
+def say_error(line):
+    """The one line a run ends with, on stderr (process 0's; the others' is silenced). Under torchrun also in the
+    error file its agent reads (TORCHELASTIC_ERROR_FILE), so that the summary it prints last shows the line as the
+    root cause, where it would show a link to its documentation."""
+    print(line, file=sys.stderr, flush=True)
+    if "TORCHELASTIC_ERROR_FILE" in os.environ:
+        with open(os.environ["TORCHELASTIC_ERROR_FILE"], "w") as error_file:
+            json.dump({"message": {"message": line, "extraInfo": {"py_callstack": line,
+                                                                  "timestamp": str(int(time.time()))}}}, error_file)
 
 
 def end_processes():

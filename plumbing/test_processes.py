@@ -1,6 +1,6 @@
 """Two processes as torchrun starts them (gloo on CPU): who does rank 0's work, and whose dropout masks are
-whose (issue 29); processes started with other flags (issue 28). `python -m pytest -q plumbing/test_processes.py`
-(about 20 s: one two-process run)."""
+whose (issue 29); processes started with other flags, and the line torchrun's summary shows (issue 28).
+`python -m pytest -q plumbing/test_processes.py` (about 30 s: two two-process runs)."""
 import contextlib
 import json
 import os
@@ -152,4 +152,36 @@ def test_processes_started_with_other_flags_are_named_with_the_flags(monkeypatch
         slice(None), [mine, {**mine, "lr": 0.01}]))
     with pytest.raises(data.DataError, match=r"^process 1 of 2 was started with --lr 0.01, process 0 without --lr: "):
         distributed.same_flags(flags)
+
+
+# torchrun's worker: train.py with --seed RANK, so that the two processes are started with different flags
+OTHER_SEEDS = """import os, sys, train
+sys.exit(train.main(sys.argv[1:] + ["--seed", os.environ["RANK"]]))
+"""
+
+
+def torchrun(script, argv, output):
+    """`torchrun --standalone --nproc_per_node 2 script argv...` started from the repository root, its output and
+    its processes' into the file `output` (a pipe would stay open, and block its reader, while a process lives)."""
+    env = {**os.environ, "PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1"}
+    with open(output, "w") as file:
+        return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                 "2", str(script), *argv], cwd=HERE, env=env, stdout=file, stderr=subprocess.STDOUT)
+
+
+def test_torchrun_refuses_other_flags_and_its_summary_ends_with_our_line(tmp_path):
+    """Processes started with different seeds stop at the start (they trained on silently, each its own model),
+    and torchrun's summary, printed last, gives our one line as the root cause, not a link to its documentation."""
+    script = tmp_path / "other_seeds.py"
+    script.write_text(OTHER_SEEDS)
+    root = tmp_path / "Home_and_Kitchen"
+    sample.write_sample(root, "home_kitchen", split_products=TINY)
+    run = torchrun(script, run_flags(root, tmp_path / "run"), tmp_path / "torchrun.txt")
+    run.wait(timeout=HANG)
+    output = (tmp_path / "torchrun.txt").read_text()
+    line = ("error: process 1 of 2 was started with --seed 1, process 0 with --seed 0: start every process with the "
+            "same flags")
+    assert run.returncode != 0 and not (tmp_path / "run" / "last.pt").exists(), output
+    summary = output.strip().splitlines()
+    assert summary[-1].startswith("=====") and summary[-2] == f"  traceback : {line}", output
 
