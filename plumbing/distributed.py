@@ -2,7 +2,8 @@
 
 Plumbing only: nothing of the paper lives here, and one process never needs it (every function is a
 no-op then). docs/processes.md says how to use it.
-  - start_processes / end_processes: join torchrun's processes (gloo on CPU, nccl on CUDA)
+  - start_processes / end_processes: join torchrun's processes (gloo on CPU, nccl on CUDA), each watching the
+    others (`watch_peers`: a stopped process is named within minutes)
   - same_flags, say_error: processes started with other flags refused; the one line a run ends with, also
     where torchrun's summary reads it
   - wrap_model, check_split, share_steps: DistributedDataParallel, and each step's groups dealt out
@@ -15,6 +16,7 @@ import contextlib
 import json
 import os
 import sys
+import threading
 import time
 import traceback
 import warnings
@@ -33,12 +35,14 @@ import data
 # sends each process's own rows the sum of the N processes' gradients, N dL/dx, and DDP's average divides
 # by N: the one-process gradient. Process 0 alone prints, scores dev and test, and writes the run folder.
 WORLD = {"rank": 0, "size": 1}  # this process and how many there are; one process: rank 0 of 1
+PEER_TIMEOUT = "SANCL_PEER_TIMEOUT"  # environment: seconds a process that gives no sign of life is waited for
 
 
 def start_processes(device):
     """One process: `device` (plumbing.pick_device's choice for --device), nothing else. Under torchrun:
-    join the others (nccl on CUDA, one GPU per process by LOCAL_RANK; gloo on CPU) and silence every
-    process but rank 0. Refused with one line: RANK set without a rendezvous (a plain `python train.py`)."""
+    join the others (nccl on CUDA, one GPU per process by LOCAL_RANK; gloo on CPU), watch them (`watch_peers`)
+    and silence every process but rank 0. Refused with one line: RANK set without a rendezvous (a plain
+    `python train.py`), a SANCL_PEER_TIMEOUT that is no number."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if "RANK" not in os.environ and size == 1:
         return device
@@ -47,6 +51,9 @@ def start_processes(device):
         raise data.DataError(f"RANK/WORLD_SIZE are set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
                              f"not: start several processes with `torchrun --standalone --nproc_per_node N train.py "
                              f"...`, or unset RANK and WORLD_SIZE for one process")
+    limit = os.environ.get(PEER_TIMEOUT, "300")
+    if not limit.replace(".", "", 1).isdigit() or float(limit) == 0:
+        raise data.DataError(f"{PEER_TIMEOUT}={limit}: the seconds a silent process is waited for, a number above 0")
     if device.type == "cuda":
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if local >= torch.cuda.device_count():
@@ -54,13 +61,49 @@ def start_processes(device):
                                  f"start at most {torch.cuda.device_count()} processes per machine (--nproc_per_node)")
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
-    # the others wait in a collective while process 0 scores dev (6 min on one CPU core at the release's size)
+    # the others wait in a collective while process 0 scores dev (6 min on one CPU core at the release's size); a
+    # stopped process is named by watch_peers long before this hour is up
     torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=1))
     WORLD.update(rank=torch.distributed.get_rank(), size=torch.distributed.get_world_size())
+    watch_peers(float(limit))
     if WORLD["rank"] > 0:  # one voice: rank 0's. A crash of ours still shows its traceback (on the real stderr)
         sys.stdout = sys.stderr = open(os.devnull, "w")
         sys.excepthook = lambda *error: traceback.print_exception(*error, file=sys.__stderr__)
     return device
+
+
+def watch_peers(limit):
+    """A thread that tells a stopped (or unreachable) process from a busy one: every `limit` / 20 seconds it counts
+    up this process's key in the rendezvous store (torchrun's agent holds it; without torchrun, process 0) and reads
+    the others'. When one's count has not moved for `limit` seconds (SANCL_PEER_TIMEOUT, default 300), every
+    process that sees it exits (code 2), and the lowest one still running says which in one line. A process that
+    computes, or waits for process 0 to score dev, keeps counting: its thread runs meanwhile. So the collectives'
+    own timeout (an hour, for those long waits) is never what stops a run."""
+    rank, size = WORLD["rank"], WORLD["size"]
+    store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                       timeout=timedelta(seconds=limit))
+
+    def watch():
+        counts, moved = [0] * size, [time.monotonic()] * size
+        while True:
+            try:
+                store.add(f"sancl/alive/{rank}", 1)
+                now = time.monotonic()
+                for other, count in enumerate(store.add(f"sancl/alive/{other}", 0) for other in range(size)):
+                    if count != counts[other]:
+                        counts[other], moved[other] = count, now
+            except RuntimeError:  # the store is gone (process 0, or the agent, has ended): the run is ending
+                return
+            silent = [other for other in range(size) if now - moved[other] > limit]
+            if silent:
+                if rank == min(set(range(size)) - set(silent)):  # the real stderr: process 0 may be the silent one
+                    named = f"process{'es' if len(silent) > 1 else ''} {' and '.join(map(str, silent))} of {size}"
+                    say_error(f"error: {named} gave no sign of life for {limit:.0f} s (stopped? its machine down?): "
+                              f"every process stops ({PEER_TIMEOUT}=SECONDS sets the wait)", sys.__stderr__)
+                os._exit(2)
+            time.sleep(limit / 20)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def same_flags(flags):
@@ -92,11 +135,11 @@ def differing_flags(every):
     return None
 
 
-def say_error(line):
-    """The one line a run ends with, on stderr (process 0's; the others' is silenced). Under torchrun also in the
-    error file its agent reads (TORCHELASTIC_ERROR_FILE), so that the summary it prints last shows the line as the
-    root cause, where it would show a link to its documentation."""
-    print(line, file=sys.stderr, flush=True)
+def say_error(line, file=None):
+    """The one line a run ends with, on stderr (`file`: by default process 0's; the others' is silenced). Under
+    torchrun also in the error file its agent reads (TORCHELASTIC_ERROR_FILE), so that the summary it prints last
+    shows the line as the root cause, where it would show a link to its documentation."""
+    print(line, file=file or sys.stderr, flush=True)
     if "TORCHELASTIC_ERROR_FILE" in os.environ:
         with open(os.environ["TORCHELASTIC_ERROR_FILE"], "w") as error_file:
             json.dump({"message": {"message": line, "extraInfo": {"py_callstack": line,

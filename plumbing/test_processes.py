@@ -1,6 +1,6 @@
 """Two processes as torchrun starts them (gloo on CPU): who does rank 0's work, and whose dropout masks are
-whose (issue 29); processes started with other flags, and the line torchrun's summary shows (issue 28).
-`python -m pytest -q plumbing/test_processes.py` (about 30 s: two two-process runs)."""
+whose (issue 29); processes started with other flags, a stopped process, and the line torchrun's summary
+shows (issue 28). `python -m pytest -q plumbing/test_processes.py` (about 40 s: three two-process runs)."""
 import contextlib
 import json
 import os
@@ -184,4 +184,55 @@ def test_torchrun_refuses_other_flags_and_its_summary_ends_with_our_line(tmp_pat
     assert run.returncode != 0 and not (tmp_path / "run" / "last.pt").exists(), output
     summary = output.strip().splitlines()
     assert summary[-1].startswith("=====") and summary[-2] == f"  traceback : {line}", output
+
+
+# Process 1 stops itself (SIGSTOP) at its first step of epoch STOP. Process 0 spins
+# (holding the GIL but for the interpreter's switches) for SPIN seconds in its first dev scoring: a long wait
+# of process 1's that must not be taken for a stopped process.
+STOPPING = """import os, signal, sys, time, train
+log = open(os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.log"), "w")
+stop, spin = int(os.environ["STOP"]), float(os.environ["SPIN"])
+step, evaluate_split = train.train_step, train.evaluate_split
+def stopping(*args):
+    if os.environ["RANK"] == "1" and args[-1] == stop:
+        print("stopping", file=log, flush=True)
+        os.kill(os.getpid(), signal.SIGSTOP)
+    return step(*args)
+def slow(*args, **kwargs):
+    global spin
+    end, spin = time.monotonic() + spin, 0
+    while time.monotonic() < end:
+        pass
+    return evaluate_split(*args, **kwargs)
+train.train_step, train.evaluate_split = stopping, slow
+sys.exit(train.main(sys.argv[2:]))
+"""
+
+
+def test_a_stopped_process_is_named_and_the_others_stop_after_the_wait(tmp_path):
+    """Process 1 stops (SIGSTOP) at its first step of epoch 2: process 0 waits SANCL_PEER_TIMEOUT seconds for a
+    sign of life, then says which process stopped and exits (it waited an hour, silent). Before that, process 1
+    waited longer than that for process 0's dev scoring of epoch 1 and was not taken for stopped."""
+    root = tmp_path / "Home_and_Kitchen"
+    sample.write_sample(root, "home_kitchen", split_products=TINY)
+    port, ranks = free_port(), []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "SANCL_PEER_TIMEOUT": "6", "STOP": "2",
+               "SPIN": "9" if rank == 0 else "0"}
+        ranks.append(subprocess.Popen([sys.executable, "-c", STOPPING, str(tmp_path),
+                                       *run_flags(root, tmp_path / "run"), "--epochs", "2"], cwd=HERE, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        out, err = ranks[0].communicate(timeout=HANG)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"process 0 still running after {HANG} s, process 1 stopped: it waits for process 1")
+    finally:
+        for run in ranks:
+            run.kill()
+            run.communicate()
+    assert ranks[0].returncode == 2 and "epoch  1" in out, (out, err)
+    assert err.strip().splitlines()[-1] == ("error: process 1 of 2 gave no sign of life for 6 s (stopped? its machine "
+                                            "down?): every process stops (SANCL_PEER_TIMEOUT=SECONDS sets the wait)")
+    assert "stopping" in (tmp_path / "rank1.log").read_text()
 
