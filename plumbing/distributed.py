@@ -2,8 +2,8 @@
 
 Plumbing only: nothing of the paper lives here, and one process never needs it (every function is a
 no-op then). docs/processes.md says how to use it.
-  - start_processes / end_processes: join torchrun's processes (gloo on CPU, nccl on CUDA), each watching the
-    others (`watch_peers`: a stopped process is named within minutes)
+  - start_processes / end_processes: join torchrun's processes (gloo on CPU, nccl on CUDA), each ending with its
+    agent and watching the others (`watch_peers`: a stopped process is named within minutes)
   - same_flags, say_error: processes started with other flags refused; the one line a run ends with, also
     where torchrun's summary reads it
   - wrap_model, check_split, share_steps: DistributedDataParallel, and each step's groups dealt out
@@ -13,8 +13,10 @@ no-op then). docs/processes.md says how to use it.
 Imports go one way: this file uses data only; plumbing/common.py and train.py use it.
 """
 import contextlib
+import ctypes
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -40,9 +42,9 @@ PEER_TIMEOUT = "SANCL_PEER_TIMEOUT"  # environment: seconds a process that gives
 
 def start_processes(device):
     """One process: `device` (plumbing.pick_device's choice for --device), nothing else. Under torchrun:
-    join the others (nccl on CUDA, one GPU per process by LOCAL_RANK; gloo on CPU), watch them (`watch_peers`)
-    and silence every process but rank 0. Refused with one line: RANK set without a rendezvous (a plain
-    `python train.py`), a SANCL_PEER_TIMEOUT that is no number."""
+    join the others (nccl on CUDA, one GPU per process by LOCAL_RANK; gloo on CPU), end with the agent that
+    started this process, watch the others (`watch_peers`) and silence every process but rank 0. Refused with one
+    line: RANK set without a rendezvous (a plain `python train.py`), a SANCL_PEER_TIMEOUT that is no number."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if "RANK" not in os.environ and size == 1:
         return device
@@ -54,6 +56,7 @@ def start_processes(device):
     limit = os.environ.get(PEER_TIMEOUT, "300")
     if not limit.replace(".", "", 1).isdigit() or float(limit) == 0:
         raise data.DataError(f"{PEER_TIMEOUT}={limit}: the seconds a silent process is waited for, a number above 0")
+    die_with_agent()
     if device.type == "cuda":
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if local >= torch.cuda.device_count():
@@ -70,6 +73,13 @@ def start_processes(device):
         sys.stdout = sys.stderr = open(os.devnull, "w")
         sys.excepthook = lambda *error: traceback.print_exception(*error, file=sys.__stderr__)
     return device
+
+
+def die_with_agent():
+    """This process gets SIGKILL when its parent ends (torchrun's agent; killed, too), instead of training on, or
+    waiting in a collective, with nobody left to stop it. Even a stopped process is killed. Linux: prctl."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
 
 
 def watch_peers(limit):

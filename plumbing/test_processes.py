@@ -1,12 +1,14 @@
 """Two processes as torchrun starts them (gloo on CPU): who does rank 0's work, and whose dropout masks are
-whose (issue 29); processes started with other flags, a stopped process, and the line torchrun's summary
-shows (issue 28). `python -m pytest -q plumbing/test_processes.py` (about 40 s: three two-process runs)."""
+whose (issue 29); processes started with other flags, a stopped process, a killed torchrun, and the line torchrun's
+summary shows (issue 28). `python -m pytest -q plumbing/test_processes.py` (about 40 s: four two-process runs)."""
 import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -160,10 +162,10 @@ sys.exit(train.main(sys.argv[1:] + ["--seed", os.environ["RANK"]]))
 """
 
 
-def torchrun(script, argv, output):
+def torchrun(script, argv, output, env=None):
     """`torchrun --standalone --nproc_per_node 2 script argv...` started from the repository root, its output and
     its processes' into the file `output` (a pipe would stay open, and block its reader, while a process lives)."""
-    env = {**os.environ, "PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1", **(env or {})}
     with open(output, "w") as file:
         return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                                  "2", str(script), *argv], cwd=HERE, env=env, stdout=file, stderr=subprocess.STDOUT)
@@ -186,12 +188,13 @@ def test_torchrun_refuses_other_flags_and_its_summary_ends_with_our_line(tmp_pat
     assert summary[-1].startswith("=====") and summary[-2] == f"  traceback : {line}", output
 
 
-# Process 1 stops itself (SIGSTOP) at its first step of epoch STOP. Process 0 spins
+# Each process notes its pid, and process 1 stops itself (SIGSTOP) at its first step of epoch STOP. Process 0 spins
 # (holding the GIL but for the interpreter's switches) for SPIN seconds in its first dev scoring: a long wait
 # of process 1's that must not be taken for a stopped process.
 STOPPING = """import os, signal, sys, time, train
 log = open(os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.log"), "w")
 stop, spin = int(os.environ["STOP"]), float(os.environ["SPIN"])
+print("pid", os.getpid(), file=log, flush=True)
 step, evaluate_split = train.train_step, train.evaluate_split
 def stopping(*args):
     if os.environ["RANK"] == "1" and args[-1] == stop:
@@ -236,3 +239,31 @@ def test_a_stopped_process_is_named_and_the_others_stop_after_the_wait(tmp_path)
                                             "down?): every process stops (SANCL_PEER_TIMEOUT=SECONDS sets the wait)")
     assert "stopping" in (tmp_path / "rank1.log").read_text()
 
+
+def test_the_processes_end_with_their_torchrun_agent_even_a_stopped_one(tmp_path):
+    """SIGKILL to torchrun (its agent) while process 1 is stopped and process 0 waits for it in a collective: both
+    end with it (they ran on, orphaned, for the collective's hour; the stopped one for ever)."""
+    script = tmp_path / "stopping.py"
+    script.write_text(STOPPING)
+    root = tmp_path / "Home_and_Kitchen"
+    sample.write_sample(root, "home_kitchen", split_products=TINY)
+    logs = [tmp_path / f"rank{rank}.log" for rank in range(2)]
+    agent = torchrun(script, [str(tmp_path), *run_flags(root, tmp_path / "run")], tmp_path / "torchrun.txt",
+                     {"STOP": "1", "SPIN": "0"})
+    pids = []
+    try:
+        start = time.monotonic()
+        while not (logs[1].exists() and "stopping" in logs[1].read_text()):
+            assert agent.poll() is None and time.monotonic() - start < HANG, (tmp_path / "torchrun.txt").read_text()
+            time.sleep(0.2)
+        pids = [int(log.read_text().split()[1]) for log in logs]
+        agent.kill()
+        agent.wait()
+        start = time.monotonic()
+        while any(runs.running(pid) for pid in pids):  # at once with PR_SET_PDEATHSIG; a minute catches a hang
+            assert time.monotonic() - start < 60, [pid for pid in pids if runs.running(pid)]
+            time.sleep(0.2)
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
