@@ -267,3 +267,13 @@ def test_the_processes_end_with_their_torchrun_agent_even_a_stopped_one(tmp_path
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("limit", ["abc", "0", "-5"])
+def test_a_peer_timeout_that_is_no_number_above_0_is_refused_in_one_line(limit, monkeypatch):
+    for name, value in {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1",
+                        "SANCL_PEER_TIMEOUT": limit}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(data.DataError, match=rf"^SANCL_PEER_TIMEOUT={limit}: the seconds a silent process is waited "
+                                             r"for, a number above 0$"):
+        distributed.start_processes(torch.device("cpu"))
