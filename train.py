@@ -35,7 +35,8 @@ from evaluate import evaluate_split, format_geometry, format_metrics
 from plumbing import plots, table2, training
 from plumbing.common import (DROPOUT, KAPPA, SEED, THRESHOLD, Prefetch, adam, autocast, cores, count, device_flag, rate,
                              to_device)
-from plumbing.distributed import end_processes, on_rank0, share_steps, together, total_over_processes, wrap_model
+from plumbing.distributed import (end_processes, on_rank0, say_error, share_steps, together, total_over_processes,
+                                  wrap_model)
 from plumbing.runs import finished_test, load_checkpoint, run_digest, write_error, write_text
 
 RESUME_TAKES = {"resume", "epochs", "device", "threads", "data_dir", "glove", "features", "compute_masks"}
@@ -353,10 +354,10 @@ def main(argv=None):
             return 0
         train(args, progress)
     except data.DataError as error:
-        print(f"error: {error}", file=sys.stderr)
+        say_error(f"error: {error}")  # under torchrun also the root cause of its summary
         return 2
     except OSError as error:  # a full disk, a read-only --out: one line, and what is on disk is whole
-        print(f"error: {write_error(error)}", file=sys.stderr)
+        say_error(f"error: {write_error(error)}")
         return 2
     except KeyboardInterrupt:  # every checkpoint is written atomically: what is on disk is whole
         run, epoch = progress.get("run"), progress.get("epoch")

@@ -2,7 +2,10 @@
 
 Plumbing only: nothing of the paper lives here, and one process never needs it (every function is a
 no-op then). docs/processes.md says how to use it.
-  - start_processes / end_processes: join torchrun's processes (gloo on CPU, nccl on CUDA)
+  - start_processes / end_processes: join torchrun's processes (gloo on CPU, nccl on CUDA), each ending with its
+    agent and watching the others (`watch_peers`: a stopped process is named within minutes)
+  - same_flags, say_error: processes started with other flags refused; the one line a run ends with, also
+    where torchrun's summary reads it
   - wrap_model, check_split, share_steps: DistributedDataParallel, and each step's groups dealt out
   - gather_step: the whole step's rows for the losses, with autograd (sancl.SANCL.losses' hook)
   - agree, together, on_rank0, rank0_first, total_over_processes: errors and work that all agree on
@@ -10,8 +13,13 @@ no-op then). docs/processes.md says how to use it.
 Imports go one way: this file uses data only; plumbing/common.py and train.py use it.
 """
 import contextlib
+import ctypes
+import json
 import os
+import signal
 import sys
+import threading
+import time
 import traceback
 import warnings
 from datetime import timedelta
@@ -29,12 +37,14 @@ import data
 # sends each process's own rows the sum of the N processes' gradients, N dL/dx, and DDP's average divides
 # by N: the one-process gradient. Process 0 alone prints, scores dev and test, and writes the run folder.
 WORLD = {"rank": 0, "size": 1}  # this process and how many there are; one process: rank 0 of 1
+PEER_TIMEOUT = "SANCL_PEER_TIMEOUT"  # environment: seconds a process that gives no sign of life is waited for
 
 
 def start_processes(device):
     """One process: `device` (plumbing.pick_device's choice for --device), nothing else. Under torchrun:
-    join the others (nccl on CUDA, one GPU per process by LOCAL_RANK; gloo on CPU) and silence every
-    process but rank 0. Refused with one line: RANK set without a rendezvous (a plain `python train.py`)."""
+    join the others (nccl on CUDA, one GPU per process by LOCAL_RANK; gloo on CPU), end with the agent that
+    started this process, watch the others (`watch_peers`) and silence every process but rank 0. Refused with one
+    line: RANK set without a rendezvous (a plain `python train.py`), a SANCL_PEER_TIMEOUT that is no number."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if "RANK" not in os.environ and size == 1:
         return device
@@ -43,6 +53,10 @@ def start_processes(device):
         raise data.DataError(f"RANK/WORLD_SIZE are set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
                              f"not: start several processes with `torchrun --standalone --nproc_per_node N train.py "
                              f"...`, or unset RANK and WORLD_SIZE for one process")
+    limit = os.environ.get(PEER_TIMEOUT, "300")
+    if not limit.replace(".", "", 1).isdigit() or float(limit) == 0:
+        raise data.DataError(f"{PEER_TIMEOUT}={limit}: the seconds a silent process is waited for, a number above 0")
+    die_with_agent()
     if device.type == "cuda":
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if local >= torch.cuda.device_count():
@@ -50,13 +64,96 @@ def start_processes(device):
                                  f"start at most {torch.cuda.device_count()} processes per machine (--nproc_per_node)")
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
-    # the others wait in a collective while process 0 scores dev (6 min on one CPU core at the release's size)
+    # the others wait in a collective while process 0 scores dev (6 min on one CPU core at the release's size); a
+    # stopped process is named by watch_peers long before this hour is up
     torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=1))
     WORLD.update(rank=torch.distributed.get_rank(), size=torch.distributed.get_world_size())
+    watch_peers(float(limit))
     if WORLD["rank"] > 0:  # one voice: rank 0's. A crash of ours still shows its traceback (on the real stderr)
         sys.stdout = sys.stderr = open(os.devnull, "w")
         sys.excepthook = lambda *error: traceback.print_exception(*error, file=sys.__stderr__)
     return device
+
+
+def die_with_agent():
+    """This process gets SIGKILL when its parent ends (torchrun's agent; killed, too), instead of training on, or
+    waiting in a collective, with nobody left to stop it. Even a stopped process is killed. Linux: prctl."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+
+
+def watch_peers(limit):
+    """A thread that tells a stopped (or unreachable) process from a busy one: every `limit` / 20 seconds it counts
+    up this process's key in the rendezvous store (torchrun's agent holds it; without torchrun, process 0) and reads
+    the others'. When one's count has not moved for `limit` seconds (SANCL_PEER_TIMEOUT, default 300), every
+    process that sees it exits (code 2), and the lowest one still running says which in one line. A process that
+    computes, or waits for process 0 to score dev, keeps counting: its thread runs meanwhile. So the collectives'
+    own timeout (an hour, for those long waits) is never what stops a run."""
+    rank, size = WORLD["rank"], WORLD["size"]
+    store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                       timeout=timedelta(seconds=limit))
+
+    def watch():
+        counts, moved = [0] * size, [time.monotonic()] * size
+        while True:
+            try:
+                store.add(f"sancl/alive/{rank}", 1)
+                now = time.monotonic()
+                for other, count in enumerate(store.add(f"sancl/alive/{other}", 0) for other in range(size)):
+                    if count != counts[other]:
+                        counts[other], moved[other] = count, now
+            except RuntimeError:  # the store is gone (process 0, or the agent, has ended): the run is ending
+                return
+            silent = [other for other in range(size) if now - moved[other] > limit]
+            if silent:
+                if rank == min(set(range(size)) - set(silent)):  # the real stderr: process 0 may be the silent one
+                    named = f"process{'es' if len(silent) > 1 else ''} {' and '.join(map(str, silent))} of {size}"
+                    say_error(f"error: {named} gave no sign of life for {limit:.0f} s (stopped? its machine down?): "
+                              f"every process stops ({PEER_TIMEOUT}=SECONDS sets the wait)", sys.__stderr__)
+                os._exit(2)
+            time.sleep(limit / 20)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def same_flags(flags):
+    """Every process started with the same flags (a dict: vars of the parsed arguments), else every process stops
+    with one line naming the flags that differ: ranks that train different settings would hang in a collective,
+    fail in DDP, or train on silently with each its own --seed or --lr."""
+    if WORLD["size"] == 1:
+        return
+    every = [None] * WORLD["size"]
+    torch.distributed.all_gather_object(every, flags)
+    message = differing_flags(every)
+    if message:
+        raise data.DataError(message)
+
+
+def differing_flags(every):
+    """The first process whose flags differ from process 0's, and how, in one line (None when all agree)."""
+    def shown(flags, names):  # "with --seed 1 --text-only and without --lr"
+        given = [name for name in names if flags[name] is not None and flags[name] is not False]
+        given_words = " ".join(f"--{n.replace('_', '-')}" + ("" if flags[n] is True else f" {flags[n]}") for n in given)
+        absent_words = " ".join(f"--{n.replace('_', '-')}" for n in names if n not in given)
+        return " and ".join(part for part in (given_words and f"with {given_words}",
+                                              absent_words and f"without {absent_words}") if part)
+    for rank, flags in enumerate(every[1:], 1):
+        names = [name for name in every[0] if flags.get(name) != every[0][name]]
+        if names:
+            return (f"process {rank} of {len(every)} was started {shown(flags, names)}, process 0 "
+                    f"{shown(every[0], names)}: start every process with the same flags")
+    return None
+
+
+def say_error(line, file=None):
+    """The one line a run ends with, on stderr (`file`: by default process 0's; the others' is silenced). Under
+    torchrun also in the error file its agent reads (TORCHELASTIC_ERROR_FILE), so that the summary it prints last
+    shows the line as the root cause, where it would show a link to its documentation."""
+    print(line, file=file or sys.stderr, flush=True)
+    if "TORCHELASTIC_ERROR_FILE" in os.environ:
+        with open(os.environ["TORCHELASTIC_ERROR_FILE"], "w") as error_file:
+            json.dump({"message": {"message": line, "extraInfo": {"py_callstack": line,
+                                                                  "timestamp": str(int(time.time()))}}}, error_file)
 
 
 def end_processes():

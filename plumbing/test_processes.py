@@ -1,17 +1,21 @@
 """Two processes as torchrun starts them (gloo on CPU): who does rank 0's work, and whose dropout masks are
-whose (issue 29). `python -m pytest -q plumbing/test_processes.py` (about 20 s: one two-process run)."""
+whose (issue 29); processes started with other flags, a stopped process, a killed torchrun, and the line torchrun's
+summary shows (issue 28). `python -m pytest -q plumbing/test_processes.py` (about 40 s: four two-process runs)."""
 import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+import data
 import train
 from plumbing import distributed, runs, sample, training
 
@@ -135,3 +139,142 @@ def test_a_resumed_process_after_the_first_draws_its_own_masks_too(rank, monkeyp
     drawn = torch.nn.functional.dropout(torch.ones(256), 0.5)
     assert torch.equal(drawn, saved) == (rank == 0)
     assert "resuming runs/x after epoch 2 of 4" in capsys.readouterr().out
+
+
+def test_processes_started_with_other_flags_are_named_with_the_flags(monkeypatch):
+    """Every process's parsed flags are gathered at the start; the first process whose flags differ from process
+    0's is named in one line, with the flags as typed (a switch: with or without it)."""
+    flags = vars(train.parse_args(["--data", "home_kitchen", "--epochs", "2"]))
+    other = {**flags, "epochs": 3, "seed": 1, "text_only": True}
+    assert distributed.differing_flags([flags, flags]) is None
+    assert distributed.differing_flags([flags, flags, other]) == (
+        "process 2 of 3 was started with --epochs 3 --seed 1 --text-only, process 0 with --epochs 2 --seed 0 and "
+        "without --text-only: start every process with the same flags")
+    monkeypatch.setitem(distributed.WORLD, "size", 2)
+    monkeypatch.setattr(torch.distributed, "all_gather_object", lambda every, mine: every.__setitem__(
+        slice(None), [mine, {**mine, "lr": 0.01}]))
+    with pytest.raises(data.DataError, match=r"^process 1 of 2 was started with --lr 0.01, process 0 without --lr: "):
+        distributed.same_flags(flags)
+
+
+# torchrun's worker: train.py with --seed RANK, so that the two processes are started with different flags
+OTHER_SEEDS = """import os, sys, train
+sys.exit(train.main(sys.argv[1:] + ["--seed", os.environ["RANK"]]))
+"""
+
+
+def torchrun(script, argv, output, env=None):
+    """`torchrun --standalone --nproc_per_node 2 script argv...` started from the repository root, its output and
+    its processes' into the file `output` (a pipe would stay open, and block its reader, while a process lives)."""
+    env = {**os.environ, "PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1", **(env or {})}
+    with open(output, "w") as file:
+        return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                 "2", str(script), *argv], cwd=HERE, env=env, stdout=file, stderr=subprocess.STDOUT)
+
+
+def test_torchrun_refuses_other_flags_and_its_summary_ends_with_our_line(tmp_path):
+    """Processes started with different seeds stop at the start (they trained on silently, each its own model),
+    and torchrun's summary, printed last, gives our one line as the root cause, not a link to its documentation."""
+    script = tmp_path / "other_seeds.py"
+    script.write_text(OTHER_SEEDS)
+    root = tmp_path / "Home_and_Kitchen"
+    sample.write_sample(root, "home_kitchen", split_products=TINY)
+    run = torchrun(script, run_flags(root, tmp_path / "run"), tmp_path / "torchrun.txt")
+    run.wait(timeout=HANG)
+    output = (tmp_path / "torchrun.txt").read_text()
+    line = ("error: process 1 of 2 was started with --seed 1, process 0 with --seed 0: start every process with the "
+            "same flags")
+    assert run.returncode != 0 and not (tmp_path / "run" / "last.pt").exists(), output
+    summary = output.strip().splitlines()
+    assert summary[-1].startswith("=====") and summary[-2] == f"  traceback : {line}", output
+
+
+# Each process notes its pid, and process 1 stops itself (SIGSTOP) at its first step of epoch STOP. Process 0 spins
+# (holding the GIL but for the interpreter's switches) for SPIN seconds in its first dev scoring: a long wait
+# of process 1's that must not be taken for a stopped process.
+STOPPING = """import os, signal, sys, time, train
+log = open(os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.log"), "w")
+stop, spin = int(os.environ["STOP"]), float(os.environ["SPIN"])
+print("pid", os.getpid(), file=log, flush=True)
+step, evaluate_split = train.train_step, train.evaluate_split
+def stopping(*args):
+    if os.environ["RANK"] == "1" and args[-1] == stop:
+        print("stopping", file=log, flush=True)
+        os.kill(os.getpid(), signal.SIGSTOP)
+    return step(*args)
+def slow(*args, **kwargs):
+    global spin
+    end, spin = time.monotonic() + spin, 0
+    while time.monotonic() < end:
+        pass
+    return evaluate_split(*args, **kwargs)
+train.train_step, train.evaluate_split = stopping, slow
+sys.exit(train.main(sys.argv[2:]))
+"""
+
+
+def test_a_stopped_process_is_named_and_the_others_stop_after_the_wait(tmp_path):
+    """Process 1 stops (SIGSTOP) at its first step of epoch 2: process 0 waits SANCL_PEER_TIMEOUT seconds for a
+    sign of life, then says which process stopped and exits (it waited an hour, silent). Before that, process 1
+    waited longer than that for process 0's dev scoring of epoch 1 and was not taken for stopped."""
+    root = tmp_path / "Home_and_Kitchen"
+    sample.write_sample(root, "home_kitchen", split_products=TINY)
+    port, ranks = free_port(), []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "SANCL_PEER_TIMEOUT": "6", "STOP": "2",
+               "SPIN": "9" if rank == 0 else "0"}
+        ranks.append(subprocess.Popen([sys.executable, "-c", STOPPING, str(tmp_path),
+                                       *run_flags(root, tmp_path / "run"), "--epochs", "2"], cwd=HERE, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        out, err = ranks[0].communicate(timeout=HANG)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"process 0 still running after {HANG} s, process 1 stopped: it waits for process 1")
+    finally:
+        for run in ranks:
+            run.kill()
+            run.communicate()
+    assert ranks[0].returncode == 2 and "epoch  1" in out, (out, err)
+    assert err.strip().splitlines()[-1] == ("error: process 1 of 2 gave no sign of life for 6 s (stopped? its machine "
+                                            "down?): every process stops (SANCL_PEER_TIMEOUT=SECONDS sets the wait)")
+    assert "stopping" in (tmp_path / "rank1.log").read_text()
+
+
+def test_the_processes_end_with_their_torchrun_agent_even_a_stopped_one(tmp_path):
+    """SIGKILL to torchrun (its agent) while process 1 is stopped and process 0 waits for it in a collective: both
+    end with it (they ran on, orphaned, for the collective's hour; the stopped one for ever)."""
+    script = tmp_path / "stopping.py"
+    script.write_text(STOPPING)
+    root = tmp_path / "Home_and_Kitchen"
+    sample.write_sample(root, "home_kitchen", split_products=TINY)
+    logs = [tmp_path / f"rank{rank}.log" for rank in range(2)]
+    agent = torchrun(script, [str(tmp_path), *run_flags(root, tmp_path / "run")], tmp_path / "torchrun.txt",
+                     {"STOP": "1", "SPIN": "0"})
+    pids = []
+    try:
+        start = time.monotonic()
+        while not (logs[1].exists() and "stopping" in logs[1].read_text()):
+            assert agent.poll() is None and time.monotonic() - start < HANG, (tmp_path / "torchrun.txt").read_text()
+            time.sleep(0.2)
+        pids = [int(log.read_text().split()[1]) for log in logs]
+        agent.kill()
+        agent.wait()
+        start = time.monotonic()
+        while any(runs.running(pid) for pid in pids):  # at once with PR_SET_PDEATHSIG; a minute catches a hang
+            assert time.monotonic() - start < 60, [pid for pid in pids if runs.running(pid)]
+            time.sleep(0.2)
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("limit", ["abc", "0", "-5"])
+def test_a_peer_timeout_that_is_no_number_above_0_is_refused_in_one_line(limit, monkeypatch):
+    for name, value in {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1",
+                        "SANCL_PEER_TIMEOUT": limit}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(data.DataError, match=rf"^SANCL_PEER_TIMEOUT={limit}: the seconds a silent process is waited "
+                                             r"for, a number above 0$"):
+        distributed.start_processes(torch.device("cpu"))

@@ -19,7 +19,7 @@ import sancl
 from evaluate import format_metrics
 from plumbing import bert
 from plumbing.common import autocast, find_data, load_data, pick_device, report_data, seed_everything
-from plumbing.distributed import WORLD, check_split, on_rank0, rank0_first, start_processes
+from plumbing.distributed import WORLD, check_split, on_rank0, rank0_first, same_flags, start_processes
 from plumbing.runs import resume_from, rng_state, run_folder, save_atomic, say_where, set_rng_state, write_text
 
 RELEASE_EPOCHS = 11  # the reference trains 11 epochs
@@ -39,6 +39,7 @@ def start(args, progress, hold, switches, group_size):
     device, source, hp (settings), out (the run folder, locked by process 0 in `hold`), splits, vocab,
     embeddings, encoder (SANCL+BERT's, else None), pieces, resume (the checkpoint, or None), info."""
     device = start_processes(pick_device(args.device))  # one process, or torchrun's (docs/processes.md)
+    same_flags(vars(args))  # torchrun: every process started with the same flags
     resume, args = resume_from(args.resume, args) if args.resume else (None, args)  # the saved run's flags win
     seed_everything(process_seed(args.seed), args.threads)  # seed + rank: each process its own dropout masks
     autocast(device, args.amp)  # --amp refused here, before the data loads, where it cannot work
