@@ -17,7 +17,7 @@ import torch
 
 import data
 import train
-from plumbing import distributed, runs, sample, training
+from plumbing import distributed, locks, runs, sample, training
 
 HERE = Path(__file__).resolve().parent.parent  # the repository root: train.py's folder
 TINY = {"train": 12, "dev": 4, "test": 4}
@@ -261,8 +261,8 @@ def test_the_processes_end_with_their_torchrun_agent_even_a_stopped_one(tmp_path
         agent.kill()
         agent.wait()
         start = time.monotonic()
-        while any(runs.running(pid) for pid in pids):  # at once with PR_SET_PDEATHSIG; a minute catches a hang
-            assert time.monotonic() - start < 60, [pid for pid in pids if runs.running(pid)]
+        while any(locks.running(pid) for pid in pids):  # at once with PR_SET_PDEATHSIG; a minute catches a hang
+            assert time.monotonic() - start < 60, [pid for pid in pids if locks.running(pid)]
             time.sleep(0.2)
     finally:
         for pid in pids:
