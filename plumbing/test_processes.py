@@ -157,6 +157,18 @@ def test_processes_started_with_other_flags_are_named_with_the_flags(monkeypatch
         distributed.same_flags(flags)
 
 
+def test_a_run_folder_in_use_stops_every_process_with_one_line(tmp_path):
+    """Only process 0 takes the run folder's lock: when another command holds it, every process stops with process
+    0's line (process 0 alone stopped, and the other waited in its next collective for the hour)."""
+    root, out = tmp_path / "Home_and_Kitchen", tmp_path / "run"
+    sample.write_sample(root, "home_kitchen", split_products=TINY)
+    out.mkdir()
+    (out / locks.LOCK).write_text(f"{os.getpid()}\n")  # held by a live process: this test's
+    ranks = two_processes(["train.py", *run_flags(root, out)])
+    assert [rc for rc, _, _ in ranks] == [2, 2], ranks
+    assert f"error: {out} is in use: process {os.getpid()} is writing a train.py run into it" in ranks[0][2], ranks
+
+
 # torchrun's worker: train.py with --seed RANK, so that the two processes are started with different flags
 OTHER_SEEDS = """import os, sys, train
 sys.exit(train.main(sys.argv[1:] + ["--seed", os.environ["RANK"]]))

@@ -48,7 +48,7 @@ def start(args, progress, hold, switches, group_size):
     hp = settings(args, category)
     check_split(max(1, hp["batch_size"] // group_size))  # several processes: each needs a group a step
     args.epochs = args.epochs or (SAMPLE_EPOCHS if source.is_sample else RELEASE_EPOCHS)
-    out = run_folder(args, category or source.prefix, switches, hold if WORLD["rank"] == 0 else None, source.root)
+    out = on_rank0(run_folder, args, category or source.prefix, switches, hold, source.root)  # locked by process 0
     progress["run"] = out
     t0 = time.time()
     pieces, encoder = (resume["pieces"], None) if resume else bert.load(args.bert) if args.bert else (None, None)
