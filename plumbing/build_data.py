@@ -217,8 +217,8 @@ def apply_rules(kept, listed, min_reviews, min_top_votes):
         products = {p: reviews for p, reviews in products.items() if keep(p)}
 
     rule("product not in the metadata", lambda p: p in listed)
-    rule(f"fewer than {min_reviews} reviews", lambda p: len(products[p]) >= min_reviews)
-    rule(f"no review with {min_top_votes} votes or more", lambda p: max(r["upvotes"] for r in products[p])
+    rule(f"fewer than {min_reviews} review{'s' * (min_reviews != 1)}", lambda p: len(products[p]) >= min_reviews)
+    rule(f"no review with {min_top_votes} vote{'s' * (min_top_votes != 1)} or more", lambda p: max(r["upvotes"] for r in products[p])
          >= min_top_votes)
     return products, table
 

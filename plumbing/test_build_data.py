@@ -120,7 +120,7 @@ def test_products_with_an_empty_or_long_title_are_kept_as_the_authors_keep_them(
         "P4": (MARKUP.strip(), "Long title."), "P5": ("Steel Kettle", "Boils water.")}
     record = json.loads((tmp_path / "out" / "build.json").read_text())
     assert list(record["removed"]["products"]) == [
-        "product not in the metadata", "fewer than 1 reviews", "no review with 1 votes or more"]
+        "product not in the metadata", "fewer than 1 review", "no review with 1 vote or more"]
     assert "title" not in capsys.readouterr().out
 
 
