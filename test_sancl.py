@@ -1980,6 +1980,13 @@ def test_build_data_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, monk
     assert "No space left on device" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
+    def read_only(folder, *args):  # a folder the user may not write: not blamed on free space
+        raise PermissionError(13, "Permission denied", str(folder / "Home_and_Kitchen.prd.train"))
+    monkeypatch.setattr(build_data, "write_dataset", read_only)
+    assert build(reviews, meta, tmp_path / "out", "--min-reviews", "2") == 2
+    said = capsys.readouterr().err
+    assert "Permission denied" in said and "make it writable or pick another --out" in said and "free" not in said
+
 
 def test_build_data_interrupted_leaves_nothing(tmp_path, monkeypatch):
     reviews, meta = hand_checked_dump(tmp_path)

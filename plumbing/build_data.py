@@ -20,6 +20,7 @@ metadata file of one category and writes exactly the layout data.py reads:
 """
 import argparse
 import contextlib
+import errno
 import hashlib
 import html
 import json
@@ -427,8 +428,10 @@ def main(argv=None):
         print("\ninterrupted: nothing was written", file=sys.stderr)
         return 130
     except OSError as error:  # a read-only or full disk: the partial folder is gone already
+        fix = {errno.ENOSPC: "free space", errno.EDQUOT: "free space", errno.EACCES: "make it writable",
+               errno.EROFS: "make it writable"}.get(error.errno, "see why")
         print(f"error: cannot write {args.out}: {error.strerror or error} ({error.filename or args.out}); nothing "
-              f"was written: free space or pick another --out.", file=sys.stderr)
+              f"was written: {fix} or pick another --out.", file=sys.stderr)
         return 2
     return 0
 
