@@ -6,6 +6,7 @@ evaluate.py end to end on a tiny built-in sample), hostile input, and the import
 """
 import contextlib
 import copy
+import errno
 import gc
 import gzip
 import hashlib
@@ -291,6 +292,27 @@ def test_pack_holds_what_the_npz_files_hold_and_is_read_instead(tiny_root, tmp_p
     for item in items:  # the sample's features are float16 already: the pack holds them exactly
         assert np.array_equal(store.get(item), features.read_regions(folder / item))
     assert store.get("not-an-item").shape == (1, 2048)  # no images: the one zero region, as before
+
+
+def test_pack_on_a_full_disk_or_a_read_only_folder_is_one_line(tiny_root, tmp_path, monkeypatch, capsys):
+    folder = copy_features(tiny_root, tmp_path)
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(features.os, "fsync", full)  # a write() that fails names no file
+    assert features.main(["--pack", "--features", str(folder)]) == 2
+    said = capsys.readouterr().err.splitlines()[-1]
+    assert said == (f"error: cannot write {folder / features.PACK_DIR} (No space left on device): free space, then run "
+                    f"the same command again (it packs only what is not packed yet)")
+    monkeypatch.undo()
+    monkeypatch.setattr(features, "_open_pack", lambda f: (_ for _ in ()).throw(
+        PermissionError(errno.EACCES, "Permission denied", str(f / features.PACK_DIR / "regions.f16"))))
+    assert features.main(["--pack", "--features", str(folder)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: cannot write {folder / features.PACK_DIR / 'regions.f16'} (Permission denied): make {folder} "
+        f"writable, then run the same command again (it packs only what is not packed yet)")
+    monkeypatch.undo()
+    assert features.pack(folder).complete  # with room and rights again: packed
 
 
 def test_pack_resumes_and_repacks_only_what_changed(tiny_root, tmp_path, monkeypatch, capsys):

@@ -13,6 +13,7 @@ file reads those arrays for one product or review id and batches them for sancl.
 """
 import argparse
 import bisect
+import errno
 import hashlib
 import os
 import pickle
@@ -472,6 +473,11 @@ def main(argv=None):
         pack(folder)
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a full disk or a read-only folder: what is packed so far is kept
+        fix = "free space" if error.errno in (errno.ENOSPC, errno.EDQUOT) else f"make {folder} writable"
+        print(f"error: cannot write {error.filename or Path(folder) / PACK_DIR} ({error.strerror or error}): {fix}, "
+              f"then run the same command again (it packs only what is not packed yet)", file=sys.stderr)
         return 2
     return 0
 
