@@ -170,8 +170,8 @@ def load_image(path, size=IMAGE_SIZE):
 def _eight_bits(image, path):
     """16-bit grayscale (Pillow's modes I;16, I;16B, ... and I, which its PNG and PGM readers give) as
     8-bit grayscale: the high byte, as Pillow itself reduces 16-bit colour PNGs; convert("RGB") would clip
-    every value above 255 to white. A transparent value stays transparent. Floating-point pixels (mode F)
-    and 32-bit values beyond 16 bits are refused: their white level is not known."""
+    every value above 255 to white. A transparent value stays transparent. Floating-point pixels (mode F),
+    and 32-bit values beyond 16 bits or within 8, are refused: their white level is not known."""
     from PIL import Image
     if image.mode == "F":
         raise DataError(f"{path}: floating-point pixels (Pillow mode F), whose white level is not known; save it "
@@ -182,6 +182,9 @@ def _eight_bits(image, path):
     if values.min() < 0 or values.max() > 65535:
         raise DataError(f"{path}: 32-bit pixel values ({values.min()} to {values.max()}) beyond 16 bits, whose "
                         f"white level is not known; save it as an 8- or 16-bit PNG or as a JPEG")
+    if image.mode == "I" and values.max() <= 255:  # 8-bit values in 32-bit pixels, or a 16-bit image all but black
+        raise DataError(f"{path}: 32-bit pixel values (0 to {values.max()}) that fit 8 bits, so its white level (255 "
+                        f"or 65535) is not known; save it as an 8- or 16-bit PNG or as a JPEG")
     gray = Image.fromarray((values >> 8).astype(np.uint8))  # (h, w) -> mode L
     if "transparency" in image.info:
         gray.putalpha(Image.fromarray(np.where(values == image.info["transparency"], 0, 255).astype(np.uint8)))

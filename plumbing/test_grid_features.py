@@ -288,13 +288,16 @@ def test_transparent_colour_of_a_grayscale_or_rgb_png_becomes_white(tmp_path):
 
 
 def test_pixels_without_a_known_white_level_are_refused_by_name(tmp_path):
-    """Floating-point pixels (mode F: 0 .. 1 became black) and 32-bit values beyond 16 bits (clipped to white)
-    are refused, each naming the file and how to save it."""
+    """Floating-point pixels (mode F: 0 .. 1 became black), 32-bit values beyond 16 bits (clipped to white) and
+    32-bit values within 8 bits (read as 16-bit: all but black) are refused, each naming the file and how to save it."""
     gradient = np.tile(np.linspace(0, 1, 64, dtype=np.float32), (64, 1))
     Image.fromarray(gradient).save(tmp_path / "float.tif")
     Image.fromarray((gradient * 2 ** 30).astype(np.int32)).save(tmp_path / "int32.tif")
+    Image.fromarray((gradient * 255).astype(np.int32)).save(tmp_path / "int8.tif")  # read as 16-bit: all but black
     for name, what in (("float.tif", r"floating-point pixels \(Pillow mode F\)"),
-                       ("int32.tif", r"32-bit pixel values \(0 to 1073741824\) beyond 16 bits")):
+                       ("int32.tif", r"32-bit pixel values \(0 to 1073741824\) beyond 16 bits"),
+                       ("int8.tif", r"32-bit pixel values \(0 to 255\) that fit 8 bits, so its white level \(255 or "
+                                    r"65535\) is not known")):
         with pytest.raises(DataError, match=rf"{name}: {what}.*; save it as an 8- or 16-bit PNG or as a JPEG$"):
             grid_features.load_image(tmp_path / name, size=32)
 
