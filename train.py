@@ -38,6 +38,7 @@ from plumbing.common import (DROPOUT, KAPPA, SEED, THRESHOLD, Prefetch, adam, au
 from plumbing.distributed import (end_processes, on_rank0, say_error, share_steps, together, total_over_processes,
                                   wrap_model)
 from plumbing.runs import finished_test, load_checkpoint, run_digest, write_error, write_text
+from plumbing.tables import naming
 
 RESUME_TAKES = {"resume", "epochs", "device", "threads", "data_dir", "glove", "features", "compute_masks"}
 # --bert PATH is kept by a resumed run (its BERT and tokenizer are in its checkpoint), never changed
@@ -336,7 +337,7 @@ def table_run(job):
             return test, None, None
         note = f"test.json {note}: recomputed from best.pt"
     out.mkdir(parents=True, exist_ok=True)
-    with plots.naming(out / "train.log"), open(out / "train.log", "a") as log, contextlib.redirect_stdout(log), \
+    with naming(out / "train.log"), open(out / "train.log", "a") as log, contextlib.redirect_stdout(log), \
             contextlib.redirect_stderr(log):
         started = any((out / name).exists() for name in ("last.pt", "best.pt"))
         test = train(parse_args(["--resume", str(out)] if started else argv))

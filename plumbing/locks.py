@@ -8,8 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from plumbing.plots import naming
-from plumbing.tables import DataError
+from plumbing.tables import DataError, naming
 
 LOCK = "run.lock"
 

@@ -4,11 +4,12 @@ matplotlib is optional. It is imported inside `_pyplot`, so every command runs w
 a function that would draw prints where the picture would have been and how to get it, and
 returns None. The history CSV needs no matplotlib.
 
-Imports go one way: this file uses no other script; train.py, evaluate.py, runs.py and locks.py (`naming`) use it.
+Imports go one way: this file uses plumbing/tables.py (`naming`) only; train.py and evaluate.py use it.
 """
-import contextlib
 import csv
 from pathlib import Path
+
+from plumbing.tables import naming
 
 INSTALL_HINT = "pip install matplotlib (pinned in requirements.txt)"
 HISTORY_COLUMNS = ("epoch", "task", "cpc_ii", "cpc_pr", "dev_MAP", "dev_N@3", "dev_N@5", "lr",
@@ -24,17 +25,6 @@ def _pyplot():
     matplotlib.use("Agg")  # no window, no display needed
     import matplotlib.pyplot as plt
     return plt
-
-
-@contextlib.contextmanager
-def naming(path):
-    """Within the block, a write error names `path`: the OSError of a write() (a full disk) names no file."""
-    try:
-        yield
-    except OSError as error:
-        if error.filename is None:
-            raise OSError(error.errno, error.strerror, str(path)) from None
-        raise
 
 
 def _skipped(path, what):

@@ -5,7 +5,7 @@
   2. run folders: where a run goes, one process writing into it at a time (run.lock), how --resume
      continues it (the lock: locks.py); write errors said in one line
 
-Imports go one way: this file uses data, sancl, bert, distributed and plots; evaluate.py and train.py use it.
+Imports go one way: this file uses data, sancl, bert and distributed; evaluate.py and train.py use it.
 """
 import argparse
 import dataclasses
@@ -28,13 +28,12 @@ import numpy as np
 import torch
 
 from plumbing import bert
-from plumbing.plots import naming
 import data
 import sancl
 from plumbing.common import find_data, load_data, report_data
 from plumbing.distributed import WORLD
 from plumbing.locks import folder_lock
-from plumbing.tables import said
+from plumbing.tables import naming, said
 
 
 # --- 1. checkpoints --------------------------------------------------------------------------

@@ -3,8 +3,10 @@
 A table is a list of records, a dict of columns (as pandas writes them) or JSON lines; every way a
 downloaded or hand-made file goes wrong (UTF-16, a cut-off file, a missing column, an id that is not
 one, a number where text belongs) is a DataError naming the file, the record and the fix. The names of the
-categories and splits live here too, so that plumbing/build_data.py reads the dumps without importing torch.
+categories and splits live here too, so that plumbing/build_data.py reads the dumps without importing torch, and
+`said` and `naming`, which put the file of a failed read or write into a one-line message, for every module.
 """
+import contextlib
 import json
 from pathlib import Path
 
@@ -24,6 +26,17 @@ def said(error, path):
     """The first line of what `error` says about reading `path`, for a one-line message: many errors of a
     damaged file say nothing at all (a 0-byte torch file is an EOFError with an empty message)."""
     return (str(error).splitlines() or ["0 bytes" if Path(path).stat().st_size == 0 else "no message"])[0]
+
+
+@contextlib.contextmanager
+def naming(path):
+    """Within the block, a write error names `path`: the OSError of a write() (a full disk) names no file."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename is None:
+            raise OSError(error.errno, error.strerror, str(path)) from None
+        raise
 
 
 def read_table(path, columns):
