@@ -279,7 +279,7 @@ def glove_matrix(source, vocab, seed=0):
             vector = vectors.get(word, vectors.get(word.lower()))
             found[i] = vector is not None
             matrix[i] = vector if found[i] else rng.normal(0, 0.3, EMBED_DIM)
-        tmp = cache.with_name(cache.name + ".tmp.npz")
+        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp.npz")  # runs at once on one folder: each its own
         np.savez(tmp, matrix=matrix, found=found)
         os.replace(tmp, cache)
     return torch.from_numpy(matrix), int(len(vocab) - 2 - found[2:].sum())

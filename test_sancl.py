@@ -248,6 +248,24 @@ def test_glove_matrix_oov_and_cache(tiny_root):
     assert torch.equal(matrix, again) and list(tiny_root.glob("glove_cache.*.npz"))
 
 
+def test_two_processes_writing_one_glove_cache_do_not_collide(tiny_root, tmp_path, monkeypatch):
+    """--ablations trains two runs at a time on one data folder, and both may write its GloVe cache at once: each
+    writes its own temporary file (they shared one name, and the second rename found the file gone)."""
+    source = SimpleNamespace(root=tmp_path, glove=tiny_root / "glove.sample.300d.txt")
+    vocab, savez, pid, meanwhile = ["<pad>", "<unk>", "spout"], np.savez, os.getpid(), []
+
+    def other_process_writes_too(path, **arrays):
+        savez(path, **arrays)
+        if not meanwhile:  # between this process's write and its rename, another process writes the same cache
+            meanwhile.append(path)
+            monkeypatch.setattr(data.os, "getpid", lambda: pid + 1)
+            data.glove_matrix(source, vocab)
+            monkeypatch.setattr(data.os, "getpid", lambda: pid)
+    monkeypatch.setattr(data.np, "savez", other_process_writes_too)
+    matrix, _ = data.glove_matrix(source, vocab)
+    assert meanwhile and len(list(tmp_path.glob("glove_cache.*.npz"))) == 1 and not list(tmp_path.glob("*tmp*"))
+
+
 def test_region_caps_zero_block_and_safe_pth(tmp_path):
     item = tmp_path / "r1"
     item.mkdir()
